@@ -1,0 +1,5 @@
+"""``python -m erofs_mount``."""
+
+from .cli import main
+
+raise SystemExit(main())
