@@ -1,0 +1,188 @@
+"""Recovery records, compatible with erofs-utils ``mount.erofs`` (pure: no I/O).
+
+A record tells a new daemon how to reopen the source of an NBD device whose
+server died.  Its path is the device's backend identifier
+(``/sys/block/nbdN/backend``); ours is ``/var/run/erofsmount/nbd/mountnbd_nbdN``.
+
+First line, as erofs-utils writes and reads it (``mount/main.c``:
+``erofsmount_write_recovery_*`` / ``erofsmount_open_recovery_source``)::
+
+    LOCAL <realpath>                               (the rest of the line is the path)
+    OCI_LAYER <ref> <platform> <index> [b64(user:pass)]
+    OCI_NATIVE_BLOB <ref> <platform> <sha256:64 hex> [b64(user:pass)]
+
+Tokens after the type are separated by runs of spaces; erofs-utils writes a
+trailing space when there are no credentials.  erofs-utils reads only the first
+line, so what it cannot express (for instance ``insecure=1`` for a plain-HTTP
+registry, which erofs-utils 1.9.3 loses) goes on following ``key=value`` lines,
+which we read back as ``options``.  ``TARINDEX_OCI_BLOB`` and ``S3_OBJECT``
+records are recognised and refused with a clear message.
+
+We write ``LOCAL`` and, for OCI, ``OCI_NATIVE_BLOB`` with the pinned digest so a
+reattach never serves another image after a tag moved (erofs-utils' OCI_LAYER
+re-resolves the tag).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno as _errno
+import re
+from dataclasses import dataclass, field
+from typing import Final
+
+from ...errors import ErofsMountError
+
+RUN_DIR: Final = "/var/run/erofsmount"
+NBD_RUN_DIR: Final = RUN_DIR + "/nbd"
+RECORD_PREFIX: Final = "mountnbd_nbd"
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_OPTION_KEY = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def RecordError(message: str, *, errno: int = _errno.EINVAL) -> ErofsMountError:  # noqa: N802
+    """A recovery record that cannot be used (unknown type or malformed)."""
+    return ErofsMountError(message, errno=errno)
+
+
+def record_path(index: int, run_dir: str = NBD_RUN_DIR) -> str:
+    """The record path (= backend identifier) of /dev/nbd``index``."""
+    return f"{run_dir}/{RECORD_PREFIX}{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRecord:
+    path: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OciLayerRecord:
+    ref: str
+    platform: str
+    layer_index: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OciNativeBlobRecord:
+    ref: str
+    platform: str
+    digest: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    options: tuple[tuple[str, str], ...] = ()
+
+
+Record = LocalRecord | OciLayerRecord | OciNativeBlobRecord
+
+
+def encode_credentials(username: str | None, password: str | None) -> str:
+    """b64("user:pass"), standard alphabet with padding (erofs-utils lib/base64.c)."""
+    return base64.b64encode(f"{username or ''}:{password or ''}".encode()).decode("ascii")
+
+
+def decode_credentials(token: str) -> tuple[str, str]:
+    padded = token + "=" * (-len(token) % 4)  # erofs-utils also accepts it unpadded
+    try:
+        raw = base64.b64decode(padded, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise RecordError("recovery record: credentials are not valid base64") from None
+    user, sep, password = raw.partition(":")
+    if not sep:
+        raise RecordError("recovery record: credentials lack the ':' between user and password")
+    return user, password
+
+
+def _check_token(what: str, value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise RecordError(f"recovery record: {what} {value!r} is empty or contains white space")
+    return value
+
+
+def format_record(record: Record) -> str:
+    """The file content for ``record`` (first line in erofs-utils' format)."""
+    if isinstance(record, LocalRecord):
+        if not record.path.startswith("/") or "\n" in record.path or "\0" in record.path:
+            raise RecordError(f"recovery record: local path {record.path!r} must be absolute, on one line")
+        first = f"LOCAL {record.path}"
+    elif isinstance(record, (OciLayerRecord, OciNativeBlobRecord)):
+        parts = [_check_token("image reference", record.ref), _check_token("platform", record.platform)]
+        if isinstance(record, OciLayerRecord):
+            if record.layer_index < 0:
+                raise RecordError("recovery record: negative layer index")
+            kind = "OCI_LAYER"
+            parts.append(str(record.layer_index))
+        else:
+            if not _DIGEST.match(record.digest):
+                raise RecordError(f"recovery record: digest {record.digest!r} is not sha256:<64 hex>")
+            kind = "OCI_NATIVE_BLOB"
+            parts.append(record.digest)
+        if record.username is not None or record.password is not None:
+            parts.append(encode_credentials(record.username, record.password))
+        first = kind + " " + " ".join(parts)
+    else:
+        raise TypeError(f"not a recovery record: {record!r}")
+    lines = [first]
+    for key, value in record.options:
+        if not _OPTION_KEY.match(key) or "\n" in value:
+            raise RecordError(f"recovery record: bad option {key!r}")
+        lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def _split_tokens(rest: str) -> list[str]:
+    # erofs-utils splits on single spaces and skips runs of them; tabs are not separators there.
+    return [t for t in rest.split(" ") if t]
+
+
+def _parse_options(lines: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not _OPTION_KEY.match(key):
+            raise RecordError(f"recovery record: malformed option line {line!r}")
+        out.append((key, value))
+    return tuple(out)
+
+
+def parse_record(text: str) -> Record:
+    """Parse a record file's content; raise ``RecordError`` for anything unusable."""
+    if not text.strip():
+        raise RecordError("recovery record is empty")
+    lines = text.split("\n")
+    first = lines[0]
+    kind, sep, rest = first.partition(" ")
+    if not sep:
+        raise RecordError(f"recovery record: no source after {kind!r}")
+    options = _parse_options(lines[1:])
+    if kind == "LOCAL":
+        if not rest.startswith("/"):
+            raise RecordError(f"recovery record: LOCAL path {rest!r} is not absolute")
+        return LocalRecord(rest, options)
+    if kind in ("OCI_LAYER", "OCI_NATIVE_BLOB"):
+        tokens = _split_tokens(rest)
+        if len(tokens) < 3:
+            raise RecordError(f"recovery record: {kind} needs <ref> <platform> <{'index' if kind == 'OCI_LAYER' else 'digest'}>")
+        if len(tokens) > 4:
+            raise RecordError(f"recovery record: {kind} has {len(tokens) - 4} unexpected trailing token(s)")
+        ref, platform, third = tokens[:3]
+        user = password = None
+        if len(tokens) == 4:
+            user, password = decode_credentials(tokens[3])
+        if kind == "OCI_LAYER":
+            if not third.isdigit() or not third.isascii():
+                raise RecordError(f"recovery record: layer index {third!r} is not a number")
+            return OciLayerRecord(ref, platform, int(third), user, password, options)
+        if not _DIGEST.match(third):
+            raise RecordError(f"recovery record: digest {third!r} is not sha256:<64 hex>")
+        return OciNativeBlobRecord(ref, platform, third, user, password, options)
+    if kind in ("TARINDEX_OCI_BLOB", "S3_OBJECT"):
+        raise RecordError(f"recovery record type {kind} is not supported by erofs-mount", errno=_errno.EOPNOTSUPP)
+    raise RecordError(f"unknown recovery record type {kind!r}")
