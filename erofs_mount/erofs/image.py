@@ -1,0 +1,349 @@
+"""The Image facade: stat, lookup, iterdir, readlink, xattrs and reads over a positional reader.
+
+Pure: every byte comes from ``read_at(offset, length)`` callables (the primary
+device and any extra devices); nothing here opens files or sockets.  Instances
+are safe to share between threads (the FUSE backend reads from worker threads):
+caches are guarded by one lock and hold immutable values.
+"""
+
+from __future__ import annotations
+
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ..errors import (CorruptedError, NoDataError, NotADirError, NotFoundError, ShortReadError, SourceError,
+                      UnsupportedError)
+from . import layout as L
+from .dirent import DirEntry, entries_from, parse_block, search_block
+from .inode import Inode, iloc, parse_inode
+from .map import EROFS_MAP_MAPPED, EROFS_MAP_META, map_blocks
+from .superblock import Superblock, parse_device_table, parse_superblock
+from .xattr import parse_prefix_table, read_xattrs
+
+ReadAt = Callable[[int, int], bytes]
+_HEAD_SIZE = 65536
+
+
+def as_read_at(src: Any) -> ReadAt:
+    """Accept a ``read_at(offset, length)`` callable or an object with such a method."""
+    fn = getattr(src, "read_at", None)
+    if fn is None:
+        fn = getattr(src, "pread", None)
+    if fn is None and callable(src):
+        fn = src
+    if fn is None:
+        raise TypeError(f"{src!r} has no read_at(offset, length)")
+    return fn
+
+
+class _LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.data: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        v = self.data.get(key)
+        if v is not None:
+            self.data.move_to_end(key)
+        return v
+
+    def put(self, key, value) -> None:
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.capacity:
+            self.data.popitem(last=False)
+
+
+class Image:
+    def __init__(self, source: Any, *, size: int | None = None, devices: Sequence[Any] = (),
+                 inode_cache: int = 65536, block_cache: int = 1024) -> None:
+        self._read_at = as_read_at(source)
+        if size is None:
+            size = getattr(source, "size", None)
+        self.size: int | None = size
+        self._devices = [as_read_at(d) for d in devices]
+        head = self._read_at(0, _HEAD_SIZE)
+        sb = parse_superblock(head)
+        self.block_size = sb.block_size
+        if sb.extra_devices:
+            table = self._read_at(sb.devt_slotoff * L.EROFS_DEVT_SLOT_SIZE,
+                                  sb.extra_devices * L.EROFS_DEVT_SLOT_SIZE)
+            sb = _with_devices(sb, parse_device_table(sb, table))
+        if len(self._devices) > sb.extra_devices:
+            raise UnsupportedError(f"{len(self._devices)} extra devices given but the image has "
+                                   f"{sb.extra_devices}")
+        self.sb: Superblock = sb
+        self.root_nid = sb.root_nid
+        self._device_id_mask = (1 << (sb.extra_devices).bit_length()) - 1 if sb.extra_devices else 0
+        self._lock = threading.Lock()
+        self._inodes = _LRU(inode_cache)
+        self._blocks = _LRU(block_cache)   # metadata blocks
+        self._dirblocks = _LRU(block_cache)  # parsed directory blocks
+        self._xattrs = _LRU(4096)
+        self._zreader = None
+        self._prefixes: list[bytes] | None = None
+        if sb.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or sb.has_metabox:
+            self.zreader  # parse the compression configuration now: unknown algorithms refuse the image
+        # the root inode must be readable for the image to be usable at all
+        if not self.inode(self.root_nid).is_dir:
+            raise CorruptedError(f"root inode {self.root_nid} is not a directory")
+
+    # ------------------------------------------------------------------ raw access
+    @property
+    def zreader(self):
+        if self._zreader is None:
+            try:
+                from .zdata import ZReader
+            except ImportError:  # pragma: no cover - until compression support lands
+                raise UnsupportedError("compressed data not yet supported") from None
+            self._zreader = ZReader(self)
+        return self._zreader
+
+    def read_raw(self, pos: int, length: int, device: int = 0) -> bytes:
+        """Raw bytes of a device (0 = primary) at byte position ``pos``."""
+        if length <= 0:
+            return b""
+        reader = self._read_at if device == 0 else self._devices[device - 1]
+        return reader(pos, length)
+
+    def _read_meta_block(self, blk: int, in_mbox: bool) -> bytes:
+        key = (blk, in_mbox)
+        with self._lock:
+            data = self._blocks.get(key)
+        if data is None:
+            bs = self.block_size
+            if in_mbox:
+                data = self.read(self.sb.metabox_nid, blk * bs, bs)
+            else:
+                data = self.read_raw(blk * bs, bs)
+            with self._lock:
+                self._blocks.put(key, data)
+        return data
+
+    def read_meta(self, pos: int, length: int, in_metabox: bool = False) -> bytes:
+        """Metadata bytes: the primary device, or the metabox inode's data."""
+        bs = self.block_size
+        out = []
+        while length > 0:
+            blk, off = divmod(pos, bs)
+            data = self._read_meta_block(blk, in_metabox)
+            piece = data[off:off + length]
+            if not piece:
+                break
+            out.append(piece)
+            pos += len(piece)
+            length -= len(piece)
+            if len(data) < bs:
+                break
+        return b"".join(out)
+
+    def _read_mapped(self, device: int, pa: int, length: int) -> bytes:
+        """Data at ``pa`` of on-disk device ``device``, as the kernel's ``erofs_map_dev``."""
+        slots = self.sb.devices
+        if device:
+            if device > len(slots):
+                raise CorruptedError(f"device id {device} beyond the {len(slots)} extra devices")
+            if device <= len(self._devices):
+                return self.read_raw(pa, length, device)
+            slot = slots[device - 1]
+            if slot.uniaddr:  # "flat" image: extra devices follow the primary at their unified address
+                return self._read_flat(device, pa + slot.uniaddr * self.block_size, length)
+            raise self._missing_device(device)
+        for i, slot in enumerate(slots):
+            start = slot.uniaddr * self.block_size
+            if not slot.uniaddr or not start <= pa < start + slot.blocks * self.block_size:
+                continue
+            if i < len(self._devices):
+                return self.read_raw(pa - start, length, i + 1)
+            return self._read_flat(i + 1, pa, length)
+        return self.read_raw(pa, length)
+
+    def _read_flat(self, device: int, pa: int, length: int) -> bytes:
+        data = self.read_raw(pa, length)  # "flat": the device's blocks follow the primary
+        if len(data) < length:
+            raise self._missing_device(device)
+        return data
+
+    def _missing_device(self, device: int) -> SourceError:
+        tag = self.sb.devices[device - 1].tag.decode("latin-1") or "untagged"
+        return SourceError(f"data on extra device {device} ({tag}) but no --device was given for it")
+
+    # ------------------------------------------------------------------ inodes
+    def inode(self, nid: int) -> Inode:
+        with self._lock:
+            ino = self._inodes.get(nid)
+        if ino is not None:
+            return ino
+        pos, in_mbox = iloc(self.sb, nid)
+        if not in_mbox and self.size is not None and pos + L.INODE_COMPACT.size > self.size:
+            raise CorruptedError(f"nid {nid} out of range (inode at byte {pos}, image is {self.size} bytes)")
+        raw = self.read_meta(pos, L.INODE_EXTENDED.size, in_mbox)
+        if len(raw) < L.INODE_COMPACT.size:
+            raise ShortReadError(f"nid {nid}: inode at byte {pos} is past the end of the image")
+        ino = parse_inode(self.sb, nid, raw)
+        with self._lock:
+            self._inodes.put(nid, ino)
+        return ino
+
+    # ------------------------------------------------------------------ data
+    def read(self, nid: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of the inode's data from ``offset`` (short only at EOF)."""
+        inode = self.inode(nid)
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        if offset >= inode.size or length == 0:
+            return b""
+        length = min(length, inode.size - offset)
+        if inode.is_compressed:
+            return self.zreader.read(inode, offset, length)
+        out = []
+        pos, end = offset, offset + length
+        while pos < end:
+            ext = map_blocks(self.sb, inode, pos, self.read_meta, self._device_id_mask)
+            n = min(end, ext.la + ext.llen) - pos
+            if n <= 0:
+                raise CorruptedError(f"inode {nid}: empty extent at {pos}")
+            skip = pos - ext.la
+            if ext.flags & EROFS_MAP_META:
+                data = self.read_meta(ext.pa + skip, n, inode.in_metabox)
+            elif ext.flags & EROFS_MAP_MAPPED:
+                data = self._read_mapped(ext.device, ext.pa + skip, n)
+            else:
+                data = bytes(n)
+            if len(data) != n:
+                raise ShortReadError(f"inode {nid}: short read at offset {pos} ({len(data)} of {n} bytes)")
+            out.append(data)
+            pos += n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def readlink(self, nid: int) -> bytes:
+        inode = self.inode(nid)
+        if not inode.is_lnk:
+            raise CorruptedError(f"inode {nid} is not a symlink")
+        data = self.read(nid, 0, inode.size)
+        if not data or b"\0" in data:
+            raise CorruptedError(f"inode {nid}: invalid symlink target")
+        return data
+
+    # ------------------------------------------------------------------ directories
+    def _dir_block(self, inode: Inode, blk: int) -> tuple[bytes, list]:
+        key = (inode.nid, blk)
+        with self._lock:
+            hit = self._dirblocks.get(key)
+        if hit is not None:
+            return hit
+        bs = self.block_size
+        data = self.read(inode.nid, blk * bs, min(bs, inode.size - blk * bs))
+        hit = (data, parse_block(data, inode.nid, blk * bs))
+        with self._lock:
+            self._dirblocks.put(key, hit)
+        return hit
+
+    def _dir_inode(self, nid: int) -> Inode:
+        inode = self.inode(nid)
+        if not inode.is_dir:
+            raise NotADirError(f"inode {nid} is not a directory")
+        return inode
+
+    def iterdir(self, nid: int, pos: int = 0) -> Iterator[DirEntry]:
+        """Entries from directory byte position ``pos`` on, "." and ".." included as on disk."""
+        inode = self._dir_inode(nid)
+        bs = self.block_size
+        blk, off = divmod(max(pos, 0), bs)
+        nblocks = -(-inode.size // bs)
+        while blk < nblocks:
+            data, _ = self._dir_block(inode, blk)
+            yield from entries_from(data, nid, blk * bs, off)
+            blk += 1
+            off = 0
+
+    def lookup(self, nid: int, name: bytes) -> int:
+        """nid of ``name`` in directory ``nid`` (binary search over blocks, then within one)."""
+        inode = self._dir_inode(nid)
+        if not name or len(name) > L.EROFS_NAME_LEN:
+            raise NotFoundError(f"{name!r}: no such entry")
+        lo, hi = 0, -(-inode.size // self.block_size) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            _, recs = self._dir_block(inode, mid)
+            if name < recs[0][0]:
+                hi = mid - 1
+            elif name > recs[-1][0]:
+                lo = mid + 1
+            else:
+                hit = search_block(recs, name)
+                if hit is None:
+                    break
+                return hit[0]
+        raise NotFoundError(f"{name.decode('utf-8', 'surrogateescape')}: no such file or directory")
+
+    def resolve(self, path: str | bytes) -> int:
+        """nid of an absolute path inside the image (symlinks are not followed)."""
+        if isinstance(path, str):
+            path = path.encode("utf-8", "surrogateescape")
+        nid = self.root_nid
+        for part in path.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            nid = self.lookup(nid, part)
+        return nid
+
+    # ------------------------------------------------------------------ xattrs
+    @property
+    def xattr_prefixes(self) -> list[bytes]:
+        if self._prefixes is None:
+            sb = self.sb
+            if not sb.xattr_prefix_count:
+                self._prefixes = []
+            else:
+                start = sb.xattr_prefix_start << 2
+                if sb.has_compat(L.EROFS_FEATURE_COMPAT_PLAIN_XATTR_PFX):
+                    reader = self.read_raw
+                else:
+                    owner = sb.metabox_nid or sb.packed_nid
+                    if not owner:
+                        raise CorruptedError("long xattr prefixes but no packed inode or metabox holds them")
+                    reader = lambda p, n: self.read(owner, p, n)  # noqa: E731
+                self._prefixes = parse_prefix_table(reader, start, sb.xattr_prefix_count)
+        return self._prefixes
+
+    def xattr_items(self, nid: int) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            items = self._xattrs.get(nid)
+        if items is None:
+            items = read_xattrs(self.sb, self.inode(nid), self.read_meta, self.xattr_prefixes)
+            with self._lock:
+                self._xattrs.put(nid, items)
+        return items
+
+    def xattrs(self, nid: int) -> dict[bytes, bytes]:
+        return dict(self.xattr_items(nid))
+
+    def listxattr(self, nid: int) -> list[bytes]:
+        return [name for name, _ in self.xattr_items(nid)]
+
+    def getxattr(self, nid: int, name: bytes) -> bytes:
+        for n, v in self.xattr_items(nid):
+            if n == name:
+                return v
+        raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
+
+    # ------------------------------------------------------------------ filesystem
+    def statfs(self) -> dict[str, int]:
+        """As the kernel's ``erofs_statfs``: every block used, f_files = 2^64-1."""
+        total = self.sb.blocks + sum(d.blocks for d in self.sb.devices)
+        files = (1 << 64) - 1
+        return {"f_bsize": self.block_size, "f_frsize": self.block_size, "f_blocks": total, "f_bfree": 0,
+                "f_bavail": 0, "f_files": files, "f_ffree": files - self.sb.inos, "f_namemax": L.EROFS_NAME_LEN}
+
+    @staticmethod
+    def is_dir_mode(mode: int) -> bool:
+        return stat.S_ISDIR(mode)
+
+
+def _with_devices(sb: Superblock, devices) -> Superblock:
+    from dataclasses import replace
+    return replace(sb, devices=devices)
