@@ -1,0 +1,1 @@
+"""Pure EROFS reader: on-disk format -> inodes, directories, xattrs and file bytes (no I/O of its own)."""
