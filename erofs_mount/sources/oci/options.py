@@ -1,0 +1,164 @@
+"""OCI source options (PURE): a frozen dataclass built from ``-o`` option strings.
+
+``OciOptions.from_mount_options({"oci.layer": "0", "oci.insecure": None, …})``
+takes option name → value string (``None`` or ``""`` for bare flags) and raises
+``UsageError`` naming any bad value.  Keys it does not know are ignored unless
+they start with ``oci.`` (an unknown ``oci.*`` key is an error: a typo must not
+silently mount something else).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+from ...errors import UsageError
+from .manifest import parse_platform
+from .reference import parse_digest
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+_TRUE = {"", "1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_size(name: str, text: str | None, *, minimum: int = 0) -> int:
+    """``123``, ``64K``, ``256M``, ``2G`` (binary units, optional ``iB``/``B``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text or "")
+    if not m:
+        raise UsageError(f"invalid {name}={text!r}: expected a size such as 65536, 64K, 256M or 2G")
+    value = int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+    if value < minimum:
+        raise UsageError(f"invalid {name}={text!r}: must be at least {minimum}")
+    return value
+
+
+def _parse_int(name: str, text: str | None, lo: int, hi: int) -> int:
+    try:
+        value = int(text or "", 10)
+    except ValueError:
+        raise UsageError(f"invalid {name}={text!r}: expected an integer") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"invalid {name}={text!r}: must be between {lo} and {hi}")
+    return value
+
+
+def _parse_float(name: str, text: str | None, lo: float, hi: float) -> float:
+    try:
+        value = float(text or "")
+    except ValueError:
+        raise UsageError(f"invalid {name}={text!r}: expected a number of seconds") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"invalid {name}={text!r}: must be between {lo} and {hi}")
+    return value
+
+
+def _parse_bool(name: str, text: str | None) -> bool:
+    t = (text or "").strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise UsageError(f"invalid {name}={text!r}: expected a flag (yes/no)")
+
+
+@dataclass(frozen=True, slots=True)
+class OciOptions:
+    username: str | None = None
+    password: str | None = None  # from argv: accepted, with a warning (visible in ps)
+    password_file: str | None = None
+    cafile: str | None = None
+    insecure: bool = False  # plain HTTP
+    platform: str | None = None  # "os/arch[/variant]"; None = this host
+    layer: int | None = None
+    blob: str | None = None
+    chunk_size: int = 1 * MiB
+    cache_limit: int = 256 * MiB
+    readahead: int = 16 * MiB  # largest sequential read-ahead window
+    max_request: int = 4 * MiB  # largest single Range GET
+    connections: int = 8  # concurrent GETs per source
+    retries: int = 6  # attempts per GET beyond the first
+    retry_time: float = 60.0  # give up on a GET after this many seconds overall
+    timeout: float = 20.0  # per-request connect/stall timeout
+
+    @classmethod
+    def from_mount_options(cls, opts: dict[str, str | None]) -> "OciOptions":
+        kw: dict = {}
+        for name, value in opts.items():
+            spec = _OPTION_TABLE.get(name)
+            if spec is None:
+                if name.startswith("oci."):
+                    known = ", ".join(sorted(_OPTION_TABLE))
+                    raise UsageError(f"unknown option {name!r} (known: {known})")
+                continue
+            field_name, parse = spec
+            kw[field_name] = parse(name, value)
+        out = cls(**kw)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.layer is not None and self.blob is not None:
+            raise UsageError("oci.layer and oci.blob cannot be set together")
+        if self.password is not None and self.password_file is not None:
+            raise UsageError("oci.password and oci.password_file cannot be set together")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise UsageError("oci.password/oci.password_file need oci.username")
+        if self.chunk_size & (self.chunk_size - 1) or not 4 * KiB <= self.chunk_size <= 64 * MiB:
+            raise UsageError(f"invalid oci.chunk_size={self.chunk_size}: a power of two from 4K to 64M")
+        if self.cache_limit < self.chunk_size:
+            raise UsageError(f"cache_limit={self.cache_limit} is smaller than one chunk ({self.chunk_size})")
+        if self.platform is not None:
+            parse_platform(self.platform)
+
+    @property
+    def password_on_argv(self) -> bool:
+        return self.password is not None
+
+    def as_mount_options(self) -> dict[str, str]:
+        """Inverse of from_mount_options for the non-default fields (secrets included)."""
+        default = OciOptions()
+        out: dict[str, str] = {}
+        for name, (field_name, _) in _OPTION_TABLE.items():
+            value = getattr(self, field_name)
+            if value != getattr(default, field_name):
+                out[name] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return out
+
+
+def _str(name: str, value: str | None) -> str:
+    if value is None or value == "":
+        raise UsageError(f"option {name} needs a value ({name}=…)")
+    return value
+
+
+def _platform(name: str, value: str | None) -> str:
+    return str(parse_platform(_str(name, value)))
+
+
+def _digest(name: str, value: str | None) -> str:
+    try:
+        return parse_digest(_str(name, value))
+    except UsageError as exc:
+        raise UsageError(f"invalid {name}: {exc}") from None
+
+
+_OPTION_TABLE = {
+    "oci.username": ("username", _str),
+    "oci.password": ("password", lambda n, v: "" if v is None else v),
+    "oci.password_file": ("password_file", _str),
+    "oci.cafile": ("cafile", _str),
+    "oci.insecure": ("insecure", _parse_bool),
+    "oci.platform": ("platform", _platform),
+    "oci.layer": ("layer", lambda n, v: _parse_int(n, v, 0, 1 << 20)),
+    "oci.blob": ("blob", _digest),
+    "oci.chunk_size": ("chunk_size", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
+    "cache_limit": ("cache_limit", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
+    "oci.readahead": ("readahead", lambda n, v: parse_size(n, v)),
+    "oci.max_request": ("max_request", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
+    "oci.connections": ("connections", lambda n, v: _parse_int(n, v, 1, 64)),
+    "oci.retries": ("retries", lambda n, v: _parse_int(n, v, 0, 100)),
+    "oci.retry_time": ("retry_time", lambda n, v: _parse_float(n, v, 0.1, 3600)),
+    "oci.timeout": ("timeout", lambda n, v: _parse_float(n, v, 0.1, 600)),
+}
+OPTION_NAMES = tuple(_OPTION_TABLE)
+assert {f for f, _ in _OPTION_TABLE.values()} == {f.name for f in fields(OciOptions)}
