@@ -8,6 +8,7 @@ caches are guarded by one lock and hold immutable values.
 
 from __future__ import annotations
 
+import inspect
 import stat
 import threading
 from collections import OrderedDict
@@ -28,10 +29,12 @@ _HEAD_SIZE = 65536
 
 
 def as_read_at(src: Any) -> ReadAt:
-    """Accept a ``read_at(offset, length)`` callable or an object with such a method."""
-    fn = getattr(src, "read_at", None)
+    """Accept a ``read_at(offset, length)`` callable or an object with a sync ``pread``/``read_at``."""
+    fn = getattr(src, "pread", None)
     if fn is None:
-        fn = getattr(src, "pread", None)
+        fn = getattr(src, "read_at", None)
+        if fn is not None and inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{src!r}: read_at is async; wrap it in a sync bridge (sources.SyncReadAt)")
     if fn is None and callable(src):
         fn = src
     if fn is None:
@@ -285,10 +288,13 @@ class Image:
         if isinstance(path, str):
             path = path.encode("utf-8", "surrogateescape")
         nid = self.root_nid
-        for part in path.split(b"/"):
-            if part in (b"", b"."):
-                continue
-            nid = self.lookup(nid, part)
+        try:
+            for part in path.split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                nid = self.lookup(nid, part)
+        except (NotFoundError, NotADirError) as exc:
+            raise type(exc)(f"{path.decode('utf-8', 'surrogateescape')}: {exc.strerror.split(': ')[-1]}") from None
         return nid
 
     # ------------------------------------------------------------------ xattrs

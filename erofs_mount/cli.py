@@ -1,0 +1,235 @@
+"""Command line: mount.erofs-compatible mounting plus inspection tools.
+
+    erofs-mount [--mode auto|nbd|fuse] [-t erofs[.nbd|.fuse]] [-o OPTS] [--device PATH] SOURCE MNT
+    erofs-mount -u MNT | --reattach /dev/nbdN | --disconnect /dev/nbdN | status
+    erofs-mount inspect|ls [-l]|cat|stat|getfattr|extract IMAGE [PATH|DEST [PATH]]
+
+Every failure is one line on stderr, ``erofs-mount: <what>: <problem>``, and a
+non-zero exit status; ``-d 9`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+from . import __version__
+from .errors import ErofsMountError, UsageError
+from .options import MountOptions, parse_options
+
+TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract")
+PROG = "erofs-mount"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other failure
+        raise UsageError(message)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="comma-separated options (device=PATH, oci.layer=N, oci.blob=sha256:..., ...)")
+    p.add_argument("--device", action="append", default=[], metavar="PATH",
+                   help="an extra device of a multi-device image (repeatable, in device-table order)")
+    p.add_argument("-d", dest="debug", type=int, default=0, metavar="N", help="debug level (9: tracebacks)")
+
+
+def tool_parser(name: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} {name}")
+    _common(p)
+    p.add_argument("image", metavar="IMAGE")
+    if name == "ls":
+        p.add_argument("-l", dest="long", action="store_true", help="long listing")
+        p.add_argument("path", nargs="?", default="/")
+    elif name in ("cat", "stat", "getfattr"):
+        p.add_argument("path")
+    elif name == "extract":
+        p.add_argument("dest", metavar="DEST")
+        p.add_argument("path", nargs="?", default="/")
+        p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    return p
+
+
+def mount_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Mount an EROFS image (local file or OCI layer) over NBD or FUSE.",
+                epilog=f"tools: {PROG} {{{','.join(TOOLS)}}} IMAGE ...; {PROG} status")
+    _common(p)
+    p.add_argument("-t", dest="fstype", metavar="TYPE", help="erofs, erofs.nbd or erofs.fuse")
+    p.add_argument("--mode", choices=("auto", "nbd", "fuse"), help="backend (default: auto)")
+    p.add_argument("-u", dest="unmount", action="store_true", help="unmount MNT")
+    p.add_argument("--reattach", metavar="DEV", help="attach a new daemon to a live NBD device")
+    p.add_argument("--disconnect", metavar="DEV", help="force-disconnect an NBD device")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached (FUSE mode)")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("args", nargs="*", metavar="SOURCE MNT")
+    return p
+
+
+# ---------------------------------------------------------------------- sources
+def open_image(source: str, opts: MountOptions):
+    """An Image over a local file (OCI sources come through erofs_mount.sources)."""
+    from .erofs.image import Image
+    from .sources.local import LocalSource
+
+    primary = LocalSource.open(source)
+    devices = [LocalSource.open(d) for d in opts.devices]
+    return Image(primary, size=primary.size, devices=devices)
+
+
+# ---------------------------------------------------------------------- tools
+def run_tool(name: str, argv: list[str]) -> int:
+    ns = tool_parser(name).parse_args(argv)
+    _set_debug(ns.debug)
+    opts = parse_options(ns.options, devices=tuple(ns.device))
+    what = ns.image
+    img = open_image(ns.image, opts)
+    from . import tools
+
+    out = sys.stdout
+    if name == "inspect":
+        for line in tools.inspect_lines(img):
+            print(line, file=out)
+        return 0
+    what = f"{ns.image}: {getattr(ns, 'path', '')}".rstrip(": ")
+    if name == "ls":
+        for line in tools.ls_lines(img, ns.path, ns.long):
+            print(line, file=out)
+    elif name == "stat":
+        for line in tools.stat_lines(img, ns.path):
+            print(line, file=out)
+    elif name == "getfattr":
+        for line in tools.getfattr_lines(img, ns.path):
+            print(line, file=out)
+    elif name == "cat":
+        _cat(img, ns.path)
+    elif name == "extract":
+        return _extract(img, ns)
+    return 0
+
+
+def _cat(img, path: str) -> None:
+    from .errors import IsADirError
+
+    nid = img.resolve(path)
+    inode = img.inode(nid)
+    if inode.is_dir:
+        raise IsADirError(f"{path}: is a directory")
+    sink = sys.stdout.buffer
+    pos = 0
+    while pos < inode.size:
+        data = img.read(nid, pos, min(1 << 20, inode.size - pos))
+        if not data:
+            break
+        sink.write(data)
+        pos += len(data)
+    sink.flush()
+
+
+def _extract(img, ns) -> int:
+    from .extract import Extractor, TtyProgress
+
+    progress = None
+    if not ns.no_progress and sys.stderr.isatty():
+        progress = TtyProgress(img.sb.blocks * img.block_size)
+    report = Extractor(img, ns.dest, progress=progress).run(ns.path)
+    if progress:
+        progress.done()
+    for path, message in report.errors:
+        print(f"{PROG}: extract: {path}: {message}", file=sys.stderr)
+    for message in report.warnings:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+# ---------------------------------------------------------------------- mounting
+def run_mount(argv: list[str]) -> int:
+    ns = mount_parser().parse_args(argv)
+    _set_debug(ns.debug)
+    opts = parse_options(ns.options, fstype=ns.fstype, mode=ns.mode, devices=tuple(ns.device))
+    if ns.unmount:
+        if len(ns.args) != 1:
+            raise UsageError("-u takes exactly one mount point")
+        return _backend_call("unmount", ns.args[0], opts)
+    if ns.reattach:
+        return _backend_call("reattach", ns.reattach, opts)
+    if ns.disconnect:
+        return _backend_call("disconnect", ns.disconnect, opts)
+    if ns.args == ["status"]:
+        return _backend_call("status", None, opts)
+    if len(ns.args) != 2:
+        raise UsageError("expected SOURCE and MOUNTPOINT (see --help)")
+    source, mountpoint = ns.args
+    return _backend_call("mount", (source, mountpoint, ns.foreground), opts)
+
+
+def _backend_call(action: str, arg, opts: MountOptions) -> int:
+    from . import dispatch
+
+    return dispatch.run(action, arg, opts)
+
+
+# ---------------------------------------------------------------------- main
+_DEBUG = 0
+
+
+def _set_debug(level: int) -> None:
+    global _DEBUG
+    _DEBUG = level
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subject = ""
+    try:
+        if argv and argv[0] in TOOLS:
+            subject = _subject(argv[1:])
+            return run_tool(argv[0], argv[1:])
+        return run_mount(argv)
+    except ErofsMountError as exc:
+        return _fail(subject, exc, exc.exit_status)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        return _fail(subject, exc, 1)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        return _fail(subject, exc, 1)
+    except Exception as exc:  # noqa: BLE001 - the last resort: still one line
+        return _fail(subject, exc, 70, unexpected=True)
+
+
+def _subject(args: list[str]) -> str:
+    for a in args:
+        if not a.startswith("-"):
+            return a
+    return ""
+
+
+def _fail(subject: str, exc: BaseException, status: int, unexpected: bool = False) -> int:
+    if _DEBUG >= 9:
+        traceback.print_exc()
+    if isinstance(exc, OSError) and not isinstance(exc, ErofsMountError) and exc.strerror:
+        text = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if unexpected:
+        text = f"internal error: {type(exc).__name__}: {text} (run with -d 9 for details)"
+    prefix = f"{PROG}: {subject}: " if subject and subject not in text else f"{PROG}: "
+    print(prefix + text.splitlines()[0] if text else prefix.rstrip(": "), file=sys.stderr)
+    return status
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+Callback = Callable[..., int]
