@@ -1,0 +1,189 @@
+"""The compressed read path (kernel ``fs/erofs/zdata.c``, much simplified) with a bounded LRU of
+decoded pclusters.
+
+``ZReader(image)`` is created once per image by ``Image`` (lazily) and serves
+``Image.read`` for ``COMPRESSED_FULL``/``COMPRESSED_COMPACT`` inodes:
+
+    inode -> ZMap (zmap.py: header + indexes)  -> whole extents
+    extent -> raw pcluster (primary device, or metadata space for inline tails)
+           -> decompress.py -> cached decoded bytes -> the requested slice
+
+Fragments are read from the packed inode (``sb.packed_nid``) through ``Image.read``,
+hence through this same machinery (and its cache) when the packed inode is compressed.
+Every failure is a ``CorruptedError`` (EUCLEAN) or ``SourceError`` (EIO) naming the inode and
+the logical offset; nothing else escapes a read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from ..errors import CorruptedError, ErofsMountError, ShortReadError
+from . import decompress as D
+from .compr_cfgs import ComprCfgs, parse_compr_cfgs
+from .zmap import ZEXT_FRAGMENT, ZEXT_HOLE, ZEXT_MAPPED, ZEXT_META, ZExtent, ZMap
+
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+_INCOMPAT_BIG_PCLUSTER = 0x2
+_MAX_NESTING = 4        # packed inode / metabox reads inside a read
+
+
+class ZReader:
+    def __init__(self, image, cache_bytes: int = DEFAULT_CACHE_BYTES, max_inodes: int = 4096) -> None:
+        self.img = image
+        sb = image.sb
+        self.block_size = 1 << sb.blkszbits
+        self.cfgs: ComprCfgs = parse_compr_cfgs(sb.feature_incompat, sb.available_compr_algs, sb.sb_size,
+                                                sb.blkszbits, image.read_raw)
+        self._big_pcluster = bool(sb.feature_incompat & _INCOMPAT_BIG_PCLUSTER)
+        self._lock = threading.RLock()
+        self._maps: OrderedDict[int, tuple[ZMap, list[ZExtent]]] = OrderedDict()
+        self._max_inodes = max_inodes
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self.cache_limit = cache_bytes
+        self._cache_bytes = 0
+        self._tls = threading.local()
+        self._hits = self._misses = self._evictions = self._errors = 0
+        self._bytes_decompressed = self._bytes_read = 0
+
+    # ------------------------------------------------------------------ public API
+    def read(self, inode, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset`` of a compressed inode (short only at EOF)."""
+        end = min(offset + max(length, 0), inode.size)
+        if offset < 0 or offset >= end:
+            return b""
+        depth = getattr(self._tls, "depth", 0)
+        if depth >= _MAX_NESTING:
+            raise CorruptedError(f"inode {inode.nid}: packed inode / metabox reads nest too deep")
+        self._tls.depth = depth + 1
+        try:
+            return self._read(inode, offset, end)
+        except ErofsMountError:
+            self._errors += 1
+            raise
+        finally:
+            self._tls.depth = depth
+
+    def stats(self) -> dict:
+        with self._lock:
+            lookups = self._hits + self._misses
+            return {
+                "hits": self._hits, "misses": self._misses,
+                "hit_ratio": self._hits / lookups if lookups else 0.0,
+                "bytes_decompressed": self._bytes_decompressed, "bytes_read": self._bytes_read,
+                "cache_bytes": self._cache_bytes, "cache_entries": len(self._cache),
+                "cache_limit": self.cache_limit, "evictions": self._evictions, "errors": self._errors,
+                "algorithms": self.cfgs.names(),
+            }
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    # ------------------------------------------------------------------ mapping
+    def _zmap(self, inode) -> tuple[ZMap, list[ZExtent]]:
+        hit = self._maps.get(inode.nid)
+        if hit is not None:
+            self._maps.move_to_end(inode.nid)
+            return hit
+        img = self.img
+        in_mbox = inode.in_metabox
+        zm = ZMap(inode, self.img.sb.blkszbits, self.cfgs.available_compr_algs, self._big_pcluster,
+                  lambda pos, n: img.read_meta(pos, n, in_mbox))
+        hit = self._maps[inode.nid] = (zm, [])
+        while len(self._maps) > self._max_inodes:
+            self._maps.popitem(last=False)
+        return hit
+
+    def _extent(self, inode, pos: int) -> ZExtent:
+        with self._lock:
+            zm, recent = self._zmap(inode)
+            for ext in recent:
+                if ext.la <= pos < ext.la + ext.llen:
+                    return ext
+            ext = zm.map(pos)
+            recent.insert(0, ext)
+            del recent[4:]
+            return ext
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, inode, pos: int, end: int) -> bytes:
+        out = []
+        while pos < end:
+            ext = self._extent(inode, pos)
+            stop = min(end, ext.la + ext.llen)
+            if not ext.la <= pos < stop:    # ZMap guarantees this; never loop on a bad extent
+                raise CorruptedError(f"inode {inode.nid}: empty extent at logical offset {pos}")
+            skip, n = pos - ext.la, stop - pos
+            if ext.kind == ZEXT_HOLE:
+                data = bytes(n)
+            elif ext.kind == ZEXT_FRAGMENT:
+                data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
+            else:
+                data = self._decoded(inode, ext)[skip:stop - ext.la]
+            if len(data) != n:
+                raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
+            out.append(data)
+            pos = stop
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _fragment(self, inode, off: int, n: int, la: int) -> bytes:
+        packed = self.img.sb.packed_nid
+        if not packed or inode.nid == packed:
+            raise CorruptedError(f"inode {inode.nid}: fragment at logical offset {la} but no packed inode")
+        data = self.img.read(packed, off, n)
+        if len(data) != n:
+            raise CorruptedError(f"inode {inode.nid}: fragment at logical offset {la} lies past the end of "
+                                 f"the packed inode (offset {off} + {n})")
+        return data
+
+    def _decoded(self, inode, ext: ZExtent) -> bytes:
+        interlace = ext.la % self.block_size if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0
+        in_mbox = ext.kind == ZEXT_META and inode.in_metabox
+        key = (ext.kind, in_mbox, ext.pa, ext.plen, ext.alg, ext.llen, interlace)
+        with self._lock:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                self._hits += 1
+                return data
+            self._misses += 1
+        where = (f"inode {inode.nid}: {D.algorithm_name(ext.alg)} pcluster at byte {ext.pa} "
+                 f"({ext.plen} bytes) for logical offset {ext.la}")
+        if ext.kind == ZEXT_META:
+            raw = self.img.read_meta(ext.pa, ext.plen, inode.in_metabox)
+        elif ext.kind == ZEXT_MAPPED:
+            raw = self._read_pcluster(ext.pa, ext.plen)
+        else:  # pragma: no cover - holes and fragments are handled by the caller
+            raise CorruptedError(where + ": not a pcluster")
+        if len(raw) != ext.plen:
+            raise ShortReadError(f"{where}: only {len(raw)} bytes readable")
+        strict = not ext.partial and ext.la + ext.llen < inode.size
+        try:
+            data = D.decompress(ext.alg, raw, ext.llen, strict=strict, zero_padding=self.cfgs.zero_padding,
+                                la=ext.la, block_size=self.block_size, lzma_dict_size=self.cfgs.lzma_dict_size)
+        except ErofsMountError as exc:
+            raise type(exc)(f"{where}: {exc}", errno=exc.errno) from None
+        except Exception as exc:    # a codec library failing in an unexpected way on garbage
+            raise CorruptedError(f"{where}: {type(exc).__name__}: {exc}") from None
+        if len(data) != ext.llen:   # decompress() guarantees it; keep wrong bytes out regardless
+            raise CorruptedError(f"{where}: decoded {len(data)} bytes, expected {ext.llen}")
+        with self._lock:
+            self._bytes_read += len(raw)
+            self._bytes_decompressed += len(data)
+            if len(data) <= self.cache_limit and key not in self._cache:
+                self._cache[key] = data
+                self._cache_bytes += len(data)
+                while self._cache_bytes > self.cache_limit:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= len(old)
+                    self._evictions += 1
+        return data
+
+    def _read_pcluster(self, pa: int, plen: int) -> bytes:
+        mapped = getattr(self.img, "read_mapped", None)     # multi-device aware, if the Image offers it
+        if mapped is not None:
+            return mapped(0, pa, plen)
+        return self.img.read_raw(pa, plen)

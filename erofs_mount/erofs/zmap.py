@@ -1,0 +1,470 @@
+"""Compressed inode indexes -> extents (kernel ``fs/erofs/zmap.c``, erofs-utils ``lib/zmap.c``).
+
+Three on-disk forms follow the inode (and its xattrs), after the 8-byte
+``z_erofs_map_header`` at ``round_up(iloc + inode_isize + xattr_isize, 8)``:
+
+* ``COMPRESSED_FULL`` ("legacy"): one 8-byte ``z_erofs_lcluster_index`` per logical
+  cluster, starting 8 bytes after the header;
+* ``COMPRESSED_COMPACT``: packs of 2 lclusters in 8 bytes (compacted_4b) or 16 in 32
+  bytes (compacted_2b), each pack ending with a le32 base block address; an initial run
+  of 4b packs aligns the 2b region to 32 bytes, 4b packs follow it;
+* ``COMPRESSED_FULL`` with ``Z_EROFS_ADVISE_EXTENTS`` (48-bit layout): ``z_erofs_extent``
+  records of 4/8/16/32 bytes (per lcluster, or sorted by logical start).
+
+Unlike the kernel, which maps only up to the end of the requested lcluster and decodes
+partially, ``ZMap.map`` always returns the *whole* extent (up to the next HEAD lcluster,
+like ``z_erofs_get_extent_decompressedlen``), so a pcluster is decoded once and cached.
+Every loop moves by at least one lcluster, so corrupted deltas end in ``CorruptedError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import CorruptedError, ShortReadError, UnsupportedError
+from . import decompress as D
+
+EROFS_INODE_COMPRESSED_FULL = 1
+EROFS_INODE_COMPRESSED_COMPACT = 3
+
+Z_EROFS_ADVISE_COMPACTED_2B = 0x0001
+Z_EROFS_ADVISE_EXTENTS = 0x0001
+Z_EROFS_ADVISE_BIG_PCLUSTER_1 = 0x0002
+Z_EROFS_ADVISE_BIG_PCLUSTER_2 = 0x0004
+Z_EROFS_ADVISE_INLINE_PCLUSTER = 0x0008
+Z_EROFS_ADVISE_INTERLACED_PCLUSTER = 0x0010
+Z_EROFS_ADVISE_FRAGMENT_PCLUSTER = 0x0020
+Z_EROFS_FRAGMENT_INODE_BIT = 7
+
+Z_EROFS_LCLUSTER_TYPE_PLAIN = 0
+Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1
+Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2
+Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3
+Z_EROFS_LI_PARTIAL_REF = 1 << 15
+Z_EROFS_LI_D0_CBLKCNT = 1 << 11
+
+Z_EROFS_EXTENT_PLEN_PARTIAL = 1 << 27
+Z_EROFS_EXTENT_PLEN_FMT_BIT = 28
+Z_EROFS_EXTENT_PLEN_MASK = (D.Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1
+
+# extent kinds
+ZEXT_HOLE = 0       # zeros
+ZEXT_MAPPED = 1     # pcluster at byte pa of the primary device
+ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
+ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
+
+_LCLUSTER_INDEX = struct.Struct("<HHI")
+_EXTENT = struct.Struct("<IIIII")
+
+
+@dataclass(frozen=True, slots=True)
+class ZExtent:
+    la: int                 # logical start of the extent
+    llen: int               # its full decoded length (never past i_size)
+    kind: int               # ZEXT_*
+    pa: int = 0             # physical byte position (MAPPED: device 0; META: metadata space)
+    plen: int = 0           # encoded length
+    alg: int = -1           # decompress.Z_EROFS_COMPRESSION_* (incl. SHIFTED/INTERLACED)
+    partial: bool = False   # PARTIAL_REF: the pcluster decodes to more than llen
+    fragmentoff: int = 0    # FRAGMENT: offset of byte `la` in the packed inode
+
+
+class _LC:
+    """One decoded lcluster (the kernel's z_erofs_maprecorder fields)."""
+    __slots__ = ("lcn", "type", "clusterofs", "pblk", "delta0", "delta1", "cblkcnt", "partialref", "nextpackoff")
+
+    def __init__(self, lcn: int) -> None:
+        self.lcn = lcn
+        self.type = 0
+        self.clusterofs = 0
+        self.pblk = 0
+        self.delta0 = 0
+        self.delta1 = 0
+        self.cblkcnt = 0
+        self.partialref = False
+        self.nextpackoff = 0
+
+
+class ZMap:
+    """Extent mapper of one compressed inode; ``read_meta(pos, n)`` reads its metadata space."""
+
+    def __init__(self, inode, blkszbits: int, available_algs: int, big_pcluster_sb: bool,
+                 read_meta: Callable[[int, int], bytes]) -> None:
+        self.nid = inode.nid
+        self.size = inode.size
+        self.layout = inode.datalayout
+        self.blkszbits = blkszbits
+        self.available_algs = available_algs
+        self._read_meta = read_meta
+        self._windows: dict[int, bytes] = {}
+        self.header_pos = (inode.iloc + inode.inode_isize + inode.xattr_isize + 7) & ~7
+        h = self._meta(self.header_pos, 8)
+        self.all_fragments = False
+        self.fragmentoff = 0
+        self.idata_size = 0
+        self.idataoff = 0
+        self.tail_headlcn = -1
+        self.extents = -1
+        self.algs = (0, 0)
+        if h[7] >> Z_EROFS_FRAGMENT_INODE_BIT:     # whole file in the packed inode
+            self.all_fragments = True
+            self.advise = Z_EROFS_ADVISE_FRAGMENT_PCLUSTER
+            self.fragmentoff = int.from_bytes(h, "little") ^ (1 << 63)
+            self.lclusterbits = blkszbits
+            return
+        self.advise = int.from_bytes(h[4:6], "little")
+        self.lclusterbits = blkszbits + (h[7] & 15)
+        if self.layout == EROFS_INODE_COMPRESSED_FULL and self.advise & Z_EROFS_ADVISE_EXTENTS:
+            self.extents = int.from_bytes(h[0:4], "little") | (int.from_bytes(h[6:8], "little") << 32)
+            self.recsz = 4 << ((self.advise >> 1) & 3)
+            self.ext_pos = (self.header_pos + 8 + self.recsz - 1) // self.recsz * self.recsz
+            self._pa_prefix: list[int] = []
+            return
+        self.algs = (h[6] & 15, h[6] >> 4)
+        for n, a in enumerate(self.algs):
+            if a >= D.Z_EROFS_COMPRESSION_MAX:
+                raise UnsupportedError(f"inode {self.nid}: unknown HEAD{n + 1} compression algorithm id {a}")
+        if self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER:
+            self.fragmentoff = int.from_bytes(h[0:4], "little")
+        elif self.advise & Z_EROFS_ADVISE_INLINE_PCLUSTER:
+            self.idata_size = int.from_bytes(h[2:4], "little")
+        big = self.advise & (Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2)
+        if big and not big_pcluster_sb:
+            raise CorruptedError(f"inode {self.nid}: big pcluster without the superblock feature")
+        if self.layout == EROFS_INODE_COMPRESSED_COMPACT and big and \
+                big != (Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2):
+            raise CorruptedError(f"inode {self.nid}: inconsistent big pcluster head1/2 of compact indexes")
+        if self.layout == EROFS_INODE_COMPRESSED_COMPACT and self.lclusterbits > 14:
+            raise CorruptedError(f"inode {self.nid}: lcluster size 2^{self.lclusterbits} too large")
+        if self.lclusterbits > 30:
+            raise CorruptedError(f"inode {self.nid}: lcluster size 2^{self.lclusterbits} too large")
+        self.nlclusters = -(-self.size >> self.lclusterbits) if self.size else 0
+        if self.size and (self.idata_size or self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER):
+            self._find_tail()
+
+    # ------------------------------------------------------------------ metadata bytes
+    def _meta(self, pos: int, n: int) -> bytes:
+        win = pos >> 12
+        data = self._windows.get(win)
+        if data is None:
+            if len(self._windows) >= 64:
+                self._windows.clear()
+            data = self._windows[win] = self._read_meta(win << 12, 4096)
+        off = pos & 4095
+        out = data[off:off + n]
+        if len(out) < n and len(data) == 4096:
+            out += self._meta((win + 1) << 12, n - len(out))
+        if len(out) < n:
+            raise ShortReadError(f"inode {self.nid}: compression index at byte {pos} past the end of the metadata")
+        return out
+
+    def _corrupt(self, what: str, la: int | None = None) -> CorruptedError:
+        where = f" at logical offset {la}" if la is not None else ""
+        return CorruptedError(f"inode {self.nid}: {what}{where}")
+
+    # ------------------------------------------------------------------ lcluster indexes
+    def _load(self, lcn: int, lookahead: bool = False) -> _LC:
+        if not 0 <= lcn < self.nlclusters:
+            raise self._corrupt(f"lcluster {lcn} out of range ({self.nlclusters} lclusters)")
+        m = self._load_compact(lcn, lookahead) if self.layout == EROFS_INODE_COMPRESSED_COMPACT \
+            else self._load_full(lcn)
+        if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD and m.clusterofs >= 1 << self.lclusterbits:
+            raise self._corrupt(f"clusterofs {m.clusterofs} of lcluster {lcn} beyond the lcluster")
+        return m
+
+    def _load_full(self, lcn: int) -> _LC:
+        pos = self.header_pos + 16 + lcn * 8
+        advise, clusterofs, u = _LCLUSTER_INDEX.unpack(self._meta(pos, 8))
+        m = _LC(lcn)
+        m.nextpackoff = pos + 8
+        m.type = advise & 3
+        if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+            m.clusterofs = 1 << self.lclusterbits
+            m.delta0, m.delta1 = u & 0xFFFF, u >> 16
+            if m.delta0 & Z_EROFS_LI_D0_CBLKCNT:
+                if not self.advise & (Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2):
+                    raise self._corrupt(f"CBLKCNT in lcluster {lcn} without big pclusters")
+                m.cblkcnt = m.delta0 & ~Z_EROFS_LI_D0_CBLKCNT
+                m.delta0 = 1
+        else:
+            m.partialref = bool(advise & Z_EROFS_LI_PARTIAL_REF)
+            m.clusterofs = clusterofs
+            m.pblk = u
+        return m
+
+    def _load_compact(self, lcn: int, lookahead: bool) -> _LC:
+        lcb = self.lclusterbits
+        totalidx = -(-self.size >> self.blkszbits)     # erofs_iblks()
+        ebase = self.header_pos + 8
+        c4_initial = ((32 - ebase % 32) // 4) & 7
+        c2b = 0
+        if self.advise & Z_EROFS_ADVISE_COMPACTED_2B and c4_initial < totalidx:
+            c2b = (totalidx - c4_initial) // 16 * 16
+        pos, rel, amort = ebase, lcn, 4
+        if lcn >= c4_initial:
+            pos += c4_initial * 4
+            rel -= c4_initial
+            if rel < c2b:
+                amort = 2
+            else:
+                pos += c2b * 2
+                rel -= c2b
+        pos += rel * amort
+        if amort == 4:
+            vcnt = 2
+        elif lcb <= 12:
+            vcnt = 16
+        else:
+            raise UnsupportedError(f"inode {self.nid}: compacted_2b indexes with 2^{lcb}-byte lclusters")
+        packsize = vcnt * amort
+        start = pos - pos % packsize
+        pack = self._meta(start, packsize)
+        i = (pos - start) // amort
+        encodebits = (packsize - 4) * 8 // vcnt
+        lobits = max(lcb, 12)           # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
+        lomask = (1 << lobits) - 1
+        base = int.from_bytes(pack[-4:], "little")
+        bits = int.from_bytes(pack[:-4], "little")
+
+        def decode(j: int) -> tuple[int, int]:
+            v = bits >> (encodebits * j)
+            return v & lomask, (v >> lobits) & 3
+
+        m = _LC(lcn)
+        m.nextpackoff = start + packsize
+        big = bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1)
+        lo, m.type = decode(i)
+        if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+            m.clusterofs = 1 << lcb
+            if lookahead:   # distance to the next HEAD lcluster
+                d1, j = 0, i
+                while j < vcnt:
+                    jlo, jtype = decode(j)
+                    if jtype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                        break
+                    d1 += 1
+                    j += 1
+                else:   # the last lcluster of a pack stores its delta[1]
+                    if not jlo & Z_EROFS_LI_D0_CBLKCNT:
+                        d1 += jlo - 1
+                m.delta1 = max(d1, 0)
+            if lo & Z_EROFS_LI_D0_CBLKCNT:
+                if not big:
+                    raise self._corrupt(f"CBLKCNT in lcluster {lcn} without big pclusters")
+                m.cblkcnt = lo & ~Z_EROFS_LI_D0_CBLKCNT
+                m.delta0 = 1
+            elif i + 1 != vcnt:
+                m.delta0 = lo
+            else:   # last of the pack: delta[0] comes from the previous one
+                plo, ptype = decode(i - 1)
+                if ptype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                    plo = 0
+                elif plo & Z_EROFS_LI_D0_CBLKCNT:
+                    plo = 1
+                m.delta0 = plo + 1
+            return m
+        m.clusterofs = lo
+        # the pack stores one base block address: count the blocks of the pclusters before us
+        nblk = 0 if big else 1
+        j = i
+        while j > 0:
+            j -= 1
+            jlo, jtype = decode(j)
+            if not big:
+                if jtype == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                    j -= jlo
+                if j >= 0:
+                    nblk += 1
+            elif jtype == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                if jlo & Z_EROFS_LI_D0_CBLKCNT:
+                    j -= 1
+                    nblk += jlo & ~Z_EROFS_LI_D0_CBLKCNT
+                elif jlo <= 1:
+                    raise self._corrupt(f"plain delta[0] {jlo} in a big-pcluster pack at lcluster {lcn}")
+                else:
+                    j -= jlo - 2
+            else:
+                nblk += 1
+        m.pblk = base + nblk
+        return m
+
+    # ------------------------------------------------------------------ lcluster extents
+    def _head_of(self, la: int) -> tuple[_LC, _LC]:
+        """(initial lcluster, head lcluster) of the extent holding byte ``la``."""
+        lcn = la >> self.lclusterbits
+        m = self._load(lcn)
+        endoff = la & ((1 << self.lclusterbits) - 1)
+        if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+            if endoff >= m.clusterofs:
+                return m, m
+            if lcn == 0:
+                raise self._corrupt("invalid logical cluster 0", la)
+            dist = 1
+        else:
+            dist = m.delta0
+        cur = m
+        while True:     # z_erofs_extent_lookback: lcn strictly decreases
+            if dist == 0 or dist > cur.lcn:
+                raise self._corrupt(f"bogus lookback distance {dist} at lcluster {cur.lcn}", la)
+            cur = self._load(cur.lcn - dist)
+            if cur.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                return m, cur
+            dist = cur.delta0
+
+    def _find_tail(self) -> None:
+        """EROFS_GET_BLOCKS_FINDTAIL: where the inline pcluster / the fragment starts."""
+        init, head = self._head_of(self.size - 1)
+        if self.idata_size:
+            self.idataoff = init.nextpackoff
+        self.tail_headlcn = head.lcn
+        if self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER and self.layout == EROFS_INODE_COMPRESSED_FULL:
+            self.fragmentoff |= head.pblk << 32
+
+    def _extent_end(self, head: _LC, la: int) -> int:
+        lcb = self.lclusterbits
+        lcn = head.lcn + 1
+        while True:     # lcn strictly increases
+            if lcn << lcb >= self.size:
+                return self.size
+            m = self._load(lcn, lookahead=True)
+            if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                return min((lcn << lcb) + m.clusterofs, self.size)
+            lcn += m.delta1 or 1    # pre-1.0 mkfs could write delta[1] = 0
+
+    def _compressed_blocks(self, head: _LC) -> int:
+        big1 = self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1
+        big2 = self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_2
+        if head.type == Z_EROFS_LCLUSTER_TYPE_HEAD1:
+            big = big1
+        else:
+            big = big2
+        if not big or (head.lcn + 1) << self.lclusterbits >= self.size:
+            return 1
+        m = self._load(head.lcn + 1)
+        if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+            if m.delta0 != 1:
+                raise self._corrupt(f"bogus CBLKCNT at lcluster {m.lcn}")
+            return m.cblkcnt or 1
+        return 1
+
+    def map(self, la: int) -> ZExtent:
+        """The whole extent holding logical byte ``la`` (0 <= la < i_size)."""
+        if not 0 <= la < self.size:
+            raise ValueError(f"offset {la} outside the file")
+        if self.all_fragments:
+            return ZExtent(0, self.size, ZEXT_FRAGMENT, fragmentoff=self.fragmentoff)
+        if self.extents >= 0:
+            return self._map_ext(la)
+        lcb = self.lclusterbits
+        _, head = self._head_of(la)
+        m_la = (head.lcn << lcb) | head.clusterofs
+        end = self._extent_end(head, la)
+        if not m_la <= la < end:
+            raise self._corrupt(f"inconsistent indexes: extent [{m_la}, {end})", la)
+        llen = end - m_la
+        if head.lcn == self.tail_headlcn and self.idata_size:
+            pa, plen, kind = self.idataoff, self.idata_size, ZEXT_META
+            if (pa & ((1 << self.blkszbits) - 1)) + plen > 1 << self.blkszbits:
+                raise self._corrupt(f"invalid tail-packing pcluster size {plen}", la)
+        elif head.lcn == self.tail_headlcn and self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER:
+            return ZExtent(m_la, llen, ZEXT_FRAGMENT, fragmentoff=self.fragmentoff)
+        else:
+            pa = head.pblk << self.blkszbits
+            plen = self._compressed_blocks(head) << self.blkszbits
+            kind = ZEXT_MAPPED
+        if head.type == Z_EROFS_LCLUSTER_TYPE_PLAIN:
+            if llen > plen:
+                raise self._corrupt(f"uncompressed extent of {llen} bytes in a {plen}-byte pcluster", la)
+            alg = D.Z_EROFS_COMPRESSION_INTERLACED if self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER \
+                else D.Z_EROFS_COMPRESSION_SHIFTED
+        else:
+            alg = self.algs[1] if head.type == Z_EROFS_LCLUSTER_TYPE_HEAD2 else self.algs[0]
+            if not self.available_algs >> alg & 1:
+                raise self._corrupt(f"inconsistent algorithm {D.algorithm_name(alg)}", la)
+        return self._checked(ZExtent(m_la, llen, kind, pa, plen, alg, head.partialref), la)
+
+    def _checked(self, ext: ZExtent, la: int) -> ZExtent:
+        if ext.plen > D.Z_EROFS_PCLUSTER_MAX_SIZE or ext.llen > D.Z_EROFS_PCLUSTER_MAX_DSIZE:
+            raise CorruptedError(f"inode {self.nid}: extent of {ext.plen} -> {ext.llen} bytes exceeds "
+                                 f"the pcluster limits at logical offset {la}", errno=95)  # EOPNOTSUPP
+        return ext
+
+    # ------------------------------------------------------------------ 48-bit encoded extents
+    def _pa_of(self, k: int) -> int:
+        """recsz 4: the pa of record k = base + sum of the plens before it (prefix sums kept)."""
+        pref = self._pa_prefix
+        if not pref:
+            pref.append(int.from_bytes(self._meta(self.ext_pos, 8), "little"))
+        while len(pref) <= k:
+            j = len(pref) - 1
+            plen = int.from_bytes(self._meta(self.ext_pos + 8 + j * 4, 4), "little")
+            pref.append(pref[-1] + (plen & Z_EROFS_EXTENT_PLEN_MASK))
+        return pref[k]
+
+    def _map_ext(self, la: int) -> ZExtent:
+        recsz = self.recsz
+        if recsz <= 8:
+            lcb = self.lclusterbits
+            k = la >> lcb
+            lstart = k << lcb
+            lend = min(lstart + (1 << lcb), self.size)
+            last = lstart + (1 << lcb) >= self.size
+            if recsz == 4:
+                plen = int.from_bytes(self._meta(self.ext_pos + 8 + k * 4, 4), "little")
+                pa = self._pa_of(k)
+            else:
+                plen, pa = struct.unpack("<II", self._meta(self.ext_pos + k * 8, 8))
+        else:
+            n = self.extents
+            lo, hi = 0, n
+            rec = None
+            while lo < hi:      # last record with lstart <= la
+                mid = (lo + hi) // 2
+                r = self._ext_record(mid)
+                if r[0] <= la:
+                    rec, lo = (mid,) + r, mid + 1
+                else:
+                    hi = mid
+            if rec is None:
+                nxt = self._ext_record(0)[0] if n else self.size
+                return ZExtent(la, min(nxt, self.size) - la, ZEXT_HOLE)
+            idx, lstart, plen, pa = rec
+            last = idx + 1 >= n
+            lend = self.size if last else self._ext_record(idx + 1)[0]
+            if lend <= lstart or lend > self.size:
+                raise self._corrupt(f"unsorted extent records {idx}/{idx + 1}", la)
+        if not lstart <= la < lend:
+            raise self._corrupt("extent records do not cover the offset", la)
+        llen = lend - lstart
+        if last and self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER:
+            frag = plen | ((pa << 32) if recsz > 4 else 0)
+            return ZExtent(lstart, llen, ZEXT_FRAGMENT, fragmentoff=frag & ((1 << 64) - 1))
+        if not plen & Z_EROFS_EXTENT_PLEN_MASK:
+            return ZExtent(lstart, llen, ZEXT_HOLE)
+        fmt = plen >> Z_EROFS_EXTENT_PLEN_FMT_BIT
+        partial = bool(plen & Z_EROFS_EXTENT_PLEN_PARTIAL)
+        plen &= Z_EROFS_EXTENT_PLEN_MASK
+        if fmt:
+            alg = fmt - 1
+            if alg >= D.Z_EROFS_COMPRESSION_RUNTIME_MAX:
+                raise UnsupportedError(f"inode {self.nid}: unknown algorithm {alg} at logical offset {lstart}")
+            if alg < D.Z_EROFS_COMPRESSION_MAX and not self.available_algs >> alg & 1:
+                raise self._corrupt(f"inconsistent algorithm {D.algorithm_name(alg)}", la)
+        elif self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER and not pa & ((1 << self.blkszbits) - 1):
+            alg = D.Z_EROFS_COMPRESSION_INTERLACED
+        else:
+            alg = D.Z_EROFS_COMPRESSION_SHIFTED
+        return self._checked(ZExtent(lstart, llen, ZEXT_MAPPED, pa, plen, alg, partial), la)
+
+    def _ext_record(self, i: int) -> tuple[int, int, int]:
+        """(lstart, plen, pstart) of a 16/32-byte z_erofs_extent record."""
+        raw = self._meta(self.ext_pos + i * self.recsz, 16)
+        if self.recsz > 16:
+            raw += self._meta(self.ext_pos + i * self.recsz + 16, 4)
+        else:
+            raw += bytes(4)     # no lstart_hi in 16-byte records
+        plen, plo, phi, llo, lhi = _EXTENT.unpack(raw)
+        lstart = llo | (lhi << 32)
+        return lstart, plen, plo | (phi << 32)
