@@ -1,0 +1,371 @@
+"""pyfuse3 operations over the pure EROFS reader: a thin, read-only translation layer.
+
+Every reader call runs in a worker thread (``trio.to_thread.run_sync`` with one
+``CapacityLimiter``) so a slow read never blocks other FUSE requests; the
+results are plain values, and all bookkeeping (lookup counts, the directory
+parent registry) is mutated in the trio thread only, between awaits.
+
+Errors: only ``pyfuse3.FUSEError`` leaves a handler.  ``erofs_mount.errors``
+exceptions are converted once via their ``errno``; anything unexpected is
+logged and becomes ``EIO``.  ``init`` and ``forget`` never raise.
+
+Inode numbers: the root is ``pyfuse3.ROOT_INODE`` (1); every other nid >= 2 is
+its own number, as the kernel reports ``st_ino`` (so ``find -inum`` and
+``check_tree.py --check-ino`` agree with a kernel mount); nids 0 and 1 (never
+the root's slot in practice) map to 2^64-1 and 2^64-2.  No nid can collide with
+the root, numbers are stable across remounts and hard links (one nid) share one.
+
+Directories: ``readdir`` resumes from the directory byte position handed out as
+``next_id`` (``DirEntry.next_pos``), as the kernel's ``fs/erofs/dir.c`` uses
+``f_pos``; one call never rescans earlier blocks.  A directory nid met under a
+second (parent, name) is a cycle: ``ELOOP``, which is what the kernel's VFS
+reports when ``d_splice_alias`` finds the directory already aliased above.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from ...erofs.image import Image
+from ...errors import ErofsMountError, LoopError
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+TIMEOUT = 86400.0          # the image never changes: cache names and attributes for a day
+READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
+_DOTS = (b".", b"..")
+_INO_HIGH = (1 << 64) - 1    # nids 0 and 1 live at the top of the inode number space
+# EROFS_FT_* (erofs_fs.h) -> S_IFMT, for entries whose inode cannot be read
+_FT_MODE = {1: stat.S_IFREG, 2: stat.S_IFDIR, 3: stat.S_IFCHR, 4: stat.S_IFBLK, 5: stat.S_IFIFO,
+            6: stat.S_IFSOCK, 7: stat.S_IFLNK}
+
+
+@dataclass(frozen=True, slots=True)
+class OpsConfig:
+    uid: int | None = None          # report every inode as owned by this uid
+    gid: int | None = None
+    threads: int = 8                # worker threads for reader calls
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, ErofsMountError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def fuse_errors(fn):
+    """Convert every exception of a handler into ``pyfuse3.FUSEError`` (once, by errno)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (ErofsMountError, OSError) as exc:
+            log.debug("%s%r: %s (%s)", fn.__name__, args[:2], exc, errno.errorcode.get(_errno_of(exc)))
+            raise pyfuse3.FUSEError(_errno_of(exc)) from None
+        except Exception:
+            log.exception("%s%r failed unexpectedly", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class ErofsOperations(pyfuse3.Operations):
+    """Read-only FUSE operations over one ``Image``."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, image: Image, config: OpsConfig = OpsConfig(), *, enable_acl: bool = False) -> None:
+        super().__init__()
+        self.image = image
+        self.config = config
+        self.enable_acl = enable_acl
+        self.root_nid = image.root_nid
+        self._limiter = trio.CapacityLimiter(max(1, config.threads))
+        self._lookups: dict[int, int] = {}                  # ino -> kernel lookup count
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
+        # directory nid -> (parent nid, name) where it was first met; root has no parent
+        self._dir_parent: dict[int, tuple[int | None, bytes]] = {self.root_nid: (None, b"")}
+
+    # ------------------------------------------------------------------ helpers
+    def ino_of(self, nid: int) -> int:
+        if nid == self.root_nid:
+            return ROOT_INODE
+        return nid if nid >= 2 else _INO_HIGH - nid
+
+    def nid_of(self, ino: int) -> int:
+        if ino == ROOT_INODE:
+            return self.root_nid
+        if ino >= _INO_HIGH - 1:
+            return _INO_HIGH - ino
+        if ino < 2:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return ino
+
+    async def _run(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _make_attr(self, nid: int) -> pyfuse3.EntryAttributes:
+        """Attributes of inode ``nid`` (worker thread: may read the image)."""
+        inode = self.image.inode(nid)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.ino_of(nid)
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid if self.config.uid is None else self.config.uid
+        a.st_gid = inode.gid if self.config.gid is None else self.config.gid
+        a.st_rdev = inode.rdev
+        a.st_size = inode.size
+        a.st_blksize = self.image.block_size
+        a.st_blocks = inode.blocks
+        # erofs keeps one timestamp; the kernel reports it as atime, mtime and ctime
+        ns = inode.mtime * 1_000_000_000 + inode.mtime_nsec
+        a.st_atime_ns = ns
+        a.st_mtime_ns = ns
+        a.st_ctime_ns = ns
+        return a
+
+    def _check_dir_alias(self, parent_nid: int, name: bytes, nid: int) -> None:
+        """ELOOP if directory ``nid`` is already known under another (parent, name)."""
+        known = self._dir_parent.get(nid)
+        if known is None:
+            self._dir_parent[nid] = (parent_nid, name)
+        elif known != (parent_nid, name):
+            raise LoopError(f"directory nid {nid} reached as {name!r} in nid {parent_nid} "
+                            f"but already linked as {known[1]!r} in nid {known[0]}")
+
+    def _remember(self, attr: pyfuse3.EntryAttributes) -> None:
+        ino = attr.st_ino
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        self._attrs[ino] = attr
+
+    # ------------------------------------------------------------------ lifecycle
+    def init(self) -> None:
+        try:
+            log.info("FUSE session initialised (root nid %d, block size %d)", self.root_nid,
+                     self.image.block_size)
+        except Exception:  # pragma: no cover - init must never raise
+            pass
+
+    async def forget(self, inode_list) -> None:
+        try:
+            for ino, n in inode_list:
+                left = self._lookups.get(ino, 0) - n
+                if left > 0:
+                    self._lookups[ino] = left
+                else:
+                    self._lookups.pop(ino, None)
+                    if ino != ROOT_INODE:
+                        self._attrs.pop(ino, None)
+        except Exception:  # pragma: no cover - forget must never raise
+            log.exception("forget failed")
+
+    # ------------------------------------------------------------------ names and attributes
+    def _lookup_sync(self, parent_nid: int, name: bytes) -> tuple[int, pyfuse3.EntryAttributes]:
+        nid = self.image.lookup(parent_nid, name)
+        return nid, self._make_attr(nid)
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent_nid = self.nid_of(parent_inode)
+        if name in _DOTS:  # the kernel resolves these itself; only NFS export would ask
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        nid, attr = await self._run(self._lookup_sync, parent_nid, name)
+        if stat.S_ISDIR(attr.st_mode):
+            self._check_dir_alias(parent_nid, name, nid)
+        self._remember(attr)
+        return attr
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        attr = self._attrs.get(inode)
+        if attr is None:
+            attr = await self._run(self._make_attr, self.nid_of(inode))
+            if inode == ROOT_INODE:
+                self._attrs[inode] = attr
+        return attr
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        return await self._run(self.image.readlink, self.nid_of(inode))
+
+    @fuse_errors
+    async def access(self, inode, mode, ctx):
+        # Only called without default_permissions: the classic owner/group/other check
+        # (root passes, except execute which needs one x bit, as generic_permission).
+        attr = await self.getattr(inode, ctx)
+        perm = attr.st_mode
+        if ctx.uid == 0:
+            if mode & os.X_OK and not stat.S_ISDIR(perm) and not perm & 0o111:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return True
+        if ctx.uid == attr.st_uid:
+            bits = (perm >> 6) & 7
+        elif ctx.gid == attr.st_gid or attr.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (perm >> 3) & 7
+        else:
+            bits = perm & 7
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if (mode & 7) & ~bits:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return True
+
+    # ------------------------------------------------------------------ files
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        attr = await self.getattr(inode, ctx)
+        if stat.S_ISDIR(attr.st_mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return await self._run(self.image.read, self.nid_of(fh), off, size)
+
+    @fuse_errors
+    async def release(self, fh):
+        return None
+
+    @fuse_errors
+    async def flush(self, fh):
+        return None
+
+    # refuse every modifying operation with EROFS (the mount is "ro" too, so the VFS
+    # normally answers these before they reach us)
+    async def _erofs(self, *args):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    write = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _erofs
+    setxattr = removexattr = fsync = fsyncdir = _erofs
+
+    # ------------------------------------------------------------------ directories
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        attr = await self.getattr(inode, ctx)
+        if not stat.S_ISDIR(attr.st_mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    def _dir_batch(self, dir_nid: int, pos: int) -> list:
+        """Up to READDIR_BATCH entries from byte position ``pos``: (name, nid, attr|None, err, next_pos)."""
+        out = []
+        for ent in self.image.iterdir(dir_nid, pos):
+            if ent.name in _DOTS:
+                out.append((ent.name, ent.nid, None, 0, ent.file_type, ent.next_pos))
+            else:
+                try:
+                    attr, err = self._make_attr(ent.nid), 0
+                except ErofsMountError as exc:
+                    # the kernel's readdir never reads child inodes; the error belongs to lstat
+                    attr, err = None, exc.errno
+                out.append((ent.name, ent.nid, attr, err, ent.file_type, ent.next_pos))
+            if len(out) >= READDIR_BATCH:
+                break
+        return out
+
+    def _unusable_entry(self, nid: int, file_type: int,
+                        attr: pyfuse3.EntryAttributes | None = None) -> pyfuse3.EntryAttributes:
+        # An entry whose inode cannot be read, or a second name of a directory: listed (the
+        # kernel's readdir never reads child inodes), but with zero timeouts so the next lstat
+        # asks lookup() again, which reports the kernel's errno (EUCLEAN, EIO, ELOOP, ...).
+        a = pyfuse3.EntryAttributes()
+        if attr is not None:
+            a.__setstate__(attr.__getstate__())
+        else:
+            a.st_ino = self.ino_of(nid)
+            a.st_mode = _FT_MODE.get(file_type, stat.S_IFREG)
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        dir_nid = self.nid_of(fh)
+        pos = start_id
+        while True:
+            batch = await self._run(self._dir_batch, dir_nid, pos)
+            if not batch:
+                return
+            for name, nid, attr, err, ftype, next_pos in batch:
+                if attr is None and not err:  # "." or "..": no lookup count, the kernel ignores attrs
+                    dot = pyfuse3.EntryAttributes()
+                    dot.st_ino = self.ino_of(nid)
+                    dot.st_mode = stat.S_IFDIR
+                    if not pyfuse3.readdir_reply(token, name, dot, next_pos):
+                        return
+                    pos = next_pos
+                    continue
+                counted = attr is not None
+                if counted and stat.S_ISDIR(attr.st_mode):
+                    known = self._dir_parent.get(nid)
+                    if known is None:
+                        self._dir_parent[nid] = (dir_nid, name)
+                    elif known != (dir_nid, name):
+                        counted = False
+                        attr = self._unusable_entry(nid, ftype, attr)
+                if attr is None:
+                    attr = self._unusable_entry(nid, ftype)
+                if not pyfuse3.readdir_reply(token, name, attr, next_pos):
+                    return
+                if counted:
+                    self._remember(attr)
+                else:
+                    self._lookups[attr.st_ino] = self._lookups.get(attr.st_ino, 0) + 1
+                pos = next_pos
+
+    @fuse_errors
+    async def releasedir(self, fh):
+        return None
+
+    # ------------------------------------------------------------------ xattrs and statfs
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self._run(self.image.getxattr, self.nid_of(inode), name)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        names = await self._run(self.image.listxattr, self.nid_of(inode))
+        if ctx is not None and ctx.uid != 0:
+            # erofs lists trusted.* only to CAP_SYS_ADMIN (fs/erofs/xattr.c, erofs_xattr_trusted_list);
+            # uid 0 stands in for the capability here
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        info = self.image.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = info["f_bsize"]
+        s.f_frsize = info.get("f_frsize", info["f_bsize"])
+        s.f_blocks = info["f_blocks"]
+        s.f_bfree = info.get("f_bfree", 0)
+        s.f_bavail = info.get("f_bavail", 0)
+        s.f_files = info["f_files"]
+        s.f_ffree = info["f_ffree"]
+        s.f_favail = info["f_ffree"]
+        s.f_namemax = info["f_namemax"]
+        return s
