@@ -1,0 +1,267 @@
+"""OciBlobSource: one registry blob, pinned by digest, read lazily in aligned chunks.
+
+Reads are split into ``chunk_size`` chunks kept in a byte-bounded LRU.  A chunk
+being fetched is registered in ``_inflight`` before the first await, so
+concurrent readers of it wait for the same GET (coalescing).  Consecutive
+missing chunks are fetched by one Range GET of at most ``max_request`` bytes.
+A sequential reader grows a read-ahead window (``cache.ReadAhead``); the
+chunks past its read are fetched by background tasks, at most ``connections``
+at a time, while demand reads go straight out.  Background tasks are trio
+system tasks owned by the source (no nursery is needed from the caller); they
+are cancelled by ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import trio
+
+from ...errors import NotErofsError, SourceError
+from ..cache import ChunkCache, ReadAhead, assemble, chunk_extent, chunk_range, clamp, runs
+from .client import RegistryClient
+from .manifest import (
+    EROFS_SUPER_OFFSET, Index, Manifest, check_erofs_magic, check_layer_media_type, host_platform,
+    parse_manifest, parse_platform, select_layer, select_platform,
+)
+from .options import OciOptions
+from .reference import Reference, parse_reference
+
+log = logging.getLogger("erofs_mount.sources.oci")
+
+
+class _Fetch:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class OciBlobSource:
+    def __init__(self, client: RegistryClient, *, digest: str, size: int, media_type: str,
+                 ref: Reference, platform: str, layer_index: int, manifest_digest: str,
+                 options: OciOptions) -> None:
+        self.client = client
+        self.digest = digest
+        self.size = size
+        self.media_type = media_type
+        self.ref = ref
+        self.platform = platform
+        self.layer_index = layer_index
+        self.manifest_digest = manifest_digest
+        self.options = options
+        self.chunk_size = options.chunk_size
+        self._nchunks = (size + self.chunk_size - 1) // self.chunk_size
+        self._max_run = max(1, options.max_request // self.chunk_size)
+        self.cache = ChunkCache(options.cache_limit)
+        self.readahead = ReadAhead(self.chunk_size, options.readahead)
+        self._inflight: dict[int, _Fetch] = {}
+        self._bg_limiter = trio.CapacityLimiter(options.connections)
+        self._bg_scopes: set[trio.CancelScope] = set()
+        self._closed = False
+        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "prefetch_failures": 0}
+
+    # -- public -------------------------------------------------------------------------
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if self._closed:
+            raise SourceError(f"{self.ref}: source is closed")
+        offset, length = clamp(offset, length, self.size)
+        if length == 0:
+            return b""
+        self._n["reads"] += 1
+        cs = self.chunk_size
+        idx = chunk_range(offset, length, cs)
+        have: dict[int, bytes] = {}
+        for i in idx:
+            data = self.cache.get(i)
+            if data is not None:
+                have[i] = data
+        window = self.readahead.observe(offset, length)
+        if len(have) < len(idx):
+            have.update(await self._get(
+                [i for i in idx if i not in have],
+                prefetch=range(idx[-1] + 1, min(self._nchunks, idx[-1] + 1 + window)),
+            ))
+        elif window:
+            self._prefetch(range(idx[-1] + 1, min(self._nchunks, idx[-1] + 1 + window)))
+        return assemble(have, offset, length, cs)
+
+    def stats(self) -> dict:
+        c = self.client.counters
+        return {
+            "size": self.size, "digest": self.digest, "chunk_size": self.chunk_size,
+            "bytes_fetched": c["bytes_fetched"], "requests": c["requests"], "retries": c["retries"],
+            "failures": c["failures"], "token_requests": c["token_requests"], "redirects": c["redirects"],
+            "range_ignored": c["range_ignored"], "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+            "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions, **self._n,
+        }
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for scope in list(self._bg_scopes):
+            scope.cancel()
+        await self.client.aclose()
+
+    def __repr__(self) -> str:
+        return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
+
+    # -- fetching ---------------------------------------------------------------------------
+    async def _get(self, wanted: list[int], prefetch: range) -> dict[int, bytes]:
+        mine = [i for i in wanted if i not in self._inflight]
+        for i in mine:
+            self._inflight[i] = _Fetch()
+        fetches = {i: self._inflight[i] for i in wanted}
+        self._n["coalesced"] += len(wanted) - len(mine)
+        self._prefetch(prefetch)
+        if mine:
+            async with trio.open_nursery() as nursery:
+                for first, count in runs(mine, self._max_run):
+                    nursery.start_soon(self._fetch_run, first, count)
+        out: dict[int, bytes] = {}
+        for i in wanted:
+            f = fetches[i]
+            await f.event.wait()
+            if f.data is not None:
+                out[i] = f.data
+            elif i in mine:
+                raise _as_source_error(f.error, self)
+            else:  # someone else's fetch (e.g. a prefetch) failed: try once ourselves
+                out[i] = await self._fetch_one(i)
+        return out
+
+    async def _fetch_one(self, i: int) -> bytes:
+        f = self._inflight.get(i)
+        if f is None:
+            f = self._inflight[i] = _Fetch()
+            await self._fetch_run(i, 1)
+        else:
+            await f.event.wait()
+        if f.data is None:
+            raise _as_source_error(f.error, self)
+        return f.data
+
+    async def _fetch_run(self, first: int, count: int) -> None:
+        """Fetch chunks [first, first+count) (already registered in _inflight) in one GET.
+
+        Never raises an ordinary exception: the outcome goes to each chunk's _Fetch."""
+        cs = self.chunk_size
+        start, _ = chunk_extent(first, cs, self.size)
+        _, end = chunk_extent(first + count - 1, cs, self.size)
+        fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
+        try:
+            data = await self.client.fetch_range(self.digest, start, end)
+        except BaseException as exc:
+            for i, f in fetches:
+                f.error = exc
+                if self._inflight.get(i) is f:
+                    del self._inflight[i]
+                f.event.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for k, (i, f) in enumerate(fetches):
+            piece = data[k * cs:(k + 1) * cs]
+            self.cache.put(i, piece)
+            f.data = piece
+            if self._inflight.get(i) is f:
+                del self._inflight[i]
+            f.event.set()
+
+    def _prefetch(self, chunks: range) -> None:
+        todo = [i for i in chunks if i not in self._inflight and i not in self.cache]
+        if not todo or self._closed:
+            return
+        for i in todo:
+            self._inflight[i] = _Fetch()
+        self._n["prefetched_chunks"] += len(todo)
+        for first, count in runs(todo, self._max_run):
+            fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
+            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, name=f"prefetch {first}+{count}")
+
+    async def _background_run(self, first: int, count: int, fetches: list) -> None:
+        scope = trio.CancelScope()
+        self._bg_scopes.add(scope)
+        try:
+            with scope:
+                if self._closed:
+                    return
+                async with self._bg_limiter:
+                    await self._fetch_run(first, count)
+        except BaseException as exc:  # a system task must never raise; readers refetch on demand
+            log.debug("prefetch of chunks %d+%d ended: %r", first, count, exc)
+        finally:
+            self._bg_scopes.discard(scope)
+            for i, f in fetches:  # never leave a waiter hanging (e.g. cancelled in the limiter queue)
+                if not f.event.is_set():
+                    f.error = SourceError(f"{self.ref}: prefetch cancelled")
+                    if self._inflight.get(i) is f:
+                        del self._inflight[i]
+                    f.event.set()
+            if any(f.error is not None for _, f in fetches):
+                self._n["prefetch_failures"] += 1
+
+
+def _as_source_error(exc: BaseException | None, src: "OciBlobSource") -> SourceError:
+    if isinstance(exc, SourceError):
+        return exc
+    return SourceError(f"{src.ref}: reading blob {src.digest} failed: {exc!r}")
+
+
+async def open_oci_source(
+    ref: str | Reference,
+    *,
+    options: OciOptions | None = None,
+    layer: int | None = None,
+    blob: str | None = None,
+    platform: str | None = None,
+    env: dict | None = None,
+    check_magic: bool = True,
+) -> OciBlobSource:
+    """Resolve *ref* once, pin the blob digest and return a source reading it."""
+    options = options or OciOptions()
+    changes = {k: v for k, v in (("layer", layer), ("blob", blob), ("platform", platform)) if v is not None}
+    if changes:
+        if "layer" in changes:
+            changes.setdefault("blob", None)
+        elif "blob" in changes:
+            changes.setdefault("layer", None)
+        options = dataclasses.replace(options, **changes)
+        options.validate()
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    client = RegistryClient(ref, options, env=env)
+    try:
+        body, ctype, top_digest = await client.get_manifest(ref.reference)
+        doc = parse_manifest(body, ctype)
+        want = parse_platform(options.platform) if options.platform else host_platform()
+        plat = str(want)
+        manifest_digest = top_digest
+        if isinstance(doc, Index):
+            entry = select_platform(doc, want)
+            plat = str(entry.platform)
+            body, ctype, manifest_digest = await client.get_manifest(entry.digest)
+            doc = parse_manifest(body, ctype)
+            if not isinstance(doc, Manifest):
+                raise SourceError(f"{ref}: index entry {entry.digest} is not an image manifest")
+        index, desc = select_layer(doc, layer=options.layer, blob=options.blob)
+        check_layer_media_type(desc)
+        src = OciBlobSource(
+            client, digest=desc.digest, size=desc.size, media_type=desc.media_type,
+            ref=ref.with_digest(top_digest), platform=plat, layer_index=index,
+            manifest_digest=manifest_digest, options=options,
+        )
+        if check_magic:
+            what = f"{ref} layer {index} ({desc.digest})"
+            if desc.size < EROFS_SUPER_OFFSET + 4:
+                raise NotErofsError(f"{what}: {desc.size} bytes, too small to be an EROFS image")
+            check_erofs_magic(await src.read_at(0, EROFS_SUPER_OFFSET + 4), what)
+        return src
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        raise

@@ -1,0 +1,362 @@
+"""Registry HTTP client (async, httpx on trio): auth, manifests, blob ranges, retries.
+
+- ``RegistryAuth`` is an ``httpx.Auth`` whose ``async_auth_flow`` (the shape of
+  httpx ``_auth.py`` ``DigestAuth``) answers 401 challenges: Basic with the
+  credentials, Bearer by fetching a token from the challenge's realm (with the
+  credentials as Basic, or anonymously) for its service and scope.  Tokens are
+  cached per (realm, service, scope), used until their ``expires_in`` runs out
+  and refreshed on a 401.  It only ever decorates requests to the registry's
+  own origin, so nothing leaks to a redirect target.
+- every request is retried by ``RetryPolicy`` on 5xx/429/resets/truncation/
+  stalls, bounded in attempts and in time; then ``NetworkError`` (EIO).
+- blob redirects are followed (httpx drops Authorization across origins) and
+  the target is reused for later ranges until it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import time
+from collections import Counter
+from typing import Awaitable, Callable, TypeVar
+
+import httpx
+import trio
+
+from ... import __version__
+from ...errors import AuthError, NetworkError, RegistryError, UsageError
+from ..retry import RETRY_STATUS, RetryPolicy, parse_retry_after
+from .auth import Challenge, Credentials, Token, TokenCache, parse_token_response, parse_www_authenticate, pick_challenge, pull_scope
+from .credentials import find_credentials
+from .manifest import ACCEPT, verify_digest, sha256_digest
+from .options import OciOptions
+from .reference import Reference
+
+log = logging.getLogger("erofs_mount.sources.oci")
+T = TypeVar("T")
+_MIN_RATE = 1 << 20  # bytes/s a body must at least sustain before an attempt is called stalled
+_MANIFEST_MAX = 4 << 20
+
+
+class _Retry(Exception):
+    """One failed attempt worth retrying."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, *, immediate: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = 0.0 if immediate else retry_after
+
+
+def _origin(url: httpx.URL) -> tuple:
+    return (url.scheme, url.host, url.port)
+
+
+def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
+    """System CAs (not certifi) plus oci.cafile."""
+    ctx = ssl.create_default_context()
+    if cafile:
+        try:
+            ctx.load_verify_locations(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"oci.cafile={cafile}: {exc}") from None
+    return ctx
+
+
+class RegistryAuth(httpx.Auth):
+    def __init__(self, client: "RegistryClient") -> None:
+        self.client = client
+
+    async def async_auth_flow(self, request: httpx.Request):
+        c = self.client
+        if _origin(request.url) != _origin(c.base_url):
+            yield request  # a redirect target we reuse: never send our credentials there
+            return
+        sent = c.current_authorization()
+        if sent is not None:
+            request.headers["Authorization"] = sent
+        response = yield request
+        if response.status_code != 401:
+            return
+        challenge = pick_challenge(parse_www_authenticate(response.headers.get_list("www-authenticate")))
+        if challenge is None:
+            return
+        header = await c.answer_challenge(challenge, sent)
+        if header is None:
+            return
+        request.headers["Authorization"] = header
+        yield request
+
+    def sync_auth_flow(self, request):  # pragma: no cover - the client is async only
+        raise RuntimeError("RegistryAuth is async only")
+
+
+class RegistryClient:
+    """One registry repository, as seen by one source."""
+
+    def __init__(self, ref: Reference, options: OciOptions, *, env: dict | None = None) -> None:
+        if options.insecure and ref.is_docker_hub:
+            raise UsageError("oci.insecure (plain HTTP) is refused for Docker Hub")
+        self.ref = ref
+        self.options = options
+        self.env = env
+        scheme = "http" if options.insecure else "https"
+        self.base_url = httpx.URL(f"{scheme}://{ref.api_host}")
+        verify: ssl.SSLContext | bool = make_ssl_context(options.cafile) if scheme == "https" else True
+        t = options.timeout
+        self.http = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(connect=t, read=t, write=t, pool=max(t, options.retry_time)),
+            limits=httpx.Limits(max_connections=options.connections + 4, max_keepalive_connections=options.connections + 4),
+            headers={"User-Agent": f"erofs-mount/{__version__}"},
+            follow_redirects=False,
+        )
+        self.auth = RegistryAuth(self)
+        self.policy = RetryPolicy(retries=options.retries, total=options.retry_time)
+        self.counters: Counter = Counter()
+        self._creds: Credentials | None = None
+        self._creds_loaded = False
+        self._basic: str | None = None
+        self._bearer: tuple | None = None  # (key, Token) last used
+        self._challenge: Challenge | None = None
+        self._tokens = TokenCache()
+        self._token_lock = trio.Lock()
+        self._blob_urls: dict[str, httpx.URL] = {}
+
+    # -- auth -------------------------------------------------------------------------
+    async def credentials(self) -> Credentials | None:
+        if not self._creds_loaded:
+            self._creds = await find_credentials(self.ref, self.options, self.env)
+            self._creds_loaded = True
+        return self._creds
+
+    def _token_key(self, ch: Challenge) -> tuple:
+        scope = ch.params.get("scope") or pull_scope(self.ref.repository)
+        return (ch.realm, ch.params.get("service"), scope)
+
+    def current_authorization(self) -> str | None:
+        if self._basic:
+            return self._basic
+        if self._bearer is not None:
+            key, _ = self._bearer
+            tok = self._tokens.get(key, trio.current_time())
+            if tok is not None:
+                return f"Bearer {tok.value}"
+            self._bearer = None  # expired: the 401 will fetch a new one
+        return None
+
+    async def answer_challenge(self, ch: Challenge, sent: str | None) -> str | None:
+        """Authorization header to retry with, or None to let the 401 through."""
+        creds = await self.credentials()
+        if ch.scheme == "basic":
+            if creds is None or (sent is not None and sent == creds.basic_header()):
+                return None  # nothing (new) to offer
+            self._basic = creds.basic_header()
+            return self._basic
+        if ch.scheme != "bearer" or not ch.realm:
+            return None
+        key = self._token_key(ch)
+        async with self._token_lock:
+            now = trio.current_time()
+            tok = self._tokens.get(key, now)
+            if tok is not None and f"Bearer {tok.value}" == sent:
+                self._tokens.invalidate(key, tok)  # refused: expired or revoked
+                tok = None
+            if tok is None:
+                tok = await self._fetch_token(ch, key, creds)
+                self._tokens.put(key, tok)
+            self._bearer = (key, tok)
+        return f"Bearer {tok.value}"
+
+    async def _fetch_token(self, ch: Challenge, key: tuple, creds: Credentials | None) -> Token:
+        realm, service, scope = key
+        try:
+            url = httpx.URL(realm)
+        except (httpx.InvalidURL, TypeError):
+            raise RegistryError(f"registry {self.ref.registry}: bad token realm {realm!r}") from None
+        params = {"scope": scope}
+        if service:
+            params["service"] = service
+        if creds is not None and creds.identity_token:
+            params["offline_token"] = "true"
+        headers = {}
+        if creds is not None and not creds.identity_token:
+            headers["Authorization"] = creds.basic_header()
+
+        async def attempt() -> Token:
+            if creds is not None and creds.identity_token:  # OAuth2 refresh-token grant (token.md)
+                data = {"grant_type": "refresh_token", "refresh_token": creds.password, "service": service or "",
+                        "scope": scope, "client_id": "erofs-mount"}
+                resp = await self.http.post(url, data=data)
+            else:
+                resp = await self.http.get(url.copy_merge_params(params), headers=headers)
+            self.counters["token_requests"] += 1
+            if resp.status_code in (401, 403):
+                who = f"the credentials from {creds.origin}" if creds else "anonymous access"
+                raise AuthError(f"registry {self.ref.registry}: token service {url.host} refused {who} (HTTP {resp.status_code})")
+            self._raise_for_retry(resp)
+            if resp.status_code != 200:
+                raise RegistryError(f"registry {self.ref.registry}: token service answered HTTP {resp.status_code}")
+            return parse_token_response(resp.content, trio.current_time())
+
+        return await self._with_retries(f"token {url.host}", attempt)
+
+    def auth_failure(self, status: int) -> AuthError:
+        creds = self._creds
+        if status == 401 and creds is None:
+            return AuthError(f"registry {self.ref.registry} requires authentication and no credentials were found"
+                             " (-o oci.username/oci.password_file, EROFS_MOUNT_USERNAME, docker login)")
+        if status == 401:
+            return AuthError(f"registry {self.ref.registry} refused the credentials from {creds.origin} (HTTP 401)")
+        return AuthError(f"registry {self.ref.registry}: access to {self.ref.repository} denied (HTTP {status})")
+
+    # -- retries ------------------------------------------------------------------------
+    def _raise_for_retry(self, resp: httpx.Response) -> None:
+        if resp.status_code in RETRY_STATUS:
+            raise _Retry(f"HTTP {resp.status_code}", parse_retry_after(resp.headers.get("retry-after"), time.time()))
+
+    async def _with_retries(self, what: str, attempt: Callable[[], Awaitable[T]], *, size_hint: int = 0) -> T:
+        start = trio.current_time()
+        deadline = start + self.policy.total
+        n = 0
+        while True:
+            n += 1
+            limit = min(self.options.timeout * 2 + size_hint / _MIN_RATE, deadline - trio.current_time())
+            reason: str
+            retry_after: float | None = None
+            if limit <= 0:
+                reason = "out of time"
+            else:
+                try:
+                    with trio.fail_after(limit):
+                        return await attempt()
+                except _Retry as exc:
+                    reason, retry_after = exc.reason, exc.retry_after
+                except trio.TooSlowError:
+                    reason = f"no complete answer within {limit:.1f} s"
+                except httpx.TransportError as exc:
+                    cause = exc.__cause__ or exc.__context__
+                    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                        raise NetworkError(f"registry {self.ref.registry}: TLS certificate not trusted ({exc});"
+                                           " give the CA with -o oci.cafile=") from None
+                    reason = f"{type(exc).__name__}: {exc or 'connection error'}"
+            elapsed = trio.current_time() - start
+            delay = self.policy.delay(n, retry_after, elapsed)
+            if delay is None:
+                self.counters["failures"] += 1
+                msg = f"registry {self.ref.registry}: {what}: gave up after {n} attempt{'s' if n > 1 else ''} in {elapsed:.1f} s: {reason}"
+                log.error("%s", msg)
+                raise NetworkError(msg)
+            self.counters["retries"] += 1
+            log.warning("%s: %s; retry %d in %.2f s", what, reason, n, delay)
+            await trio.sleep(delay)
+
+    # -- requests ---------------------------------------------------------------------
+    def _check(self, resp: httpx.Response, what: str) -> None:
+        if resp.status_code in (401, 403):
+            raise self.auth_failure(resp.status_code)
+        self._raise_for_retry(resp)
+        if resp.status_code == 404:
+            raise RegistryError(f"registry {self.ref.registry}: {what} not found (HTTP 404)")
+
+    async def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(body, content type, digest) of manifest *reference* (tag or digest); digest checked."""
+        url = self.base_url.join(f"/v2/{self.ref.repository}/manifests/{reference}")
+        what = f"manifest {self.ref.repository}:{reference}" if ":" not in reference else f"manifest {reference}"
+
+        async def attempt() -> tuple[bytes, str, str]:
+            resp = await self.http.get(url, headers={"Accept": ACCEPT}, auth=self.auth, follow_redirects=True)
+            self.counters["requests"] += 1
+            self._check(resp, what)
+            if resp.status_code != 200:
+                raise RegistryError(f"registry {self.ref.registry}: {what}: unexpected HTTP {resp.status_code}")
+            body = resp.content
+            if len(body) > _MANIFEST_MAX:
+                raise RegistryError(f"{what}: larger than {_MANIFEST_MAX} bytes")
+            return body, resp.headers.get("content-type", ""), resp.headers.get("docker-content-digest", "")
+
+        body, ctype, header_digest = await self._with_retries(what, attempt)
+        if reference.startswith("sha"):
+            verify_digest(body, reference)
+            digest = reference
+        else:
+            digest = sha256_digest(body)
+            if header_digest.startswith("sha256:") and header_digest != digest:
+                raise RegistryError(f"{what}: Docker-Content-Digest {header_digest} does not match the body ({digest})")
+        return body, ctype, digest
+
+    async def fetch_range(self, digest: str, start: int, end: int) -> bytes:
+        """Exactly the bytes [start, end) of blob *digest* (the caller clamps to its size)."""
+        if not 0 <= start < end:
+            raise ValueError(f"bad range {start}-{end}")
+        registry_url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
+        need = end - start
+
+        async def attempt() -> bytes:
+            url = self._blob_urls.get(digest, registry_url)
+            cached = url is not registry_url
+            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+            try:
+                req = self.http.build_request("GET", url, headers=headers)
+                resp = await self.http.send(req, auth=self.auth, follow_redirects=True, stream=True)
+            except (httpx.TransportError, trio.TooSlowError):
+                if cached:
+                    self._blob_urls.pop(digest, None)
+                raise
+            self.counters["requests"] += 1
+            try:
+                if resp.history and not cached:
+                    self.counters["redirects"] += 1
+                    self._blob_urls[digest] = resp.url
+                if resp.status_code not in (200, 206):
+                    if cached:  # e.g. an expired pre-signed URL: go back to the registry
+                        self._blob_urls.pop(digest, None)
+                        raise _Retry(f"redirect target answered HTTP {resp.status_code}", immediate=True)
+                    self._check(resp, f"blob {digest}")
+                    raise RegistryError(f"registry {self.ref.registry}: blob {digest}: unexpected HTTP {resp.status_code}")
+                skip = 0
+                if resp.status_code == 206:
+                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("content-range", "").strip())
+                    if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
+                        raise _Retry(f"Content-Range {resp.headers.get('content-range')!r} for bytes={start}-{end - 1}")
+                else:  # the Range was ignored: skip to our bytes in the full body
+                    self.counters["range_ignored"] += 1
+                    skip = start
+                buf = bytearray()
+                async for piece in resp.aiter_raw():
+                    self.counters["bytes_fetched"] += len(piece)
+                    if skip:
+                        if len(piece) <= skip:
+                            skip -= len(piece)
+                            continue
+                        piece, skip = piece[skip:], 0
+                    buf += piece
+                    if len(buf) >= need:
+                        break
+                if len(buf) < need:
+                    if cached:
+                        self._blob_urls.pop(digest, None)
+                    raise _Retry(f"truncated body: {len(buf)} of {need} bytes")
+                return bytes(buf[:need]) if len(buf) > need else bytes(buf)
+            finally:
+                await resp.aclose()
+
+        return await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt, size_hint=need)
+
+    async def head_blob(self, digest: str) -> int:
+        """Size of blob *digest* by HEAD (Content-Length)."""
+        url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
+
+        async def attempt() -> int:
+            resp = await self.http.head(url, auth=self.auth, follow_redirects=True)
+            self.counters["requests"] += 1
+            self._check(resp, f"blob {digest}")
+            if resp.status_code != 200 or "content-length" not in resp.headers:
+                raise RegistryError(f"registry {self.ref.registry}: HEAD blob {digest}: HTTP {resp.status_code}")
+            return int(resp.headers["content-length"])
+
+        return await self._with_retries(f"HEAD blob {digest[:19]}", attempt)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

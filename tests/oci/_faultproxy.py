@@ -1,0 +1,168 @@
+"""A trio + h11 reverse proxy on real sockets that injects faults, for retry tests and benchmarks.
+
+Faults (``Fault.kind``), each applied to one matching request (``proxy.faults``
+is a queue) or to all of them (``proxy.always``):
+
+    status          answer ``status`` (with Retry-After if given) without asking upstream
+    close           close the connection before answering (FIN)
+    reset           reset the connection before answering (RST)
+    stall_headers   answer nothing for ``seconds``
+    drop_range      forward without the Range header (upstream answers 200 + the whole blob)
+    reset_mid_body  forward headers and ``fraction`` of the body, then RST
+    truncate        forward headers and ``fraction`` of the body, then FIN
+    stall_body      forward headers and ``fraction`` of the body, then nothing for ``seconds``
+    slow_body       forward the body in small pieces with pauses
+
+``delay`` adds latency to every request (benchmarks: 20 ms per round trip).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import h11
+import trio
+
+
+@dataclass
+class Fault:
+    kind: str
+    status: int = 503
+    retry_after: str | None = None
+    fraction: float = 0.5
+    seconds: float = 30.0
+
+
+def default_match(method: str, target: str) -> bool:
+    return method == "GET" and "/blobs/" in target
+
+
+class FaultProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, *, delay: float = 0.0,
+                 match: Callable[[str, str], bool] = default_match) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.delay = delay
+        self.match = match
+        self.faults: deque[Fault] = deque()
+        self.always: Fault | None = None
+        self.log: list[tuple[str, str, str | None]] = []
+        self.port = 0
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def requests(self, kind: str | None = "any") -> list:
+        return [e for e in self.log if kind == "any" or e[2] == kind]
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def _pick(self, method: str, target: str) -> Fault | None:
+        if not self.match(method, target):
+            return None
+        if self.faults:
+            return self.faults.popleft()
+        return self.always
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                req = await _next(conn, stream)
+                if not isinstance(req, h11.Request):
+                    return
+                while not isinstance(await _next(conn, stream), (h11.EndOfMessage, h11.ConnectionClosed)):
+                    pass  # request bodies are not used by the clients under test
+                method, target = req.method.decode(), req.target.decode()
+                fault = self._pick(method, target)
+                self.log.append((method, target, fault.kind if fault else None))
+                if self.delay:
+                    await trio.sleep(self.delay)
+                if not await self._respond(conn, stream, req, fault) or conn.our_state is not h11.DONE:
+                    return
+                if conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request,
+                       fault: Fault | None) -> bool:
+        kind = fault.kind if fault else None
+        if kind == "status":
+            headers = [("Content-Type", "text/plain"), ("Content-Length", "6")]
+            if fault.retry_after is not None:
+                headers.append(("Retry-After", fault.retry_after))
+            await stream.send_all(conn.send(h11.Response(status_code=fault.status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=b"fault\n")) + conn.send(h11.EndOfMessage()))
+            return True
+        if kind == "close":
+            return False
+        if kind == "reset":
+            _rst(stream)
+            return False
+        if kind == "stall_headers":
+            await trio.sleep(fault.seconds)
+            return False
+        headers = [(k, v) for k, v in req.headers if not (kind == "drop_range" and k.lower() == b"range")]
+        up = await trio.open_tcp_stream(*self.upstream)
+        try:
+            uconn = h11.Connection(h11.CLIENT)
+            await up.send_all(uconn.send(h11.Request(method=req.method, target=req.target, headers=headers))
+                              + uconn.send(h11.EndOfMessage()))
+            resp = await _next(uconn, up)
+            if not isinstance(resp, h11.Response):
+                return False
+            length = int(dict(resp.headers).get(b"content-length", b"0") or 0)
+            await stream.send_all(conn.send(h11.Response(status_code=resp.status_code, headers=resp.headers,
+                                                          reason=resp.reason)))
+            cut = int(length * fault.fraction) if kind in ("reset_mid_body", "truncate", "stall_body") else None
+            sent = 0
+            while True:
+                ev = await _next(uconn, up)
+                if isinstance(ev, h11.Data):
+                    data = bytes(ev.data)
+                    if cut is not None and sent + len(data) >= cut:
+                        await stream.send_all(conn.send(h11.Data(data=data[:cut - sent])))
+                        if kind == "reset_mid_body":
+                            _rst(stream)
+                        elif kind == "stall_body":
+                            await trio.sleep(fault.seconds)
+                        return False
+                    if kind == "slow_body":
+                        for i in range(0, len(data), 16384):
+                            await stream.send_all(conn.send(h11.Data(data=data[i:i + 16384])))
+                            await trio.sleep(0.01)
+                    else:
+                        await stream.send_all(conn.send(h11.Data(data=data)))
+                    sent += len(data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    await stream.send_all(conn.send(h11.EndOfMessage()))
+                    return True
+                else:
+                    return False
+        finally:
+            await trio.aclose_forcefully(up)
+
+
+async def _next(conn: h11.Connection, stream: trio.SocketStream):
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        data = await stream.receive_some(65536)
+        conn.receive_data(data)  # b"" = EOF
+
+
+def _rst(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
