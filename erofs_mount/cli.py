@@ -84,26 +84,26 @@ def run_tool(name: str, argv: list[str]) -> int:
     ns = tool_parser(name).parse_args(argv)
     _set_debug(ns.debug)
     opts = parse_options(ns.options, devices=tuple(ns.device))
-    what = ns.image
     img = open_image(ns.image, opts)
     from . import tools
 
-    out = sys.stdout
-    if name == "inspect":
-        for line in tools.inspect_lines(img):
-            print(line, file=out)
+    lines = {
+        "inspect": lambda: tools.inspect_lines(img),
+        "ls": lambda: tools.ls_lines(img, ns.path, ns.long),
+        "stat": lambda: tools.stat_lines(img, ns.path),
+        "getfattr": lambda: tools.getfattr_lines(img, ns.path),
+    }.get(name)
+    if lines is not None:
+        out = getattr(sys.stdout, "buffer", None)
+        for line in lines():
+            if out is not None:
+                out.write((line + "\n").encode("utf-8", "surrogateescape"))
+            else:
+                print(line)
+        if out is not None:
+            out.flush()
         return 0
-    what = f"{ns.image}: {getattr(ns, 'path', '')}".rstrip(": ")
-    if name == "ls":
-        for line in tools.ls_lines(img, ns.path, ns.long):
-            print(line, file=out)
-    elif name == "stat":
-        for line in tools.stat_lines(img, ns.path):
-            print(line, file=out)
-    elif name == "getfattr":
-        for line in tools.getfattr_lines(img, ns.path):
-            print(line, file=out)
-    elif name == "cat":
+    if name == "cat":
         _cat(img, ns.path)
     elif name == "extract":
         return _extract(img, ns)
@@ -138,9 +138,9 @@ def _extract(img, ns) -> int:
     if progress:
         progress.done()
     for path, message in report.errors:
-        print(f"{PROG}: extract: {path}: {message}", file=sys.stderr)
+        eprint(f"{PROG}: extract: {path}: {message}")
     for message in report.warnings:
-        print(f"{PROG}: warning: {message}", file=sys.stderr)
+        eprint(f"{PROG}: warning: {message}")
     return 1 if report.errors else 0
 
 
@@ -220,8 +220,20 @@ def _fail(subject: str, exc: BaseException, status: int, unexpected: bool = Fals
     if unexpected:
         text = f"internal error: {type(exc).__name__}: {text} (run with -d 9 for details)"
     prefix = f"{PROG}: {subject}: " if subject and subject not in text else f"{PROG}: "
-    print(prefix + text.splitlines()[0] if text else prefix.rstrip(": "), file=sys.stderr)
+    eprint(prefix + text.splitlines()[0] if text else prefix.rstrip(": "))
     return status
+
+
+def eprint(line: str) -> None:
+    """One line on stderr; names from an image may hold any bytes (kept as surrogate escapes)."""
+    data = (line + "\n").encode("utf-8", "surrogateescape")
+    buf = getattr(sys.stderr, "buffer", None)
+    if buf is not None:
+        sys.stderr.flush()
+        buf.write(data)
+        buf.flush()
+    else:
+        sys.stderr.write(data.decode("utf-8", "backslashreplace"))
 
 
 def _quiet_stdout() -> None:
