@@ -53,6 +53,17 @@ def _origin(url: httpx.URL) -> tuple:
     return (url.scheme, url.host, url.port)
 
 
+def _is_cert_error(exc: BaseException) -> bool:
+    """Is an ssl certificate verification failure anywhere in the exception chain?"""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
     """System CAs (not certifi) plus oci.cafile."""
     ctx = ssl.create_default_context()
@@ -236,8 +247,7 @@ class RegistryClient:
                 except trio.TooSlowError:
                     reason = f"no complete answer within {limit:.1f} s"
                 except httpx.TransportError as exc:
-                    cause = exc.__cause__ or exc.__context__
-                    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    if _is_cert_error(exc):
                         raise NetworkError(f"registry {self.ref.registry}: TLS certificate not trusted ({exc});"
                                            " give the CA with -o oci.cafile=") from None
                     reason = f"{type(exc).__name__}: {exc or 'connection error'}"
