@@ -80,10 +80,14 @@ class Extractor:
 
     # ------------------------------------------------------------------ walking
     def _fill_dir(self, dirfd: int, nid: int, path: str, rel: bytes) -> None:
+        entries = []
         try:
-            entries = []
+            dots: set[bytes] = set()
             for e in self.img.iterdir(nid):
                 if e.name in (b".", b".."):
+                    if e.name in dots:
+                        raise CorruptedError(f"directory nid {nid}: invalid file name {e.name!r} (a second one)")
+                    dots.add(e.name)
                     continue
                 entries.append(e)
         except ErofsMountError as exc:
