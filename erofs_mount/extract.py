@@ -86,7 +86,8 @@ class Extractor:
             for e in self.img.iterdir(nid):
                 if e.name in (b".", b".."):
                     if e.name in dots:
-                        raise CorruptedError(f"directory nid {nid}: invalid file name {e.name!r} (a second one)")
+                        self._error(path.rstrip("/") + "/" + e.name.decode(), CorruptedError(
+                            f"directory nid {nid}: invalid file name {e.name!r} (a second one)"))
                     dots.add(e.name)
                     continue
                 entries.append(e)
