@@ -149,10 +149,14 @@ class Extractor:
         os.unlink(name, dir_fd=dirfd)
 
     def _make_leaf(self, dirfd: int, name: bytes, nid: int, inode: Inode, path: str) -> None:
-        self._unlink_existing(dirfd, name)
         fmt = stat.S_IFMT(inode.mode)
         if fmt == stat.S_IFREG:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=dirfd)
+            except FileExistsError:  # extracting over an earlier extraction
+                self._unlink_existing(dirfd, name)
+                fd = os.open(name, flags, 0o600, dir_fd=dirfd)
             try:
                 self._copy(fd, nid, inode, path)
                 self._finish(fd, None, inode, path)
@@ -160,6 +164,7 @@ class Extractor:
                 os.close(fd)
             self.report.files += 1
             return
+        self._unlink_existing(dirfd, name)
         if fmt == stat.S_IFLNK:
             target = self.img.readlink(nid)
             os.symlink(target, name, dir_fd=dirfd)
