@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 REGISTRY_BIN = shutil.which("docker-registry")
+USERS = {"alice": "wonderland"}  # the htpasswd users of the Basic-auth registries
 START_TIMEOUT = 20.0
 
 
@@ -395,3 +396,9 @@ def env_with(**kw) -> dict:
     env["HOME"] = kw.pop("HOME", "/nonexistent")
     env.update({k: str(v) for k, v in kw.items()})
     return env
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path

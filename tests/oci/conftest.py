@@ -3,25 +3,18 @@ variants over the same storage.  Skipped with a reason when docker-registry is n
 
 from __future__ import annotations
 
-import json
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _servers import (  # noqa: E402
-    REGISTRY_BIN, sha256, BlobHost, Pusher, Registry, TokenIssuer, make_tls, start_registry, write_htpasswd,
+from tests import corpuslib
+from tests.oci._servers import (
+    REGISTRY_BIN, USERS, BlobHost, Pusher, Registry, TokenIssuer, make_tls, sha256, start_registry, write_htpasswd,
 )
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-if not CORPUS.is_dir():
-    CORPUS = Path("/work/shared/corpus")
 EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
-USERS = {"alice": "wonderland"}
 
 
 def pytest_collection_modifyitems(items):
@@ -44,7 +37,7 @@ class World:
     blobs: dict = field(default_factory=dict)  # name -> bytes
     digests: dict = field(default_factory=dict)  # name -> digest
     manifests: dict = field(default_factory=dict)  # repo:tag -> manifest digest
-    corpus: dict = field(default_factory=dict)  # image name -> local path
+    corpus: dict = field(default_factory=dict)  # image name -> corpuslib.CorpusImage (layer 0, devices 1..)
     pusher: Pusher | None = None
 
     def ref(self, repo: str, reg: Registry | None = None) -> str:
@@ -60,7 +53,7 @@ def world(tmp_path_factory) -> World:
     reg = start_registry(root / "anon", storage)
     w = World(root, storage, reg)
     p = w.pusher = Pusher(reg.url)
-    img = lambda n: (CORPUS / "images" / n).read_bytes()  # noqa: E731
+    img = lambda n: corpuslib.image(n.removesuffix(".erofs")).path.read_bytes()  # noqa: E731
     w.blobs = {
         "A": img("plain-inline-4k.erofs"), "B": img("lz4.erofs"), "Z": img("zstd.erofs"), "D": img("deflate.erofs"),
         "junk": random.Random(7).randbytes(300_000), "notmagic": random.Random(8).randbytes(8192),
@@ -89,10 +82,10 @@ def world(tmp_path_factory) -> World:
         d, n = p.image("team/dlist", f"{plat['architecture']}", [("application/vnd.erofs", B[blob])], docker=True)
         dentries.append((plat, d, n))
     w.manifests["team/dlist:v1"], _ = p.index("team/dlist", "v1", dentries, docker=True)
-    for path in sorted((CORPUS / "images").glob("*.erofs")):
-        name = path.stem
-        p.image(f"corpus/{name}", "v1", [("application/vnd.erofs", path.read_bytes())])
-        w.corpus[name] = path
+    for name in corpuslib.names():  # every image, extra devices as further layers
+        ci = corpuslib.image(name)
+        p.image(f"corpus/{name}", "v1", [("application/vnd.erofs", f.read_bytes()) for f in (ci.path, *ci.devices)])
+        w.corpus[name] = ci
     yield w
     p.close()
     reg.stop()
@@ -163,9 +156,3 @@ def redirect_registry(world):
     yield reg, host
     reg.stop()
     host.stop()
-
-
-def write_json(path: Path, doc: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
-    return path

@@ -10,8 +10,7 @@ from erofs_mount.errors import AuthError, NetworkError, UsageError
 from erofs_mount.sources.oci.blob import open_oci_source
 from erofs_mount.sources.oci.options import OciOptions
 
-from _servers import docker_auth, env_with, write_credential_helper
-from conftest import USERS, write_json
+from tests.oci._servers import USERS, docker_auth, env_with, write_credential_helper, write_json
 
 pytestmark = pytest.mark.trio
 KiB = 1024

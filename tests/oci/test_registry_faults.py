@@ -11,8 +11,8 @@ from erofs_mount.errors import NetworkError, SourceError
 from erofs_mount.sources.oci.blob import open_oci_source
 from erofs_mount.sources.oci.options import OciOptions
 
-from _faultproxy import Fault, FaultProxy
-from _servers import env_with
+from tests.oci._faultproxy import Fault, FaultProxy
+from tests.oci._servers import env_with
 
 pytestmark = pytest.mark.trio
 KiB = 1024

@@ -187,14 +187,13 @@ async def test_closed_source(world):
 
 async def test_every_corpus_image_byte_exact(world):
     """Each corpus image read through the registry equals the local file (the reader-level check is issue 7)."""
-    for name, path in world.corpus.items():
-        check = not name.startswith("corrupt-bad-magic")
-        if not check:
+    for name, ci in world.corpus.items():
+        if name == "corrupt-bad-magic":
             with pytest.raises(NotErofsError):
-                await open_oci_source(world.ref(f"corpus/{name}:v1"), options=INSECURE)
+                await open_oci_source(world.ref(f"corpus/{name}:v1"), options=INSECURE, layer=0)
             continue
-        src = await open_oci_source(world.ref(f"corpus/{name}:v1"), options=INSECURE)
+        src = await open_oci_source(world.ref(f"corpus/{name}:v1"), options=INSECURE, layer=0)
         try:
-            assert await read_all(src, 256 * KiB) == path.read_bytes(), name
+            assert await read_all(src, 256 * KiB) == ci.path.read_bytes(), name
         finally:
             await src.aclose()
