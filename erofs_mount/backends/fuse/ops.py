@@ -44,6 +44,7 @@ TIMEOUT = 86400.0          # the image never changes: cache names and attributes
 READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
 _DOTS = (b".", b"..")
 _INO_HIGH = (1 << 64) - 1    # nids 0 and 1 live at the top of the inode number space
+_NID_MASK = (1 << 63) - 1    # EROFS_DIRENT_NID_MASK: bit 63 flags a nid inside the metabox
 # EROFS_FT_* (erofs_fs.h) -> S_IFMT, for entries whose inode cannot be read
 _FT_MODE = {1: stat.S_IFREG, 2: stat.S_IFDIR, 3: stat.S_IFCHR, 4: stat.S_IFBLK, 5: stat.S_IFIFO,
             6: stat.S_IFSOCK, 7: stat.S_IFLNK}
@@ -95,6 +96,7 @@ class ErofsOperations(pyfuse3.Operations):
         self.config = config
         self.enable_acl = enable_acl
         self.root_nid = image.root_nid
+        self._metabox = bool(image.sb.has_metabox)
         self._limiter = trio.CapacityLimiter(max(1, config.threads))
         self._lookups: dict[int, int] = {}                  # ino -> kernel lookup count
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
@@ -105,15 +107,23 @@ class ErofsOperations(pyfuse3.Operations):
     def ino_of(self, nid: int) -> int:
         if nid == self.root_nid:
             return ROOT_INODE
+        if self._metabox:
+            # the kernel folds a metabox image's nids (flag in bit 63) into 64-bit inode numbers:
+            # bits 31-62 move up one and the metabox flag goes to bit 31 (fs/erofs/internal.h,
+            # erofs_nid_to_ino64); seen as st_ino on 6.18
+            x = nid & _NID_MASK
+            nid = ((x >> 31) << 32) | ((nid >> 63) << 31) | (x & 0x7FFFFFFF)
         return nid if nid >= 2 else _INO_HIGH - nid
 
     def nid_of(self, ino: int) -> int:
         if ino == ROOT_INODE:
             return self.root_nid
         if ino >= _INO_HIGH - 1:
-            return _INO_HIGH - ino
-        if ino < 2:
+            ino = _INO_HIGH - ino
+        elif ino < 2:
             raise pyfuse3.FUSEError(errno.ESTALE)
+        if self._metabox:
+            return (((ino >> 32) << 31) | (ino & 0x7FFFFFFF)) | (((ino >> 31) & 1) << 63)
         return ino
 
     async def _run(self, fn, *args):
