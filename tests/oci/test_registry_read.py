@@ -197,3 +197,17 @@ async def test_every_corpus_image_byte_exact(world):
             assert await read_all(src, 256 * KiB) == ci.path.read_bytes(), name
         finally:
             await src.aclose()
+
+
+async def test_inspect(world):
+    from erofs_mount.sources.oci.resolve import inspect_oci, inspection_lines
+
+    res = await inspect_oci(world.ref("team/multi:v1"), options=INSECURE, platform="linux/arm64")
+    lines = inspection_lines(res)
+    assert lines[0] == f"reference: {world.ref('team/multi:v1')}@{world.manifests['team/multi:v1']}"
+    assert "platforms: linux/amd64, linux/arm64/v8, linux/amd64" in lines
+    assert "platform: linux/arm64/v8" in lines
+    assert lines[-1] == f"layer 0: {world.digests['Z']} {len(world.blobs['Z'])} application/vnd.erofs erofs"
+    res = await inspect_oci(world.ref("team/app:v1"), options=INSECURE)
+    assert res.index is None and res.manifest_digest == res.top_digest == world.manifests["team/app:v1"]
+    assert [l.split()[-1] for l in inspection_lines(res) if l.startswith("layer")] == ["erofs", "-", "erofs"]

@@ -13,7 +13,6 @@ are cancelled by ``aclose()``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import trio
@@ -21,12 +20,10 @@ import trio
 from ...errors import NotErofsError, SourceError
 from ..cache import ChunkCache, ReadAhead, assemble, chunk_extent, chunk_range, clamp, runs
 from .client import RegistryClient
-from .manifest import (
-    EROFS_SUPER_OFFSET, Index, Manifest, check_erofs_magic, check_layer_media_type, host_platform,
-    parse_manifest, parse_platform, select_layer, select_platform,
-)
+from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_type, select_layer
 from .options import OciOptions
 from .reference import Reference, parse_reference
+from .resolve import options_with, resolve
 
 log = logging.getLogger("erofs_mount.sources.oci")
 
@@ -222,38 +219,23 @@ async def open_oci_source(
     env: dict | None = None,
     check_magic: bool = True,
 ) -> OciBlobSource:
-    """Resolve *ref* once, pin the blob digest and return a source reading it."""
-    options = options or OciOptions()
-    changes = {k: v for k, v in (("layer", layer), ("blob", blob), ("platform", platform)) if v is not None}
-    if changes:
-        if "layer" in changes:
-            changes.setdefault("blob", None)
-        elif "blob" in changes:
-            changes.setdefault("layer", None)
-        options = dataclasses.replace(options, **changes)
-        options.validate()
+    """Resolve *ref* once, pin the blob digest and return a source reading it.
+
+    *layer*/*blob*/*platform* override the same fields of *options*; *env*
+    replaces ``os.environ`` for credential look-ups; ``check_magic=False``
+    skips the superblock check (extra devices of a multi-device image)."""
+    options = options_with(options, layer=layer, blob=blob, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
     client = RegistryClient(ref, options, env=env)
     try:
-        body, ctype, top_digest = await client.get_manifest(ref.reference)
-        doc = parse_manifest(body, ctype)
-        want = parse_platform(options.platform) if options.platform else host_platform()
-        plat = str(want)
-        manifest_digest = top_digest
-        if isinstance(doc, Index):
-            entry = select_platform(doc, want)
-            plat = str(entry.platform)
-            body, ctype, manifest_digest = await client.get_manifest(entry.digest)
-            doc = parse_manifest(body, ctype)
-            if not isinstance(doc, Manifest):
-                raise SourceError(f"{ref}: index entry {entry.digest} is not an image manifest")
-        index, desc = select_layer(doc, layer=options.layer, blob=options.blob)
+        res = await resolve(client, ref, options)
+        index, desc = select_layer(res.manifest, layer=options.layer, blob=options.blob)
         check_layer_media_type(desc)
         src = OciBlobSource(
             client, digest=desc.digest, size=desc.size, media_type=desc.media_type,
-            ref=ref.with_digest(top_digest), platform=plat, layer_index=index,
-            manifest_digest=manifest_digest, options=options,
+            ref=res.ref, platform=res.platform, layer_index=index,
+            manifest_digest=res.manifest_digest, options=options,
         )
         if check_magic:
             what = f"{ref} layer {index} ({desc.digest})"
