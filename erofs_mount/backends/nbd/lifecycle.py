@@ -1,0 +1,206 @@
+"""NBD mode entry points for the CLI (synchronous; call them OUTSIDE ``trio.run``).
+
+    mount(source, mountpoint, opts) -> int       exits 0 only once the filesystem is mounted
+    unmount(mountpoint) -> int                   umount; the autoclear disconnect ends the daemon
+    reattach(device, opts) -> int                a new daemon for a device whose daemon died
+    disconnect(device) -> int                    force NBD_CMD_DISCONNECT and clean up
+    status() -> int                              one line per NBD device erofs-mount serves
+
+Failures raise ``ErofsMountError`` (one-line message, errno); nothing is left behind
+by a failed mount.  ``python -m erofs_mount.backends.nbd.lifecycle`` drives them
+until the CLI does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+import sys
+import time
+
+from ...daemon import log_path, run_detached
+from ...errors import ErofsMountError, NotFoundError, UsageError
+from . import ioctl, netlink, state, sysfs
+from .config import NbdOptions, nbd_options_from
+from .recovery import NBD_RUN_DIR, LocalRecord, OciNativeBlobRecord, record_path
+
+IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def choose_mode(opts: NbdOptions) -> str:
+    """"netlink" or "ioctl" (only when the family is absent or forced); else a one-line error."""
+    if opts.mode == "ioctl" or os.environ.get(IOCTL_ENV) == "1":
+        return "ioctl"
+    if netlink.family_available():
+        return "netlink"
+    if opts.mode == "netlink":
+        raise ErofsMountError(netlink.MISSING_DRIVER, errno=_errno.ENODEV)
+    if sysfs.module_loaded() and sysfs.indexes():
+        print("erofs-mount: nbd netlink family absent: ioctl mode, reattach unavailable in ioctl mode",
+              file=sys.stderr)
+        return "ioctl"
+    raise ErofsMountError(netlink.MISSING_DRIVER, errno=_errno.ENODEV)
+
+
+def _local_record(source: str) -> LocalRecord:
+    if not os.path.exists(source):
+        raise NotFoundError(f"{source}: no such file")
+    return LocalRecord(os.path.realpath(source))
+
+
+def mount(source: str, mountpoint: str, opts: NbdOptions | None = None) -> int:
+    opts = opts or NbdOptions()
+    if not os.path.isdir(mountpoint):
+        raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+    record = _local_record(source)
+    mode = choose_mode(opts)
+    mountpoint = os.path.realpath(mountpoint)
+
+    def worker(ready):
+        import trio
+
+        from .worker import mount_main
+
+        return trio.run(mount_main, record, mountpoint, opts, mode, ready)
+
+    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+
+
+def reattach(device: str, opts: NbdOptions | None = None) -> int:
+    opts = opts or NbdOptions()
+    index = sysfs.index_of(device)
+    if sysfs.size_bytes(index) == 0:
+        raise ErofsMountError(f"{device} is not connected: nothing to reattach", errno=_errno.ENOTCONN)
+    ident = sysfs.backend(index) or record_path(index, opts.run_dir)
+    record = state.read_record(ident)  # missing/malformed: a clear error, nothing touched
+    if dict(record.options).get("mode") == "ioctl":
+        raise ErofsMountError(f"{device} was attached in ioctl mode: reattach unavailable in ioctl mode",
+                              errno=_errno.EOPNOTSUPP)
+    if isinstance(record, LocalRecord) and not os.path.exists(record.path):
+        raise NotFoundError(f"{device}: the source {record.path} named by {ident} is gone")
+    if state.daemon_alive(state.pid_path(ident)):
+        pid = state.read_pid(state.pid_path(ident))
+        raise ErofsMountError(f"{device} is still served by a live erofs-mount daemon (pid {pid})",
+                              errno=_errno.EBUSY)
+    if not netlink.family_available():
+        raise ErofsMountError(netlink.MISSING_DRIVER + " (reattach needs netlink)", errno=_errno.ENODEV)
+
+    def worker(ready):
+        import trio
+
+        from .worker import reattach_main
+
+        return trio.run(reattach_main, index, ident, record, opts, ready)
+
+    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def disconnect(device: str, run_dir: str | None = None, timeout: float = 10.0) -> int:
+    index = sysfs.index_of(device)
+    ident = sysfs.backend(index) or record_path(index, run_dir or NBD_RUN_DIR)
+    if netlink.family_available():
+        netlink.disconnect(index)
+    else:
+        ioctl.disconnect(index)
+    pidfile = state.pid_path(ident)
+    if not _wait(lambda: not state.daemon_alive(pidfile), timeout):
+        raise ErofsMountError(f"{device}: disconnected, but its daemon pid {state.read_pid(pidfile)} is still running",
+                              errno=_errno.EBUSY)
+    state.remove_quietly(ident, pidfile)
+    return 0
+
+
+def unmount(mountpoint: str, timeout: float = 10.0) -> int:
+    """umount; then wait (bounded) for the autoclear disconnect to end the daemon; in ioctl
+    mode (no autoclear) disconnect explicitly."""
+    m = sysfs.mount_at(mountpoint)
+    if m is None or not m.source.startswith("/dev/nbd"):
+        raise UsageError(f"{mountpoint} is not an erofs-mount NBD mount")
+    index = sysfs.index_of(m.source)
+    ident = sysfs.backend(index) or record_path(index)
+    if _libc.umount2(os.path.realpath(mountpoint).encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise ErofsMountError(f"umount {mountpoint}: {os.strerror(err)}", errno=err)
+    if sysfs.mountpoints_of(index):
+        return 0  # mounted elsewhere too: the device stays
+    pidfile = state.pid_path(ident)
+    if not _wait(lambda: sysfs.size_bytes(index) == 0 and not state.daemon_alive(pidfile), timeout / 2):
+        disconnect(m.source, timeout=timeout / 2)
+    state.remove_quietly(ident, pidfile)
+    return 0
+
+
+def status(out=None) -> int:
+    out = out or sys.stdout
+    any_ = False
+    for index in sysfs.indexes():
+        ident = sysfs.backend(index)
+        candidates = [ident] if ident else [record_path(index)]
+        path = next((p for p in candidates if p and os.path.exists(p)), None)
+        if path is None or sysfs.size_bytes(index) == 0:
+            continue
+        any_ = True
+        try:
+            rec = state.read_record(path)
+            src = rec.path if isinstance(rec, LocalRecord) else rec.ref
+            digest = rec.digest if isinstance(rec, OciNativeBlobRecord) else "-"
+        except ErofsMountError as exc:
+            src, digest = f"<{exc}>", "-"
+        pidfile = state.pid_path(path)
+        pid = state.read_pid(pidfile)
+        alive = "alive" if state.daemon_alive(pidfile) else "dead"
+        mps = ",".join(sysfs.mountpoints_of(index)) or "-"
+        print(f"nbd{index} source={src} digest={digest} pid={pid or '-'} daemon={alive} mount={mps}", file=out)
+    if not any_:
+        print("no NBD devices served by erofs-mount", file=out)
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m erofs_mount.backends.nbd.lifecycle")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, arg2 in (("mount", True), ("reattach", False)):
+        s = sub.add_parser(name)
+        s.add_argument("target")
+        if arg2:
+            s.add_argument("mountpoint")
+        s.add_argument("-o", dest="options", default="")
+    sub.add_parser("disconnect").add_argument("device")
+    sub.add_parser("umount").add_argument("mountpoint")
+    sub.add_parser("status")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd in ("mount", "reattach"):
+            opts = nbd_options_from(o for o in a.options.split(",") if o)
+            if a.cmd == "mount":
+                return mount(a.target, a.mountpoint, opts)
+            return reattach(a.target, opts)
+        if a.cmd == "disconnect":
+            return disconnect(a.device)
+        if a.cmd == "umount":
+            return unmount(a.mountpoint)
+        return status()
+    except ErofsMountError as exc:
+        print(f"erofs-mount: {exc}", file=sys.stderr)
+        return exc.exit_status
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
+
+
+__all__ = ["mount", "unmount", "reattach", "disconnect", "status", "choose_mode", "NbdOptions"]

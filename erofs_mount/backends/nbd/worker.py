@@ -1,0 +1,289 @@
+"""The NBD daemon's async body (runs inside ``trio.run`` in the detached process).
+
+``mount_main``: open the source, claim an index, write the record, CONNECT, serve,
+mount, set autoclear, report ready, serve until DISC/EOF, clean up.
+``reattach_main``: reopen the source from the record, RECONFIGURE with a new socket,
+report ready, serve.  On any failure before "ready" everything is undone: device
+disconnected, record removed, daemon gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ctypes.util
+import errno as _errno
+import logging
+import os
+import select
+import socket
+import struct
+
+import trio
+
+from ...daemon import Readiness
+from ...errors import ErofsMountError, NotErofsError
+from . import ioctl, netlink, state, sysfs
+from .config import NbdOptions
+from .localfile import open_source
+from .recovery import Record, record_path
+from .server import serve_nbd
+
+log = logging.getLogger("erofs_mount.nbd")
+
+EROFS_SUPER_OFFSET = 1024
+EROFS_SUPER_MAGIC_V1 = 0xE0F5E1E2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def export_geometry(sb: bytes, size: int, block_size: int | None) -> tuple[int, int]:
+    """(block size, export size) from the superblock: 4096 unless the image's is smaller;
+    the export is the source's real size rounded up to the block size."""
+    if len(sb) < EROFS_SUPER_OFFSET + 16:
+        raise NotErofsError(f"the source is too small for an EROFS image ({size} bytes)")
+    magic, _csum, _compat, blkszbits = struct.unpack_from("<IIIB", sb, EROFS_SUPER_OFFSET)
+    if magic != EROFS_SUPER_MAGIC_V1:
+        raise NotErofsError(f"not an EROFS image (magic {magic:#010x} at offset 1024)")
+    if not 9 <= blkszbits <= 16:
+        raise NotErofsError(f"EROFS superblock: bad blkszbits {blkszbits}")
+    bs = block_size or min(4096, 1 << blkszbits)
+    return bs, -(-size // bs) * bs
+
+
+def _mount_syscall(device: str, mountpoint: str, flags: int, data: str) -> None:
+    rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", ctypes.c_ulong(flags),
+                     data.encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise ErofsMountError(f"mount {device} on {mountpoint}: {os.strerror(err)} (see dmesg)", errno=err)
+
+
+def set_io_timeout(index: int, seconds: int) -> None:
+    if seconds <= 0:
+        return
+    try:
+        with open(f"/sys/block/nbd{index}/queue/io_timeout", "w") as f:
+            f.write(str(seconds * 1000))
+    except OSError as exc:
+        log.warning("nbd%d: cannot set io_timeout: %s", index, exc)
+
+
+def _candidates(opts: NbdOptions) -> list[int]:
+    if opts.index is not None:
+        return [opts.index]
+    free = sysfs.free_indexes()
+    nxt = max(sysfs.indexes(), default=-1) + 1
+    return (free + [nxt + i for i in range(4)])[:16]  # an index above nbds_max creates the device
+
+
+def _connect_netlink(opts: NbdOptions, record: Record, kernel_fd: int, size: int, bs: int) -> tuple[int, str]:
+    """Under the allocation lock: pick an index, write its record, CONNECT with it as identifier."""
+    with state.allocation_lock(opts.run_dir):
+        last: ErofsMountError | None = None
+        for idx in _candidates(opts):
+            ident = record_path(idx, opts.run_dir)
+            if state.daemon_alive(state.pid_path(ident)):
+                continue
+            state.write_record(ident, record)
+            try:
+                got = netlink.connect(kernel_fd, size_bytes=size, block_size=bs, identifier=ident, index=idx,
+                                      dead_conn_timeout=opts.dead_conn_timeout)
+            except ErofsMountError as exc:
+                state.remove_quietly(ident)
+                if exc.errno == _errno.EBUSY and opts.index is None:
+                    last = exc
+                    continue
+                raise
+            return got, ident
+        if opts.index is not None:
+            raise ErofsMountError(f"/dev/nbd{opts.index} is busy", errno=_errno.EBUSY)
+        raise last or ErofsMountError("no free nbd device", errno=_errno.EBUSY)
+
+
+def _connect_ioctl(opts: NbdOptions, record: Record, kernel_fd: int, size: int, bs: int) -> tuple[int, str, int]:
+    with state.allocation_lock(opts.run_dir):
+        for idx in _candidates(opts):
+            if not os.path.exists(sysfs.device_path(idx)) and not os.path.isdir(f"/sys/block/nbd{idx}"):
+                continue
+            ident = record_path(idx, opts.run_dir)
+            if sysfs.in_use(idx) or state.daemon_alive(state.pid_path(ident)):
+                continue
+            sysfs.ensure_device_node(idx)
+            nbd_fd = ioctl.open_device(idx)
+            try:
+                ioctl.configure(nbd_fd, kernel_fd, size_bytes=size, block_size=bs)
+            except ErofsMountError as exc:
+                os.close(nbd_fd)
+                if exc.errno == _errno.EBUSY and opts.index is None:
+                    continue
+                raise
+            state.write_record(ident, _with_option(record, "mode", "ioctl"))
+            return idx, ident, nbd_fd
+    raise ErofsMountError("no free nbd device", errno=_errno.EBUSY)
+
+
+def _with_option(record: Record, key: str, value: str) -> Record:
+    from dataclasses import replace
+
+    return replace(record, options=tuple(o for o in record.options if o[0] != key) + ((key, value),))
+
+
+async def _wait_for(predicate, what: str, timeout: float) -> None:
+    with trio.move_on_after(timeout) as scope:
+        while not predicate():
+            await trio.sleep(0.02)
+    if scope.cancelled_caught:
+        raise ErofsMountError(f"timed out waiting for {what}", errno=_errno.ETIMEDOUT)
+
+
+async def _finish(stats, index: int, ident: str, pidlock: state.PidLock) -> int:
+    """After the connection ended: drop the record only when the device is really gone."""
+    gone = stats.end == "disconnect" or sysfs.backend(index) != ident or sysfs.size_bytes(index) == 0
+    if stats.end != "disconnect" and not gone:
+        await trio.sleep(0.5)  # a DISCONNECT in progress clears sysfs a moment later
+        gone = sysfs.backend(index) != ident or sysfs.size_bytes(index) == 0
+    if gone:
+        state.remove_quietly(ident)
+        log.info("nbd%d: disconnected (%s); record %s removed", index, stats.end, ident)
+    else:
+        log.warning("nbd%d: connection lost (%s) but the device is still configured; record kept for --reattach",
+                    index, stats.end)
+    pidlock.release(remove=gone)
+    return 0
+
+
+async def mount_main(record: Record, mountpoint: str, opts: NbdOptions, mode: str, ready: Readiness) -> int:
+    source = await open_source(record)
+    srv_sock, kernel_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    index, ident, nbd_fd, connected = -1, "", -1, False
+    pidlock: state.PidLock | None = None
+    try:
+        head = await source.read_at(0, min(source.size, 4096))
+        bs, export_size = export_geometry(head, source.size, opts.block_size)
+        if mode == "netlink":
+            index, ident = await trio.to_thread.run_sync(
+                _connect_netlink, opts, record, kernel_sock.fileno(), export_size, bs)
+        else:
+            log.warning("nbd: the 'nbd' netlink family is not used: ioctl mode, reattach unavailable in ioctl mode")
+            index, ident, nbd_fd = await trio.to_thread.run_sync(
+                _connect_ioctl, opts, record, kernel_sock.fileno(), export_size, bs)
+        connected = True
+        kernel_sock.close()
+        pidlock = state.PidLock(state.pid_path(ident))
+        pidlock.acquire()
+        log.info("nbd%d: %s connected (%s mode, %d bytes, block size %d, identifier %s)",
+                 index, record, mode, export_size, bs, ident)
+        set_io_timeout(index, opts.io_timeout)
+        device = sysfs.ensure_device_node(index)
+        async with trio.open_nursery() as nursery:
+            if nbd_fd >= 0:
+                nursery.start_soon(trio.to_thread.run_sync, ioctl.do_it, nbd_fd)
+            stats = await nursery.start(functools.partial(
+                serve_nbd, trio.socket.from_stdlib_socket(srv_sock), source,
+                export_size=export_size, zero_copy=opts.zero_copy))
+            try:
+                await _wait_for(lambda: sysfs.size_bytes(index) > 0, f"/dev/nbd{index} to answer", opts.ready_timeout)
+                with trio.fail_after(opts.ready_timeout):
+                    await trio.to_thread.run_sync(_mount_syscall, device, mountpoint, opts.mount_flags,
+                                                  opts.mount_data, abandon_on_cancel=True)
+                if mode == "netlink":
+                    await trio.to_thread.run_sync(netlink.set_autoclear, index, ident)
+            except BaseException:
+                await trio.to_thread.run_sync(_disconnect_any, index, mode)
+                raise
+            log.info("nbd%d: mounted on %s", index, mountpoint)
+            ready.ok()
+        return await _finish(stats, index, ident, pidlock)
+    except BaseException as exc:
+        if connected and not ready.reported:
+            await trio.to_thread.run_sync(_disconnect_any, index, mode)
+        if ident and not ready.reported:
+            state.remove_quietly(ident)
+            if pidlock:
+                pidlock.release(remove=True)
+        _report(ready, exc)
+        raise
+    finally:
+        kernel_sock.close()
+        srv_sock.close()
+        if nbd_fd >= 0:
+            os.close(nbd_fd)
+        await source.aclose()
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The most telling leaf of an exception group (an ErofsMountError if there is one)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [first_error(e) for e in exc.exceptions]
+        return next((e for e in leaves if isinstance(e, ErofsMountError)), leaves[0])
+    return exc
+
+
+def _report(ready: Readiness, exc: BaseException) -> None:
+    leaf = first_error(exc)
+    if isinstance(leaf, ErofsMountError):
+        ready.fail(str(leaf), leaf.errno)
+    elif not isinstance(leaf, (KeyboardInterrupt, SystemExit, trio.Cancelled)):
+        ready.fail(f"daemon failed: {type(leaf).__name__}: {leaf}")
+
+
+def _disconnect_any(index: int, mode: str) -> None:
+    try:
+        if mode == "netlink":
+            netlink.disconnect(index)
+        else:
+            ioctl.disconnect(index)
+    except ErofsMountError as exc:
+        log.warning("nbd%d: disconnect: %s", index, exc)
+
+
+def _reconfigure_until_taken(index: int, ident: str, attempts: int = 40) -> socket.socket:
+    """RECONFIGURE with a new socket; the kernel silently drops it while it still believes the
+    old connection is alive (nbd_reconnect_socket finds no dead socket): we see EOF at once
+    and try again a moment later."""
+    for attempt in range(attempts):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            netlink.reconfigure(index, identifier=ident, sock_fd=theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        r, _, _ = select.select([ours], [], [], 0.2)
+        if not r or ours.recv(1, socket.MSG_PEEK):
+            return ours
+        ours.close()
+        log.info("nbd%d: the kernel dropped the new socket (old connection not dead yet), retry %d",
+                 index, attempt + 1)
+        select.select([], [], [], 0.25)
+    raise ErofsMountError(f"/dev/nbd{index}: the kernel kept refusing the new connection", errno=_errno.EBUSY)
+
+
+async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions, ready: Readiness) -> int:
+    source = await open_source(record)
+    pidlock = state.PidLock(state.pid_path(ident))
+    try:
+        pidlock.acquire()  # refuses while a live daemon serves the device
+        head = await source.read_at(0, min(source.size, 4096))
+        bs, export_size = export_geometry(head, source.size, opts.block_size)
+        have = sysfs.size_bytes(index)
+        if have and have != export_size:
+            raise ErofsMountError(f"/dev/nbd{index} has {have} bytes but the source now gives {export_size}",
+                                  errno=_errno.EINVAL)
+        sock = await trio.to_thread.run_sync(_reconfigure_until_taken, index, ident)
+        set_io_timeout(index, opts.io_timeout)
+        log.info("nbd%d: reattached to %s", index, record)
+        async with trio.open_nursery() as nursery:
+            stats = await nursery.start(functools.partial(
+                serve_nbd, trio.socket.from_stdlib_socket(sock), source,
+                export_size=export_size, zero_copy=opts.zero_copy))
+            ready.ok()
+        return await _finish(stats, index, ident, pidlock)
+    except BaseException as exc:
+        if not ready.reported:
+            pidlock.release(remove=False)
+            _report(ready, exc)
+        raise
+    finally:
+        await source.aclose()
