@@ -11,6 +11,7 @@ non-zero exit status; ``-d 9`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -20,7 +21,7 @@ from . import __version__
 from .errors import ErofsMountError, UsageError
 from .options import MountOptions, parse_options
 
-TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract")
+TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract", "oci-inspect")
 PROG = "erofs-mount"
 
 
@@ -40,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def tool_parser(name: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} {name}")
     _common(p)
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="REF" if name == "oci-inspect" else "IMAGE")
     if name == "ls":
         p.add_argument("-l", dest="long", action="store_true", help="long listing")
         p.add_argument("path", nargs="?", default="/")
@@ -70,20 +71,27 @@ def mount_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- sources
 def open_image(source: str, opts: MountOptions):
-    """An Image over a local file (OCI sources come through erofs_mount.sources)."""
+    """An Image over SOURCE: a local file or block device, or an OCI layer (with -o oci.layer/oci.blob)."""
     from .erofs.image import Image
-    from .sources.local import LocalSource
+    from .opener import open_devices, open_sync
 
-    primary = LocalSource.open(source)
-    devices = [LocalSource.open(d) for d in opts.devices]
+    primary = open_sync(source, opts)
+    devices = open_devices(opts)
     return Image(primary, size=primary.size, devices=devices)
 
 
 # ---------------------------------------------------------------------- tools
 def run_tool(name: str, argv: list[str]) -> int:
+    global _SUBJECT
     ns = tool_parser(name).parse_args(argv)
+    _SUBJECT = ns.image
     _set_debug(ns.debug)
     opts = parse_options(ns.options, devices=tuple(ns.device))
+    if name == "oci-inspect":
+        from .opener import inspect_oci_lines
+
+        _write_lines(inspect_oci_lines(ns.image, opts))
+        return 0
     img = open_image(ns.image, opts)
     from . import tools
 
@@ -94,20 +102,24 @@ def run_tool(name: str, argv: list[str]) -> int:
         "getfattr": lambda: tools.getfattr_lines(img, ns.path),
     }.get(name)
     if lines is not None:
-        out = getattr(sys.stdout, "buffer", None)
-        for line in lines():
-            if out is not None:
-                out.write((line + "\n").encode("utf-8", "surrogateescape"))
-            else:
-                print(line)
-        if out is not None:
-            out.flush()
+        _write_lines(lines())
         return 0
     if name == "cat":
         _cat(img, ns.path)
     elif name == "extract":
         return _extract(img, ns)
     return 0
+
+
+def _write_lines(lines) -> None:
+    out = getattr(sys.stdout, "buffer", None)
+    for line in lines:
+        if out is not None:
+            out.write((line + "\n").encode("utf-8", "surrogateescape"))
+        else:
+            print(line)
+    if out is not None:
+        out.flush()
 
 
 def _cat(img, path: str) -> None:
@@ -173,41 +185,43 @@ def _backend_call(action: str, arg, opts: MountOptions) -> int:
 
 # ---------------------------------------------------------------------- main
 _DEBUG = 0
+_SUBJECT = ""
 
 
 def _set_debug(level: int) -> None:
+    """-d N: 0 prints only the final one-line error; 1+ warnings, 5+ info, 7+ debug, 9 tracebacks."""
     global _DEBUG
     _DEBUG = level
+    root = logging.getLogger()
+    if level <= 0:
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.CRITICAL + 1)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if level >= 7 else logging.INFO if level >= 5 else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _SUBJECT
     argv = list(sys.argv[1:] if argv is None else argv)
-    subject = ""
+    _SUBJECT = ""
     try:
         if argv and argv[0] in TOOLS:
-            subject = _subject(argv[1:])
             return run_tool(argv[0], argv[1:])
         return run_mount(argv)
     except ErofsMountError as exc:
-        return _fail(subject, exc, exc.exit_status)
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        return _fail(subject, exc, 1)
+        return _fail(_SUBJECT, exc, exc.exit_status)
     except BrokenPipeError:
         _quiet_stdout()
         return 0
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        return _fail(subject, exc, 1)
+        return _fail(_SUBJECT, exc, 1)
     except Exception as exc:  # noqa: BLE001 - the last resort: still one line
-        return _fail(subject, exc, 70, unexpected=True)
-
-
-def _subject(args: list[str]) -> str:
-    for a in args:
-        if not a.startswith("-"):
-            return a
-    return ""
+        return _fail(_SUBJECT, exc, 70, unexpected=True)
 
 
 def _fail(subject: str, exc: BaseException, status: int, unexpected: bool = False) -> int:

@@ -31,7 +31,8 @@ NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.connections"}
 OCI_FLAGS = frozenset({"oci.insecure"})
 OCI_VALUED = frozenset({
     "oci.layer", "oci.blob", "oci.platform", "oci.username", "oci.password", "oci.password_file",
-    "oci.cafile", "oci.chunk_size", "oci.cache_dir", "oci.no_cache",
+    "oci.cafile", "oci.chunk_size", "oci.readahead", "oci.max_request", "oci.connections", "oci.retries",
+    "oci.retry_time", "oci.timeout",
 })
 CACHE_VALUED = frozenset({"cache_limit", "cache_size"})
 

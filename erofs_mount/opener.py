@@ -1,0 +1,131 @@
+"""Open a SOURCE for synchronous callers (the CLI tools): a local file, or an OCI layer.
+
+An OCI source is async (httpx on trio): it lives in a trio loop on a background
+thread, and the sync reader reaches it through ``trio.from_thread.run``.  A
+local source is read with plain ``pread`` in the calling thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import UsageError
+from .options import MountOptions
+
+
+def is_oci(opts: MountOptions) -> bool:
+    return opts.is_oci
+
+
+def oci_options(opts: MountOptions):
+    """MountOptions (``oci.*``, ``cache_limit``) -> sources.oci.options.OciOptions."""
+    from .sources.oci.options import OciOptions
+
+    raw: dict[str, str | None] = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
+    if "limit" in opts.cache:
+        raw["cache_limit"] = opts.cache["limit"]
+    return OciOptions.from_mount_options(raw)
+
+
+class TrioThread:
+    """A trio loop on a daemon thread, for sync code that needs async sources."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._token = None
+        self._stop = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="erofs-mount-trio", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        import trio
+
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the creator
+            self._error = exc
+            self._ready.set()
+
+    def call(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        import trio
+
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        import trio
+
+        if self._stop is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._thread.join(timeout=10)
+
+
+class SyncSource:
+    """``pread(offset, length)``, ``size`` and ``close()`` over any source."""
+
+    def __init__(self, source: Any, loop: TrioThread | None = None) -> None:
+        self.source = source
+        self.size = source.size
+        self._loop = loop
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if self._loop is None:
+            return self.source.pread(offset, length)
+        return self._loop.call(self.source.read_at, offset, length)
+
+    def close(self) -> None:
+        if self._loop is None:
+            self.source.close()
+            return
+        try:
+            self._loop.call(self.source.aclose)
+        finally:
+            self._loop.close()
+
+
+def open_sync(source: str, opts: MountOptions) -> SyncSource:
+    """The primary source named on the command line."""
+    if is_oci(opts):
+        from .sources.oci.blob import open_oci_source
+
+        options = oci_options(opts)
+        loop = TrioThread()
+        try:
+            src = loop.call(lambda: open_oci_source(source, options=options))
+        except BaseException:
+            loop.close()
+            raise
+        return SyncSource(src, loop)
+    if opts.oci:
+        raise UsageError("oci.* options need oci.layer=N or oci.blob=sha256:… to name the layer")
+    from .sources.local import LocalSource
+
+    return SyncSource(LocalSource.open(source))
+
+
+def open_devices(opts: MountOptions) -> list[SyncSource]:
+    from .sources.local import LocalSource
+
+    return [SyncSource(LocalSource.open(d)) for d in opts.devices]
+
+
+def inspect_oci_lines(ref: str, opts: MountOptions) -> list[str]:
+    """``erofs-mount oci-inspect``: resolve once and describe the image."""
+    import trio
+
+    from .sources.oci.resolve import inspect_oci, inspection_lines
+
+    options = oci_options(opts)
+    res = trio.run(lambda: inspect_oci(ref, options=options))
+    return inspection_lines(res)
