@@ -1,10 +1,134 @@
-"""Route mount actions to a backend: NBD (root + the kernel's nbd netlink family) or FUSE."""
+"""Route mount actions to a backend.
+
+``--mode auto`` (the default) picks NBD when running as root and the kernel's
+``nbd`` generic-netlink family answers, FUSE otherwise, and says which and why
+in one line on stderr.  ``-u MNT`` finds the backend from the mount table.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from .errors import UsageError
 from .options import MountOptions
 
 
+def choose_mode(opts: MountOptions) -> tuple[str, str]:
+    """(mode, reason) for ``--mode auto``."""
+    if opts.mode != "auto":
+        return opts.mode, f"--mode {opts.mode}"
+    if os.geteuid() != 0:
+        return "fuse", "not running as root"
+    try:
+        from .backends.nbd import netlink
+
+        present = netlink.family_available()
+    except Exception:  # noqa: BLE001 - any failure to ask means no NBD here
+        present = False
+    if not present:
+        return "fuse", "no nbd netlink family in this kernel; modprobe nbd for NBD mode"
+    return "nbd", "root and the kernel's nbd netlink family answers"
+
+
+def fuse_options(opts: MountOptions, foreground: bool):
+    from dataclasses import replace
+
+    from .backends.fuse.lifecycle import FuseOptions
+
+    f = opts.fuse
+    kw: dict = {
+        "allow_other": "allow_other" in f, "allow_root": "allow_root" in f,
+        "auto_unmount": "auto_unmount" in f, "foreground": foreground,
+    }
+    if "default_permissions" in f:
+        kw["default_permissions"] = True
+    for key in ("fsname", "subtype"):
+        if key in f:
+            kw[key] = f[key]
+    for key in ("uid", "gid", "max_read"):
+        if key in f:
+            kw[key] = int(f[key], 0)
+    flags = []
+    for flag in opts.flags:
+        if flag in ("nosuid", "nodev", "noexec", "noatime"):
+            kw[flag] = True
+        else:
+            flags.append(flag)
+    fo = FuseOptions(**kw)
+    return replace(fo, flags=tuple(flags)) if flags else fo
+
+
+def nbd_options(opts: MountOptions, foreground: bool):
+    from dataclasses import replace
+
+    from .backends.nbd.config import NbdOptions, apply_nbd_option, split_mount_options
+
+    no = NbdOptions(foreground=foreground)
+    for key, value in opts.nbd.items():
+        no = apply_nbd_option(no, key, value)
+    flags, data = split_mount_options([*opts.flags, *opts.kernel])
+    return replace(no, mount_flags=flags, mount_data=data)
+
+
+def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -> int:
+    mode, reason = choose_mode(opts)
+    if opts.mode == "auto":
+        print(f"erofs-mount: {mode.upper()} mode ({reason})", file=sys.stderr)
+    if mode == "fuse":
+        if opts.nbd:
+            raise UsageError(f"nbd.* options do not apply to FUSE mode ({', '.join('nbd.' + k for k in opts.nbd)})")
+        if opts.is_oci:
+            from .backends.fuse import lifecycle as fuse
+
+            if not hasattr(fuse, "mount_oci"):
+                raise UsageError("FUSE mounts from a registry are not available yet (use the tools: "
+                                 "erofs-mount ls/cat/extract -o oci.layer=N REF)")
+            return fuse.mount_oci(source, mountpoint, fuse_options(opts, foreground), opts)
+        from .backends.fuse.lifecycle import mount
+
+        return mount(source, mountpoint, fuse_options(opts, foreground), foreground=foreground,
+                     devices=opts.devices)
+    if opts.fuse:
+        raise UsageError(f"FUSE options do not apply to NBD mode ({', '.join(opts.fuse)})")
+    if opts.devices:
+        raise UsageError("multi-device images are not supported in NBD mode yet (use --mode fuse)")
+    if opts.is_oci:
+        raise UsageError("NBD mounts from a registry are not available yet (use --mode fuse or the tools)")
+    from .backends.nbd.lifecycle import mount
+
+    return mount(source, mountpoint, nbd_options(opts, foreground))
+
+
+def _unmount(mountpoint: str) -> int:
+    from .backends.fuse.mountinfo import find_mount
+
+    entry = find_mount(os.path.abspath(mountpoint))
+    if entry is None:
+        raise UsageError(f"{mountpoint}: not mounted")
+    if entry.fstype.startswith("fuse"):
+        from .backends.fuse.lifecycle import unmount
+
+        return unmount(mountpoint)
+    if entry.fstype == "erofs" and entry.source.startswith("/dev/nbd"):
+        from .backends.nbd.lifecycle import unmount
+
+        return unmount(mountpoint)
+    raise UsageError(f"{mountpoint}: not an erofs-mount mount ({entry.fstype} from {entry.source})")
+
+
 def run(action: str, arg, opts: MountOptions) -> int:
-    raise UsageError(f"'{action}' is not available yet: mounting lands with the FUSE and NBD backends")
+    if action == "mount":
+        source, mountpoint, foreground = arg
+        return _mount(source, mountpoint, foreground, opts)
+    if action == "unmount":
+        return _unmount(arg)
+    from .backends.nbd import lifecycle as nbd
+
+    if action == "reattach":
+        return nbd.reattach(arg, nbd_options(opts, False))
+    if action == "disconnect":
+        return nbd.disconnect(arg)
+    if action == "status":
+        return nbd.status()
+    raise UsageError(f"unknown action {action}")

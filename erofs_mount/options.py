@@ -20,14 +20,16 @@ FSTYPES = {"erofs": "auto", "erofs.nbd": "nbd", "erofs.fuse": "fuse"}
 # mount(2) flags that make sense for a read-only filesystem (passed on by both modes)
 MOUNT_FLAGS = frozenset({
     "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime", "nodiratime", "diratime",
-    "relatime", "norelatime", "strictatime", "lazytime", "nolazytime", "silent", "loud",
+    "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "silent", "loud",
+    "sync", "async", "dirsync", "nosymfollow", "defaults",
 })
 # kernel erofs mount options (NBD mode hands them to mount -t erofs)
 KERNEL_OPTIONS = frozenset({"user_xattr", "nouser_xattr", "acl", "noacl"})
 KERNEL_VALUED = frozenset({"cache_strategy", "fsid", "domain_id"})
 FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
 FUSE_VALUED = frozenset({"fsname", "subtype", "uid", "gid", "max_read"})
-NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.connections"})
+NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size"})
+NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NBD backend
 OCI_FLAGS = frozenset({"oci.insecure"})
 OCI_VALUED = frozenset({
     "oci.layer", "oci.blob", "oci.platform", "oci.username", "oci.password", "oci.password_file",
@@ -143,6 +145,8 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
                 fuse[key] = value
             elif key in NBD_VALUED and eq:
                 parse_uint(key, value)
+                nbd[key.removeprefix("nbd.")] = value
+            elif key in NBD_WORDS and eq:
                 nbd[key.removeprefix("nbd.")] = value
             elif key in OCI_FLAGS and not eq:
                 oci[key.removeprefix("oci.")] = ""

@@ -1,0 +1,43 @@
+"""Backend selection and option conversion (no mounting)."""
+
+import pytest
+
+from erofs_mount import dispatch
+from erofs_mount.errors import UsageError
+from erofs_mount.options import parse_options
+
+
+def test_auto_picks_fuse_for_non_root(monkeypatch):
+    monkeypatch.setattr(dispatch.os, "geteuid", lambda: 1000)
+    assert dispatch.choose_mode(parse_options([])) == ("fuse", "not running as root")
+
+
+def test_explicit_mode_wins():
+    assert dispatch.choose_mode(parse_options([], fstype="erofs.nbd"))[0] == "nbd"
+    assert dispatch.choose_mode(parse_options([], mode="fuse"))[0] == "fuse"
+
+
+def test_fuse_options_conversion():
+    fo = dispatch.fuse_options(parse_options(["allow_other,fsname=x,uid=5,nosuid,noatime,relatime"]), True)
+    assert fo.allow_other and fo.fsname == "x" and fo.uid == 5 and fo.nosuid and fo.noatime and fo.foreground
+    assert fo.flags == ("relatime",)
+
+
+def test_nbd_options_conversion():
+    from erofs_mount.backends.nbd.config import MS_NOSUID, MS_RDONLY
+
+    no = dispatch.nbd_options(parse_options(["nbd.index=2,nosuid,acl,nbd.mode=ioctl"]), False)
+    assert no.index == 2 and no.mode == "ioctl"
+    assert no.mount_flags & MS_NOSUID and no.mount_flags & MS_RDONLY and no.mount_data == "acl"
+
+
+def test_mode_specific_options_refused(tmp_path):
+    with pytest.raises(UsageError, match="nbd"):
+        dispatch.run("mount", ("x", str(tmp_path), False), parse_options(["nbd.index=1"], mode="fuse"))
+    with pytest.raises(UsageError, match="FUSE options"):
+        dispatch.run("mount", ("x", str(tmp_path), False), parse_options(["allow_other"], mode="nbd"))
+
+
+def test_unmount_of_something_else(tmp_path):
+    with pytest.raises(UsageError, match="not mounted"):
+        dispatch.run("unmount", str(tmp_path), parse_options([]))
