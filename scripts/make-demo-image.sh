@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tree=$(mktemp -d)
+chmod 755 "$tree"
 trap 'rm -rf "$tree"' EXIT
 mkdir -p "$tree/docs" "$tree/bin" "$tree/data"
 cat > "$tree/README.txt" <<'TXT'
@@ -10,7 +11,7 @@ Hello from inside an EROFS image!
 
 This tree was packed by mkfs.erofs (lz4hc, compact indexes) and is being read by
 erofs-mount's pure-Python EROFS reader. Everything you see — names, modes, owners,
-nanosecond mtimes, symlinks, hard links and xattrs — comes from the image.
+mtimes, symlinks, hard links and xattrs — comes from the image.
 TXT
 python3 - "$tree" <<'PY'
 import os, sys, random
