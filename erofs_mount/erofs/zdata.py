@@ -30,7 +30,7 @@ _MAX_NESTING = 4        # packed inode / metabox reads inside a read
 
 
 class ZReader:
-    def __init__(self, image, cache_bytes: int = DEFAULT_CACHE_BYTES, max_inodes: int = 4096) -> None:
+    def __init__(self, image, cache_bytes: int = DEFAULT_CACHE_BYTES, max_inodes: int = 1024) -> None:
         self.img = image
         sb = image.sb
         self.block_size = 1 << sb.blkszbits

@@ -149,7 +149,7 @@ class ZMap:
         win = pos >> 12
         data = self._windows.get(win)
         if data is None:
-            if len(self._windows) >= 64:
+            if len(self._windows) >= 8:     # bounded: 32 KiB of index bytes per inode
                 self._windows.clear()
             data = self._windows[win] = self._read_meta(win << 12, 4096)
         off = pos & 4095

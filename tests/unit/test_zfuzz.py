@@ -114,7 +114,7 @@ def targets(tmp_path_factory):
 
 
 EMBEDDED = {"all-fragments": "01", "lzma-fragdedupe": "03", "blk1k-ztailpacking": "04", "48bit-zstd-fragments": "05",
-            "48bit-deflate-dedupe": "06", "metabox-zdirs": "07", "legacy-no0padding": "10"}
+            "48bit-deflate-dedupe": "06", "metabox-zdirs": "07", "legacy-big-fragments-dedupe": "10"}
 
 
 def _exercise(buf: bytes, target: Target, rng: random.Random) -> None:

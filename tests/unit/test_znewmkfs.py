@@ -5,8 +5,8 @@ from two small generated trees and are stored here as an xz tar (base85): all-fr
 fragments + dedupe / fragdedupe, lzma with fragments, 1024- and 512-byte blocks with
 compression, interlaced uncompressed pclusters, 48-bit encoded extents (4-, 8- and 16-byte
 records), DEFLATE/ZSTD/MicroLZMA, a lzma metabox with compressed directories, legacy
-indexes with big pclusters (and without LZ4 0-padding, which 1.9.3's -Elegacy-compress
-implies).  Every file's size and sha256 were taken from the source trees.
+(full) indexes with big pclusters, fragments and dedupe.  Every file's size and sha256 were
+taken from the source trees.
 """
 
 from __future__ import annotations
