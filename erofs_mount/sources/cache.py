@@ -106,10 +106,13 @@ class ChunkCache:
 class ReadAhead:
     """Sequential-stream detector: the window doubles while reads keep going forward.
 
-    Several interleaved streams are tracked (up to *streams*), keyed by the byte
-    offset where each one is expected to continue; a read that starts anywhere
-    in [expected - slack, expected + slack] continues that stream (the kernel
-    and FUSE both issue slightly reordered, overlapping sequential reads).
+    Several interleaved streams are tracked (up to *streams*), each by the
+    (start, end) of its last read.  A read continues a stream when it starts
+    after that read's start, at most *slack* (one chunk) past its end, and ends
+    beyond it: the
+    kernel and FUSE issue slightly overlapping or reordered sequential reads,
+    while a read that goes backwards (re-reading a superblock, a directory
+    block) is random access and gets no read-ahead.
     """
 
     def __init__(self, chunk_size: int, max_window: int, *, streams: int = 8) -> None:
@@ -117,22 +120,19 @@ class ReadAhead:
         self.max_chunks = max(0, max_window // chunk_size)
         self.slack = chunk_size
         self.max_streams = streams
-        self._streams: OrderedDict[int, int] = OrderedDict()  # next offset → window (chunks)
+        self._streams: OrderedDict[tuple[int, int], int] = OrderedDict()  # (start, end) → window (chunks)
 
     def observe(self, offset: int, length: int) -> int:
         """Record a read; return how many chunks past its last chunk to prefetch."""
         end = offset + length
         window = 0
-        for expected in list(self._streams):
-            if expected - self.slack <= offset <= expected + self.slack:
-                window = self._streams.pop(expected)
-                window = min(self.max_chunks, max(1, window * 2))
+        for key in reversed(self._streams):
+            start, expected = key
+            if start < offset <= expected + self.slack and end > expected:
+                window = min(self.max_chunks, max(1, self._streams.pop(key) * 2))
                 break
-        else:
-            if offset == 0 and length > 0:  # reading from the very start: likely a scan
-                window = min(self.max_chunks, 1)
-        self._streams[end] = window
-        self._streams.move_to_end(end)
+        self._streams[(offset, end)] = window
+        self._streams.move_to_end((offset, end))
         while len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
         return window

@@ -51,6 +51,7 @@ class FaultProxy:
         self.always: Fault | None = None
         self.log: list[tuple[str, str, str | None]] = []
         self.port = 0
+        self._ups: dict[int, trio.SocketStream | None] = {}
 
     @property
     def host(self) -> str:
@@ -74,6 +75,7 @@ class FaultProxy:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        self._ups[id(stream)] = None  # one kept-alive upstream connection per client connection
         try:
             while True:
                 req = await _next(conn, stream)
@@ -94,7 +96,29 @@ class FaultProxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             pass
         finally:
+            up = self._ups.pop(id(stream), None)
+            if up is not None:
+                await trio.aclose_forcefully(up)
             await trio.aclose_forcefully(stream)
+
+    async def _upstream_response(self, key: int, request: bytes) -> tuple:
+        """(upstream stream, its h11 connection, Response) on a kept-alive connection, or a fresh one."""
+        for attempt in (0, 1):
+            up = self._ups.get(key)
+            if up is None:
+                up = await trio.open_tcp_stream(*self.upstream)
+                self._ups[key] = up
+            uconn = h11.Connection(h11.CLIENT)
+            try:
+                await up.send_all(request)
+                resp = await _next(uconn, up)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+                resp = None
+            if isinstance(resp, h11.Response):
+                return up, uconn, resp
+            self._ups[key] = None  # stale kept-alive connection: reconnect once
+            await trio.aclose_forcefully(up)
+        return None, None, None
 
     async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request,
                        fault: Fault | None) -> bool:
@@ -115,44 +139,67 @@ class FaultProxy:
             await trio.sleep(fault.seconds)
             return False
         headers = [(k, v) for k, v in req.headers if not (kind == "drop_range" and k.lower() == b"range")]
-        up = await trio.open_tcp_stream(*self.upstream)
+        proto = h11.Connection(h11.CLIENT)
+        request = proto.send(h11.Request(method=req.method, target=req.target, headers=headers)) + proto.send(
+            h11.EndOfMessage())
+        key = id(stream)
+        up, uconn, resp = await self._upstream_response(key, request)
+        if resp is None:
+            return False
+        clean = False
         try:
-            uconn = h11.Connection(h11.CLIENT)
-            await up.send_all(uconn.send(h11.Request(method=req.method, target=req.target, headers=headers))
-                              + uconn.send(h11.EndOfMessage()))
-            resp = await _next(uconn, up)
-            if not isinstance(resp, h11.Response):
-                return False
-            length = int(dict(resp.headers).get(b"content-length", b"0") or 0)
+            hdrs = dict(resp.headers)
+            length = int(hdrs.get(b"content-length", b"0") or 0)
             await stream.send_all(conn.send(h11.Response(status_code=resp.status_code, headers=resp.headers,
                                                           reason=resp.reason)))
             cut = int(length * fault.fraction) if kind in ("reset_mid_body", "truncate", "stall_body") else None
+            if req.method == b"HEAD" or b"transfer-encoding" in hdrs:
+                clean = await self._forward_events(conn, stream, uconn, up)
+                return clean
+            # Content-Length body: forward the raw bytes (no parsing: the proxy must stay cheap)
             sent = 0
-            while True:
-                ev = await _next(uconn, up)
-                if isinstance(ev, h11.Data):
-                    data = bytes(ev.data)
-                    if cut is not None and sent + len(data) >= cut:
-                        await stream.send_all(conn.send(h11.Data(data=data[:cut - sent])))
-                        if kind == "reset_mid_body":
-                            _rst(stream)
-                        elif kind == "stall_body":
-                            await trio.sleep(fault.seconds)
-                        return False
-                    if kind == "slow_body":
-                        for i in range(0, len(data), 16384):
-                            await stream.send_all(conn.send(h11.Data(data=data[i:i + 16384])))
-                            await trio.sleep(0.01)
-                    else:
-                        await stream.send_all(conn.send(h11.Data(data=data)))
-                    sent += len(data)
-                elif isinstance(ev, h11.EndOfMessage):
-                    await stream.send_all(conn.send(h11.EndOfMessage()))
-                    return True
-                else:
+            pending = bytes(uconn.trailing_data[0])
+            while sent < length:
+                data = pending or await up.receive_some(262144)
+                pending = b""
+                if not data:
                     return False
+                if len(data) > length - sent:
+                    return False  # more than announced: not reusable
+                if cut is not None and sent + len(data) >= cut:
+                    await stream.send_all(conn.send(h11.Data(data=data[:cut - sent])))
+                    if kind == "reset_mid_body":
+                        _rst(stream)
+                    elif kind == "stall_body":
+                        await trio.sleep(fault.seconds)
+                    return False
+                if kind == "slow_body":
+                    for i in range(0, len(data), 16384):
+                        await stream.send_all(conn.send(h11.Data(data=data[i:i + 16384])))
+                        await trio.sleep(0.01)
+                else:
+                    await stream.send_all(conn.send(h11.Data(data=data)))
+                sent += len(data)
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            clean = not any(k.lower() == b"connection" and v.lower() == b"close" for k, v in resp.headers)
+            return True
         finally:
-            await trio.aclose_forcefully(up)
+            if not clean:  # the upstream connection is mid-message or closing: never reuse it
+                self._ups[key] = None
+                await trio.aclose_forcefully(up)
+
+    @staticmethod
+    async def _forward_events(conn: h11.Connection, stream: trio.SocketStream, uconn: h11.Connection,
+                              up: trio.SocketStream) -> bool:
+        while True:
+            ev = await _next(uconn, up)
+            if isinstance(ev, h11.Data):
+                await stream.send_all(conn.send(h11.Data(data=bytes(ev.data))))
+            elif isinstance(ev, h11.EndOfMessage):
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                return True
+            else:
+                return False
 
 
 async def _next(conn: h11.Connection, stream: trio.SocketStream):
@@ -166,3 +213,27 @@ async def _next(conn: h11.Connection, stream: trio.SocketStream):
 
 def _rst(stream: trio.SocketStream) -> None:
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.oci._faultproxy UPSTREAM_PORT [DELAY]``: a fault-free proxy with added latency in its
+    own process (benchmarks: the proxy must not share the measured client's CPU); prints its port."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    proxy = FaultProxy("127.0.0.1", int(args[0]), delay=float(args[1]) if len(args) > 1 else 0.0,
+                       match=lambda m, t: True)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            print(proxy.port, flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

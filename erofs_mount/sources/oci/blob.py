@@ -33,7 +33,7 @@ class _Fetch:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: bytes | None = None
+        self.data: memoryview | None = None
         self.error: BaseException | None = None
 
 
@@ -102,7 +102,12 @@ class OciBlobSource:
         self._closed = True
         for scope in list(self._bg_scopes):
             scope.cancel()
-        await self.client.aclose()
+        # let cancelled read-ahead tasks unwind before their connections are closed under them
+        with trio.move_on_after(5):
+            while self._bg_scopes:
+                await trio.sleep(0.001)
+        with trio.CancelScope(shield=True):
+            await self.client.aclose()
 
     def __repr__(self) -> str:
         return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
@@ -161,8 +166,9 @@ class OciBlobSource:
             if not isinstance(exc, Exception):
                 raise
             return
+        view = memoryview(data)  # chunks share the run's buffer: no copy per chunk
         for k, (i, f) in enumerate(fetches):
-            piece = data[k * cs:(k + 1) * cs]
+            piece = view[k * cs:(k + 1) * cs]
             self.cache.put(i, piece)
             f.data = piece
             if self._inflight.get(i) is f:
@@ -172,6 +178,11 @@ class OciBlobSource:
     def _prefetch(self, chunks: range) -> None:
         todo = [i for i in chunks if i not in self._inflight and i not in self.cache]
         if not todo or self._closed:
+            return
+        # Batch: while the chunk right after the read is already on its way, wait until a
+        # worthwhile run (half a window, at most one request) is missing before asking, so
+        # read-ahead goes out in large GETs rather than one chunk at a time.
+        if todo[0] != chunks.start and len(todo) < min(self._max_run, max(1, len(chunks) // 2)):
             return
         for i in todo:
             self._inflight[i] = _Fetch()

@@ -296,7 +296,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: Docker-Content-Digest {header_digest} does not match the body ({digest})")
         return body, ctype, digest
 
-    async def fetch_range(self, digest: str, start: int, end: int) -> bytes:
+    async def fetch_range(self, digest: str, start: int, end: int) -> bytearray:
         """Exactly the bytes [start, end) of blob *digest* (the caller clamps to its size)."""
         if not 0 <= start < end:
             raise ValueError(f"bad range {start}-{end}")
@@ -342,13 +342,18 @@ class RegistryClient:
                             continue
                         piece, skip = piece[skip:], 0
                     buf += piece
-                    if len(buf) >= need:
-                        break
+                    if len(buf) >= need and resp.status_code == 200:
+                        break  # the rest of a whole-blob answer is not ours (the connection is dropped)
+                # a 206 is read to its end so that the connection goes back to the pool
                 if len(buf) < need:
                     if cached:
                         self._blob_urls.pop(digest, None)
                     raise _Retry(f"truncated body: {len(buf)} of {need} bytes")
-                return bytes(buf[:need]) if len(buf) > need else bytes(buf)
+                if len(buf) > need and resp.status_code == 206:
+                    raise _Retry(f"{len(buf)} bytes for a {need}-byte range")
+                if len(buf) > need:
+                    del buf[need:]
+                return buf
             finally:
                 await resp.aclose()
 
