@@ -157,7 +157,9 @@ def _lzma(src: bytes, out_len: int, strict: bool, dict_size: int) -> bytes:
     lp, pb = rest % 5, rest // 5
     if lc + lp > 4:
         raise CorruptedError(f"lzma: unsupported lc={lc} lp={lp}")
-    dsz = max(4096, min(max(dict_size, out_len), Z_EROFS_PCLUSTER_MAX_DSIZE))
+    # a match never reaches before the pcluster's first decoded byte, so a dictionary of the
+    # output size suffices whatever the image's dict_size (and allocates no more than that)
+    dsz = max(4096, min(dict_size or out_len, out_len))
     try:
         dec = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[{
             "id": lzma.FILTER_LZMA1, "dict_size": dsz, "lc": lc, "lp": lp, "pb": pb}])
