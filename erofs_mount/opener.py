@@ -78,6 +78,8 @@ class SyncSource:
         self.source = source
         self.size = source.size
         self._loop = loop
+        if loop is None and hasattr(source, "fileno"):
+            self.fileno = source.fileno  # zero-copy for callers that can use it (extract)
 
     def pread(self, offset: int, length: int) -> bytes:
         if self._loop is None:

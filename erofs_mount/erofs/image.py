@@ -68,6 +68,7 @@ class Image:
             size = getattr(source, "size", None)
         self.size: int | None = size
         self._devices = [as_read_at(d) for d in devices]
+        self._sources = [source, *devices]
         head = self._read_at(0, _HEAD_SIZE)
         sb = parse_superblock(head)
         self.block_size = sb.block_size
@@ -143,32 +144,63 @@ class Image:
                 break
         return b"".join(out)
 
-    def _read_mapped(self, device: int, pa: int, length: int) -> bytes:
-        """Data at ``pa`` of on-disk device ``device``, as the kernel's ``erofs_map_dev``."""
+    def _locate(self, device: int, pa: int) -> tuple[int, int, int | None]:
+        """(device to read, position there, missing device it stands for) — the kernel's ``erofs_map_dev``.
+
+        A device that was not given but has a unified address is read from the primary ("flat"
+        images: the device's blocks follow the primary); the third value then names it, so a
+        short read can say which ``--device`` is missing.
+        """
         slots = self.sb.devices
         if device:
             if device > len(slots):
                 raise CorruptedError(f"device id {device} beyond the {len(slots)} extra devices")
             if device <= len(self._devices):
-                return self.read_raw(pa, length, device)
+                return device, pa, None
             slot = slots[device - 1]
-            if slot.uniaddr:  # "flat" image: extra devices follow the primary at their unified address
-                return self._read_flat(device, pa + slot.uniaddr * self.block_size, length)
+            if slot.uniaddr:
+                return 0, pa + slot.uniaddr * self.block_size, device
             raise self._missing_device(device)
         for i, slot in enumerate(slots):
             start = slot.uniaddr * self.block_size
-            if not slot.uniaddr or not start <= pa < start + slot.blocks * self.block_size:
-                continue
-            if i < len(self._devices):
-                return self.read_raw(pa - start, length, i + 1)
-            return self._read_flat(i + 1, pa, length)
-        return self.read_raw(pa, length)
+            if slot.uniaddr and start <= pa < start + slot.blocks * self.block_size:
+                return (i + 1, pa - start, None) if i < len(self._devices) else (0, pa, i + 1)
+        return 0, pa, None
 
-    def _read_flat(self, device: int, pa: int, length: int) -> bytes:
-        data = self.read_raw(pa, length)  # "flat": the device's blocks follow the primary
-        if len(data) < length:
-            raise self._missing_device(device)
+    def _read_mapped(self, device: int, pa: int, length: int) -> bytes:
+        dev, pos, stands_for = self._locate(device, pa)
+        data = self.read_raw(pos, length, dev)
+        if stands_for is not None and len(data) < length:
+            raise self._missing_device(stands_for)
         return data
+
+    def data_pieces(self, nid: int, offset: int = 0, length: int | None = None
+                    ) -> Iterator[tuple[int, int, Any | None, int]]:
+        """``(offset, length, source, position)`` pieces of an uncompressed file's data.
+
+        ``source`` is the object given for that device (so a caller may copy the bytes
+        without them passing through Python, e.g. ``os.sendfile`` from its ``fileno()``)
+        with the bytes at ``position``; ``None`` for holes, inline tails and compressed data:
+        read those pieces with :meth:`read`.
+        """
+        inode = self.inode(nid)
+        end = inode.size if length is None else min(inode.size, offset + length)
+        if inode.is_compressed:
+            if offset < end:
+                yield offset, end - offset, None, 0
+            return
+        pos = offset
+        while pos < end:
+            ext = map_blocks(self.sb, inode, pos, self.read_meta, self._device_id_mask)
+            n = min(end, ext.la + ext.llen) - pos
+            if n <= 0:
+                raise CorruptedError(f"inode {nid}: empty extent at {pos}")
+            if ext.flags & EROFS_MAP_MAPPED:
+                dev, where, stands_for = self._locate(ext.device, ext.pa + pos - ext.la)
+                yield pos, n, (self._sources[dev] if stands_for is None else None), where
+            else:
+                yield pos, n, None, 0
+            pos += n
 
     def _missing_device(self, device: int) -> SourceError:
         tag = self.sb.devices[device - 1].tag.decode("latin-1") or "untagged"
