@@ -142,6 +142,9 @@ class _PreadFile:
             got += len(chunk)
         return b"".join(parts)
 
+    def fileno(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -163,6 +166,8 @@ def open_image(source: str, devices: Iterable[str] = ()):
     """
     from ...erofs.image import Image
 
+    from .inline import LocalReader
+
     opened = []
     try:
         primary = _open_local(source)
@@ -171,8 +176,8 @@ def open_image(source: str, devices: Iterable[str] = ()):
         for dev in devices:
             d = _open_local(dev)
             opened.append(d)
-            extra.append(d.pread)
-        image = Image(primary.pread, size=primary.size, devices=extra)
+            extra.append(LocalReader(d).read_at)
+        image = Image(LocalReader(primary).read_at, size=primary.size, devices=extra)
     except BaseException:
         for src in opened:
             src.close()
@@ -203,7 +208,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) 
 
     is_root = os.geteuid() == 0
     dp = opts.resolved_default_permissions(is_root=is_root)
-    ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp)
+    # local sources honour inline.nowait(); an OCI source will pass inline=False (or learn nowait)
+    ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
+                          inline=True)
     try:
         pyfuse3.init(ops, mountpoint, opts.libfuse_options(source, is_root=is_root))
     except RuntimeError as exc:
@@ -263,8 +270,16 @@ def _worker(source: str, mountpoint: str, opts: FuseOptions, devices: tuple[str,
         image, opened = open_image(source, devices)
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
+        profile = os.environ.get("EROFS_MOUNT_PROFILE")  # debugging aid: cProfile stats to this path
         try:
-            trio.run(_serve, image, mountpoint, opts, source, ready)
+            if profile:
+                import cProfile
+
+                cProfile.runctx("trio.run(_serve, image, mountpoint, opts, source, ready)", globals(),
+                                {"trio": trio, "image": image, "mountpoint": mountpoint, "opts": opts,
+                                 "source": source, "ready": ready, "_serve": _serve}, profile)
+            else:
+                trio.run(_serve, image, mountpoint, opts, source, ready)
         finally:
             for src in opened:
                 src.close()

@@ -1,8 +1,9 @@
 """pyfuse3 operations over the pure EROFS reader: a thin, read-only translation layer.
 
-Every reader call runs in a worker thread (``trio.to_thread.run_sync`` with one
-``CapacityLimiter``) so a slow read never blocks other FUSE requests; the
-results are plain values, and all bookkeeping (lookup counts, the directory
+Every reader call that may block runs in a worker thread (``trio.to_thread.run_sync``
+with one ``CapacityLimiter``) so a slow read never blocks other FUSE requests; with
+a source that supports it, a call is first tried inline and only moved to a thread
+when a read would wait (inline.py).  Results are plain values, and all bookkeeping (lookup counts, the directory
 parent registry) is mutated in the trio thread only, between awaits.
 
 Errors: only ``pyfuse3.FUSEError`` leaves a handler.  ``erofs_mount.errors``
@@ -36,6 +37,7 @@ import trio
 
 from ...erofs.image import Image
 from ...errors import ErofsMountError, LoopError
+from .inline import WouldBlock, nowait, nowait_active
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,12 @@ class ErofsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, image: Image, config: OpsConfig = OpsConfig(), *, enable_acl: bool = False) -> None:
+    def __init__(self, image: Image, config: OpsConfig = OpsConfig(), *, enable_acl: bool = False,
+                 inline: bool = False) -> None:
+        """``inline``: the image's sources honour ``inline.nowait()`` (raise ``WouldBlock`` rather than
+        wait), so reader calls are tried on the trio thread first (see inline.py)."""
         super().__init__()
+        self._inline = inline
         self.image = image
         self.config = config
         self.enable_acl = enable_acl
@@ -127,6 +133,12 @@ class ErofsOperations(pyfuse3.Operations):
         return ino
 
     async def _run(self, fn, *args):
+        if self._inline:
+            try:
+                with nowait():
+                    return fn(*args)
+            except WouldBlock:
+                pass
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def _make_attr(self, nid: int) -> pyfuse3.EntryAttributes:
@@ -252,17 +264,20 @@ class ErofsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    def _read_sync(self, nid: int, off: int, size: int) -> bytes:
+        if nowait_active() and self.image.inode(nid).is_compressed:
+            raise WouldBlock  # decompression is CPU work: keep it off the trio thread
+        return self.image.read(nid, off, size)
+
     @fuse_errors
     async def read(self, fh, off, size):
-        return await self._run(self.image.read, self.nid_of(fh), off, size)
+        return await self._run(self._read_sync, self.nid_of(fh), off, size)
 
     @fuse_errors
     async def release(self, fh):
         return None
 
-    @fuse_errors
-    async def flush(self, fh):
-        return None
+    # flush is left to the base class: its ENOSYS makes the kernel stop sending FLUSH on every close
 
     # refuse every modifying operation with EROFS (the mount is "ro" too, so the VFS
     # normally answers these before they reach us)
