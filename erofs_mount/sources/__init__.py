@@ -21,8 +21,11 @@ Concrete sources:
   ``.digest``, ``.ref`` (the Reference pinned to the manifest digest),
   ``.platform``, ``.media_type``, ``.layer_index`` and ``.manifest_digest``.
   Reads go through aligned chunks in an LRU with request coalescing,
-  read-ahead and bounded retries.  ``OciOptions.from_mount_options(dict)``
-  (``oci/options.py``) turns ``-o`` option strings into options.
+  read-ahead and bounded retries, and optionally a persistent per-digest cache
+  (``diskcache.py``; ``-o oci.cache[=DIR]``, bounded by ``cache_limit=``).
+  ``OciOptions.from_mount_options(dict)`` (``oci/options.py``) turns ``-o``
+  option strings into options; ``oci/resolve.py`` has ``inspect_oci`` and
+  ``inspection_lines`` for ``oci-inspect``.
 
 For sync callers running in a trio worker thread (the pure EROFS reader under
 FUSE) ``SyncReadAt(source, trio_token)`` (``bridge.py``) offers a sync

@@ -101,7 +101,7 @@ async def test_digest_reference(world):
 
 
 async def test_moved_tag_keeps_pinned_digest(world):
-    opts = OciOptions(insecure=True, chunk_size=64 * KiB, cache_limit=128 * KiB, readahead=0)
+    opts = OciOptions(insecure=True, chunk_size=64 * KiB, memory_limit=128 * KiB, readahead=0)
     src = await open_oci_source(world.ref("team/moving:v1"), options=opts)
     try:
         first = src.ref.digest
@@ -144,7 +144,7 @@ async def test_coalescing_and_clamping(world):
 
 
 async def test_sequential_readahead_and_random(world):
-    opts = OciOptions(insecure=True, chunk_size=128 * KiB, readahead=2 * MiB, cache_limit=4 * MiB)
+    opts = OciOptions(insecure=True, chunk_size=128 * KiB, readahead=2 * MiB, memory_limit=4 * MiB)
     src = await open_oci_source(world.ref("team/big:v1"), options=opts)
     big = world.blobs["big"]
     try:
@@ -211,3 +211,33 @@ async def test_inspect(world):
     res = await inspect_oci(world.ref("team/app:v1"), options=INSECURE)
     assert res.index is None and res.manifest_digest == res.top_digest == world.manifests["team/app:v1"]
     assert [l.split()[-1] for l in inspection_lines(res) if l.startswith("layer")] == ["erofs", "-", "erofs"]
+
+
+async def test_persistent_cache_shared_and_verified(world, tmp_path):
+    opts = OciOptions(insecure=True, chunk_size=256 * KiB, cache=str(tmp_path / "cache"), cache_limit=64 * MiB)
+    big = world.blobs["big"]
+    src = await open_oci_source(world.ref("team/big:v1"), options=opts)
+    try:
+        assert await read_all(src, 200 * KiB) == big
+    finally:
+        await src.aclose()  # lets queued cache writes finish
+    s = src.stats()
+    assert s["disk_bytes_written"] == len(big) and s["disk_errors"] == 0
+    entry = tmp_path / "cache" / "sha256" / world.digests["big"][7:]
+    assert (entry / "data").read_bytes() == big
+    # a second mount of the same digest reads everything from disk: no blob bytes over the network
+    src = await open_oci_source(world.ref("team/big:v1"), options=opts)
+    try:
+        assert src.disk is not None and src.disk.verified
+        assert await read_all(src, 300 * KiB) == big
+        s = src.stats()
+        assert s["bytes_fetched"] == 0 and s["disk_hits"] > 0
+    finally:
+        await src.aclose()
+    # a blob larger than cache_limit is not cached on disk, and reads still work
+    small_limit = OciOptions(insecure=True, cache=str(tmp_path / "c2"), cache_limit=MiB)
+    src = await open_oci_source(world.ref("team/big:v1"), options=small_limit)
+    try:
+        assert src.disk is None and await src.read_at(5 * MiB, 10) == big[5 * MiB:5 * MiB + 10]
+    finally:
+        await src.aclose()

@@ -19,6 +19,7 @@ import trio
 
 from ...errors import NotErofsError, SourceError
 from ..cache import ChunkCache, ReadAhead, assemble, chunk_extent, chunk_range, clamp, runs
+from ..diskcache import DiskCache, default_root, enforce_limit
 from .client import RegistryClient
 from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_type, select_layer
 from .options import OciOptions
@@ -53,13 +54,17 @@ class OciBlobSource:
         self.chunk_size = options.chunk_size
         self._nchunks = (size + self.chunk_size - 1) // self.chunk_size
         self._max_run = max(1, options.max_request // self.chunk_size)
-        self.cache = ChunkCache(options.cache_limit)
+        self.cache = ChunkCache(options.memory_limit)
+        self.disk: DiskCache | None = None  # persistent cache entry (attach_disk_cache)
+        self._disk_verifying = False
         self.readahead = ReadAhead(self.chunk_size, options.readahead)
         self._inflight: dict[int, _Fetch] = {}
         self._bg_limiter = trio.CapacityLimiter(options.connections)
-        self._bg_scopes: set[trio.CancelScope] = set()
+        self._bg_scopes: set[trio.CancelScope] = set()  # read-ahead tasks
+        self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
-        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "prefetch_failures": 0}
+        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "prefetch_failures": 0,
+                   "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
 
     # -- public -------------------------------------------------------------------------
     async def read_at(self, offset: int, length: int) -> bytes:
@@ -102,12 +107,18 @@ class OciBlobSource:
         self._closed = True
         for scope in list(self._bg_scopes):
             scope.cancel()
-        # let cancelled read-ahead tasks unwind before their connections are closed under them
-        with trio.move_on_after(5):
-            while self._bg_scopes:
+        # let cancelled read-ahead tasks unwind before their connections are closed under them,
+        # and queued cache writes finish (bounded)
+        with trio.move_on_after(10):
+            while self._bg_scopes or self._write_scopes:
                 await trio.sleep(0.001)
+        for scope in list(self._write_scopes):
+            scope.cancel()
         with trio.CancelScope(shield=True):
             await self.client.aclose()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
 
     def __repr__(self) -> str:
         return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
@@ -155,8 +166,12 @@ class OciBlobSource:
         start, _ = chunk_extent(first, cs, self.size)
         _, end = chunk_extent(first + count - 1, cs, self.size)
         fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
+        from_disk = False
         try:
-            data = await self.client.fetch_range(self.digest, start, end)
+            data = await self._disk_read(start, end)
+            from_disk = data is not None
+            if data is None:
+                data = await self.client.fetch_range(self.digest, start, end)
         except BaseException as exc:
             for i, f in fetches:
                 f.error = exc
@@ -174,6 +189,76 @@ class OciBlobSource:
             if self._inflight.get(i) is f:
                 del self._inflight[i]
             f.event.set()
+        if from_disk:
+            self._n["disk_hits"] += count
+        elif self.disk is not None and not self._closed:
+            self._spawn(self._disk_write, start, data, name=f"cache write {start}")
+
+    # -- persistent cache -----------------------------------------------------------------
+    async def attach_disk_cache(self, root: str, limit: int) -> None:
+        """Use (and fill) the persistent cache entry of this blob under *root*; failures only log."""
+        if self.size > limit:
+            log.info("%s: blob larger than cache_limit=%d: not cached on disk", self.digest, limit)
+            return
+        try:
+            self.disk = await trio.to_thread.run_sync(DiskCache.open, root, self.digest, self.size)
+            await trio.to_thread.run_sync(lambda: enforce_limit(root, limit, keep=self.disk.path))
+        except OSError as exc:
+            log.warning("persistent cache under %s unusable (%s): continuing without it", root, exc)
+            self.disk = None
+        self._disk_root, self._disk_limit = root, limit
+
+    def _disk_failed(self, exc: BaseException) -> None:
+        self._n["disk_errors"] += 1
+        log.warning("persistent cache %s: %s: continuing without it", self.disk.path if self.disk else "?", exc)
+        disk, self.disk = self.disk, None
+        if disk is not None:
+            disk.close()
+
+    async def _disk_read(self, start: int, end: int):
+        disk = self.disk
+        if disk is None:
+            return None
+        try:
+            if not disk.has(start, end):
+                return None
+            return await trio.to_thread.run_sync(disk.read, start, end)
+        except OSError as exc:
+            self._disk_failed(exc)
+            return None
+
+    async def _disk_write(self, start: int, data) -> None:
+        disk = self.disk
+        if disk is None:
+            return
+        try:
+            n = await trio.to_thread.run_sync(disk.write, start, data)
+            self._n["disk_bytes_written"] += n
+            if n and disk.written // (256 << 20) != (disk.written - n) // (256 << 20):  # keep the root bounded
+                await trio.to_thread.run_sync(lambda: enforce_limit(self._disk_root, self._disk_limit, keep=disk.path))
+            if disk.complete and not disk.verified and not self._disk_verifying:
+                self._disk_verifying = True
+                try:
+                    await trio.to_thread.run_sync(disk.verify)
+                finally:
+                    self._disk_verifying = False
+        except OSError as exc:
+            self._disk_failed(exc)
+
+    def _spawn(self, afn, *args, name: str) -> None:
+        """A cache write in the background: aclose() lets these finish (bounded) before closing."""
+        trio.lowlevel.spawn_system_task(self._background, afn, *args, name=name)
+
+    async def _background(self, afn, *args) -> None:
+        scope = trio.CancelScope()
+        self._write_scopes.add(scope)
+        try:
+            with scope:
+                await afn(*args)
+        except BaseException as exc:  # a system task must never raise
+            log.debug("background task ended: %r", exc)
+        finally:
+            self._write_scopes.discard(scope)
 
     def _prefetch(self, chunks: range) -> None:
         todo = [i for i in chunks if i not in self._inflight and i not in self.cache]
@@ -248,6 +333,8 @@ async def open_oci_source(
             ref=res.ref, platform=res.platform, layer_index=index,
             manifest_digest=res.manifest_digest, options=options,
         )
+        if options.cache is not None:
+            await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
         if check_magic:
             what = f"{ref} layer {index} ({desc.digest})"
             if desc.size < EROFS_SUPER_OFFSET + 4:

@@ -72,7 +72,9 @@ class OciOptions:
     layer: int | None = None
     blob: str | None = None
     chunk_size: int = 1 * MiB
-    cache_limit: int = 256 * MiB
+    memory_limit: int = 256 * MiB  # the in-memory chunk LRU
+    cache: str | None = None  # persistent cache root; "" = the default (/var/cache/… or XDG); None = off
+    cache_limit: int = 4 * GiB  # bound of everything under the persistent cache root
     readahead: int = 16 * MiB  # largest sequential read-ahead window
     max_request: int = 4 * MiB  # largest single Range GET
     connections: int = 8  # concurrent GETs per source
@@ -105,8 +107,8 @@ class OciOptions:
             raise UsageError("oci.password/oci.password_file need oci.username")
         if self.chunk_size & (self.chunk_size - 1) or not 4 * KiB <= self.chunk_size <= 64 * MiB:
             raise UsageError(f"invalid oci.chunk_size={self.chunk_size}: a power of two from 4K to 64M")
-        if self.cache_limit < self.chunk_size:
-            raise UsageError(f"cache_limit={self.cache_limit} is smaller than one chunk ({self.chunk_size})")
+        if self.memory_limit < self.chunk_size:
+            raise UsageError(f"oci.memory_limit={self.memory_limit} is smaller than one chunk ({self.chunk_size})")
         if self.platform is not None:
             parse_platform(self.platform)
 
@@ -131,6 +133,18 @@ def _str(name: str, value: str | None) -> str:
     return value
 
 
+def _cache_dir(name: str, value: str | None) -> str | None:
+    """``oci.cache`` (flag) or ``=auto``: the default root; ``=none``/``off``: no cache; else a path."""
+    v = (value or "").strip()
+    if v.lower() in ("", "1", "yes", "on", "true", "auto"):
+        return ""
+    if v.lower() in ("0", "no", "off", "false", "none"):
+        return None
+    if not v.startswith("/"):
+        raise UsageError(f"invalid {name}={value!r}: expected an absolute directory, auto or none")
+    return v
+
+
 def _platform(name: str, value: str | None) -> str:
     return str(parse_platform(_str(name, value)))
 
@@ -152,7 +166,9 @@ _OPTION_TABLE = {
     "oci.layer": ("layer", lambda n, v: _parse_int(n, v, 0, 1 << 20)),
     "oci.blob": ("blob", _digest),
     "oci.chunk_size": ("chunk_size", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
-    "cache_limit": ("cache_limit", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
+    "oci.memory_limit": ("memory_limit", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
+    "oci.cache": ("cache", lambda n, v: _cache_dir(n, v)),
+    "cache_limit": ("cache_limit", lambda n, v: parse_size(n, v)),
     "oci.readahead": ("readahead", lambda n, v: parse_size(n, v)),
     "oci.max_request": ("max_request", lambda n, v: parse_size(n, v, minimum=4 * KiB)),
     "oci.connections": ("connections", lambda n, v: _parse_int(n, v, 1, 64)),

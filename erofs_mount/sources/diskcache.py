@@ -1,0 +1,248 @@
+"""Persistent blob cache (sync file I/O; the async callers run it in worker threads).
+
+One directory per blob digest under the cache root
+(``/var/cache/erofs-mount/blobs`` for root, ``$XDG_CACHE_HOME/erofs-mount/blobs``
+otherwise), shared by every mount of that digest::
+
+    <root>/sha256/<hex>/data   sparse file of the blob's size
+    <root>/sha256/<hex>/map    header + bitmap of 4 KiB blocks present in data
+
+Ordering: block data is written and ``fdatasync``ed before its bits are set, so
+a crash can lose cached blocks but never mark missing ones present.  When
+every bit is set the data is hashed once against the digest; a mismatch throws
+the cache entry away (the registry does not verify content for us either).
+Concurrency: every open entry holds a shared ``flock`` on its map (eviction
+only removes entries it can lock exclusively); bitmap updates re-read and OR
+the affected bytes under a POSIX record lock, so concurrent mounts never
+clear each other's bits.  ``enforce_limit`` keeps the whole root under
+``cache_limit`` bytes by removing the least recently opened unused entries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import threading
+
+log = logging.getLogger("erofs_mount.sources.cache")
+
+BLOCK = 4096
+_HEADER = struct.Struct("<16sQII32x")  # magic, blob size, block size, flags
+_MAGIC = b"erofs-mount-bc\x00\x01"
+_VERIFIED = 1
+
+
+def default_root() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/erofs-mount/blobs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "erofs-mount", "blobs")
+
+
+def _entry_dir(root: str, digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if not hexpart or "/" in digest or not hexpart.isalnum():
+        raise ValueError(f"bad digest {digest!r}")
+    return os.path.join(root, algo, hexpart)
+
+
+class DiskCache:
+    """The cache entry of one blob, opened for reading and filling."""
+
+    def __init__(self, path: str, digest: str, size: int, data_fd: int, map_fd: int, bitmap: bytearray,
+                 verified: bool) -> None:
+        self.path = path
+        self.digest = digest
+        self.size = size
+        self._data = data_fd
+        self._map = map_fd
+        self._bits = bitmap
+        self._nblocks = (size + BLOCK - 1) // BLOCK
+        self._present = sum(bin(b).count("1") for b in bitmap)
+        self.verified = verified
+        self._lock = threading.Lock()
+        self.written = 0
+
+    @classmethod
+    def open(cls, root: str, digest: str, size: int) -> "DiskCache":
+        path = _entry_dir(root, digest)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        nblocks = (size + BLOCK - 1) // BLOCK
+        map_fd = os.open(os.path.join(path, "map"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(map_fd, fcntl.LOCK_SH)
+            head = os.pread(map_fd, _HEADER.size, 0)
+            nbytes = (nblocks + 7) // 8
+            ok = len(head) == _HEADER.size
+            if ok:
+                magic, bsize, block, flags = _HEADER.unpack(head)
+                ok = magic == _MAGIC and bsize == size and block == BLOCK
+            if not ok:  # new or foreign: (re)initialise under an exclusive record lock
+                fcntl.lockf(map_fd, fcntl.LOCK_EX)
+                try:
+                    os.ftruncate(map_fd, 0)
+                    os.pwrite(map_fd, _HEADER.pack(_MAGIC, size, BLOCK, 0) + bytes(nbytes), 0)
+                finally:
+                    fcntl.lockf(map_fd, fcntl.LOCK_UN)
+                flags = 0
+            bitmap = bytearray(os.pread(map_fd, nbytes, _HEADER.size).ljust(nbytes, b"\0"))
+            data_fd = os.open(os.path.join(path, "data"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(data_fd).st_size != size:
+                os.ftruncate(data_fd, size)
+            os.utime(os.path.join(path, "map"))  # LRU order for eviction
+        except BaseException:
+            os.close(map_fd)
+            raise
+        return cls(path, digest, size, data_fd, map_fd, bitmap, bool(flags & _VERIFIED))
+
+    # -- bitmap ---------------------------------------------------------------------------
+    def _blocks(self, start: int, end: int) -> range:
+        return range(start // BLOCK, (end + BLOCK - 1) // BLOCK)
+
+    def _bit(self, i: int) -> bool:
+        return bool(self._bits[i >> 3] & (1 << (i & 7)))
+
+    def has(self, start: int, end: int) -> bool:
+        blocks = self._blocks(start, end)
+        if all(self._bit(i) for i in blocks):
+            return True
+        # another mount may have filled them: refresh the bytes concerned
+        lo, hi = blocks.start >> 3, ((blocks.stop - 1) >> 3) + 1
+        fresh = os.pread(self._map, hi - lo, _HEADER.size + lo)
+        with self._lock:
+            self._merge(lo, fresh)
+        return all(self._bit(i) for i in blocks)
+
+    def _merge(self, lo: int, fresh: bytes) -> None:
+        """OR *fresh* bitmap bytes into ours at byte *lo*, keeping the present count (lock held)."""
+        old = self._bits[lo:lo + len(fresh)]
+        new = bytes(a | b for a, b in zip(old, fresh))
+        self._present += sum(bin(b).count("1") for b in new) - sum(bin(b).count("1") for b in old)
+        self._bits[lo:lo + len(new)] = new
+
+    @property
+    def complete(self) -> bool:
+        return self._present >= self._nblocks
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, start: int, end: int) -> bytes:
+        out = os.pread(self._data, end - start, start)
+        if len(out) != end - start:
+            raise OSError(f"short read from cache file {self.path}/data")
+        return out
+
+    def write(self, start: int, data) -> int:
+        """Store block-aligned *data* at *start* (the last block may be short at the blob's end).
+
+        Returns the bytes written (0 when every block was already present)."""
+        end = start + len(data)
+        if start % BLOCK or (end % BLOCK and end != self.size):
+            raise ValueError(f"unaligned cache write {start}-{end}")
+        if self.has(start, end):
+            return 0
+        n = os.pwrite(self._data, data, start)
+        if n != len(data):
+            raise OSError(f"short write to cache file {self.path}/data")
+        os.fdatasync(self._data)  # the data is durable before any bit says so
+        blocks = self._blocks(start, end)
+        lo, hi = blocks.start >> 3, ((blocks.stop - 1) >> 3) + 1
+        with self._lock:
+            for i in blocks:
+                if not self._bit(i):
+                    self._bits[i >> 3] |= 1 << (i & 7)
+                    self._present += 1
+            fcntl.lockf(self._map, fcntl.LOCK_EX, hi - lo, _HEADER.size + lo)
+            try:
+                self._merge(lo, os.pread(self._map, hi - lo, _HEADER.size + lo))
+                os.pwrite(self._map, bytes(self._bits[lo:hi]), _HEADER.size + lo)
+            finally:
+                fcntl.lockf(self._map, fcntl.LOCK_UN, hi - lo, _HEADER.size + lo)
+        with self._lock:
+            self.written += len(data)
+        return len(data)
+
+    def verify(self) -> bool:
+        """Hash the complete data against the digest; on mismatch empty the entry. True if good."""
+        algo, _, want = self.digest.partition(":")
+        h = hashlib.new(algo)
+        pos = 0
+        while pos < self.size:
+            piece = os.pread(self._data, min(4 << 20, self.size - pos), pos)
+            if not piece:
+                break
+            h.update(piece)
+            pos += len(piece)
+        if h.hexdigest() == want and pos == self.size:
+            with self._lock:
+                os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, _VERIFIED), 0)
+                self.verified = True
+            return True
+        log.error("cache entry %s does not match its digest: discarded", self.path)
+        with self._lock:
+            nbytes = len(self._bits)
+            self._bits[:] = bytes(nbytes)
+            self._present = 0
+            os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0) + bytes(nbytes), 0)
+            os.ftruncate(self._data, 0)
+            os.ftruncate(self._data, self.size)
+        return False
+
+    def close(self) -> None:
+        for attr in ("_data", "_map"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+
+
+def usage(root: str) -> list[tuple[float, int, str]]:
+    """(last open time, bytes on disk, entry dir) of every entry under *root*."""
+    out = []
+    if not os.path.isdir(root):
+        return out
+    for algo in os.listdir(root):
+        adir = os.path.join(root, algo)
+        if not os.path.isdir(adir):
+            continue
+        for name in os.listdir(adir):
+            path = os.path.join(adir, name)
+            try:
+                used = sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in ("data", "map")
+                           if os.path.exists(os.path.join(path, f)))
+                out.append((os.stat(os.path.join(path, "map")).st_mtime, used, path))
+            except OSError:
+                continue
+    return out
+
+
+def enforce_limit(root: str, limit: int, *, keep: str | None = None) -> int:
+    """Remove least recently opened unused entries until *root* holds <= *limit* bytes; returns bytes freed."""
+    entries = sorted(usage(root))
+    total = sum(u for _, u, _ in entries)
+    freed = 0
+    for _, used, path in entries:
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        try:
+            fd = os.open(os.path.join(path, "map"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use by a mount: skip it
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        total -= used
+        freed += used
+        log.info("cache: evicted %s (%d bytes)", path, used)
+    return freed
