@@ -143,6 +143,40 @@ def test_the_images_cover_what_they_claim():
     assert want <= seen, want - seen
 
 
+@pytest.mark.parametrize("name", ["07", "02", "06"])
+def test_concurrent_readers_share_one_image(name):
+    """FUSE handlers read from worker threads: one Image, a tiny cache (constant eviction), many threads."""
+    import threading
+    img = open_image(name)
+    img.zreader.cache_limit = 20_000
+    tree = TREES["a"]
+    want = {p: img.read(img.resolve(p), 0, size) for p, (size, _) in tree.items()}
+    img = open_image(name)      # a fresh image: the threads race on cold caches
+    img.zreader.cache_limit = 20_000
+    errors = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                path = rng.choice(sorted(tree))
+                size = tree[path][0]
+                off = rng.randrange(size) if size else 0
+                n = rng.randrange(1, 9000)
+                if img.read(img.resolve(path), off, n) != want[path][off:off + n]:
+                    errors.append((path, off, n))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:5]
+
+
 _BLOB = [
     '{Wp48S^xk9=GL@E0stWa8~^|S5YJf5<<24R{#^hU3%neC0hPcVN<MiNzj*pho;}V?>T?^rM^27?28-4Izb1q@g>{2Qfh?Ntt717E*0jixKU{ff4I-~5@',
     '+?y0E6&6xvXO0&ga}R`8I3(9am&&v*#NnsUMG%qCE>(J6sZ741Fv%MEJh2T-Nl(s_3p28y<6LhcK#_jPsp^T(O!gmP$|hvDOZs{vm=>1P+zL4K*M9ZJ+',
