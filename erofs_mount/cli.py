@@ -207,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     global _SUBJECT
     argv = list(sys.argv[1:] if argv is None else argv)
     _SUBJECT = ""
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        return _main(argv)
+    finally:  # main() may run in-process (tests, embedding): leave logging as it was
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
