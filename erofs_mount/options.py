@@ -30,12 +30,10 @@ FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "aut
 FUSE_VALUED = frozenset({"fsname", "subtype", "uid", "gid", "max_read"})
 NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size"})
 NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NBD backend
-OCI_FLAGS = frozenset({"oci.insecure"})
-OCI_VALUED = frozenset({
-    "oci.layer", "oci.blob", "oci.platform", "oci.username", "oci.password", "oci.password_file",
-    "oci.cafile", "oci.chunk_size", "oci.readahead", "oci.max_request", "oci.connections", "oci.retries",
-    "oci.retry_time", "oci.timeout",
-})
+# oci.* options are the registry source's (sources/oci/options.py checks their values)
+from .sources.oci.options import OPTION_NAMES as _OCI_NAMES  # noqa: E402 - pure module
+
+OCI_OPTIONS = frozenset(n for n in _OCI_NAMES if n.startswith("oci."))
 CACHE_VALUED = frozenset({"cache_limit", "cache_size"})
 
 
@@ -148,9 +146,7 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
                 nbd[key.removeprefix("nbd.")] = value
             elif key in NBD_WORDS and eq:
                 nbd[key.removeprefix("nbd.")] = value
-            elif key in OCI_FLAGS and not eq:
-                oci[key.removeprefix("oci.")] = ""
-            elif key in OCI_VALUED and eq:
+            elif key in OCI_OPTIONS:
                 oci[key.removeprefix("oci.")] = value
             elif key in CACHE_VALUED and eq:
                 cache["limit"] = str(parse_size(key, value))
