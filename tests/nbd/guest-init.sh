@@ -7,7 +7,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 HERE=$(dirname "$0")
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null || mount -t tmpfs -o mode=755 tmpfs /dev
+grep -q '^devtmpfs /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev  # the kernel may have done it
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o size=512m tmpfs /dev/shm
@@ -20,7 +20,7 @@ export GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-
 export OPENSSL_ia32cap="~0x0800000000000000:~0xD0230020"
 KV=$(uname -r)
 M=/usr/lib/uml/modules/$KV/kernel
-for mod in "drivers/block/nbd.ko nbds_max=4" "fs/erofs/erofs.ko" "fs/fuse/fuse.ko" "drivers/block/loop.ko"; do
+for mod in "drivers/block/nbd.ko nbds_max=4" "fs/erofs/erofs.ko" "fs/fuse/fuse.ko" "drivers/block/loop.ko max_loop=4"; do
   set -- $mod
   python3 "$HERE/guest_helper.py" insmod "$M/$1" $2 >>"$RUNDIR/init.log" 2>&1
 done

@@ -69,7 +69,7 @@ class NbdOptions:
     dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT
     io_timeout: int = DEFAULT_IO_TIMEOUT
     block_size: int | None = None
-    mount_flags: int = 0
+    mount_flags: int = MS_RDONLY
     mount_data: str = ""
     mode: str = "auto"  # "auto" (netlink, ioctl only when the family is absent), "netlink", "ioctl"
     zero_copy: str = "sendfile"  # "sendfile", "pread" or "off" (see server.py)

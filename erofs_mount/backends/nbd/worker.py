@@ -24,7 +24,7 @@ import trio
 from ...daemon import Readiness
 from ...errors import ErofsMountError, NotErofsError
 from . import ioctl, netlink, state, sysfs
-from .config import NbdOptions
+from .config import MS_RDONLY, NbdOptions
 from .localfile import open_source
 from .recovery import Record, record_path
 from .server import serve_nbd
@@ -51,6 +51,7 @@ def export_geometry(sb: bytes, size: int, block_size: int | None) -> tuple[int, 
 
 
 def _mount_syscall(device: str, mountpoint: str, flags: int, data: str) -> None:
+    flags |= MS_RDONLY  # EROFS, and a read-only device: without it mount(2) says EACCES
     rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", ctypes.c_ulong(flags),
                      data.encode() if data else None)
     if rc != 0:

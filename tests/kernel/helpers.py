@@ -1,0 +1,136 @@
+"""Helpers for the kernel tests: mounting through the lifecycle API, readers as child processes."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from erofs_mount.backends.nbd import lifecycle, state, sysfs
+from erofs_mount.backends.nbd.config import NbdOptions
+from erofs_mount.backends.nbd.recovery import record_path
+
+SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+CHECK_TREE = SHARED_CORPUS / "check_tree.py"
+
+
+def options(tmp_path: Path, **kw) -> NbdOptions:
+    logdir = Path(os.environ.get("RUNDIR") or tmp_path)  # RUNDIR: kept on the host for post-mortems
+    return replace(NbdOptions(io_timeout=1, log_file=str(logdir / "nbd-daemon.log")), **kw)
+
+
+def mount(image, mnt: Path, opts: NbdOptions) -> int:
+    """Mount through NBD; return the device index."""
+    assert lifecycle.mount(str(image), str(mnt), opts) == 0
+    m = sysfs.mount_at(str(mnt))
+    assert m is not None and m.source.startswith("/dev/nbd"), m
+    assert m.fstype == "erofs"
+    return sysfs.index_of(m.source)
+
+
+def daemon_pid(index: int) -> int | None:
+    ident = sysfs.backend(index) or record_path(index)
+    path = state.pid_path(ident)
+    return state.read_pid(path) if state.daemon_alive(path) else None
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def nothing_left(index: int) -> list[str]:
+    """Everything a finished NBD mount could leave behind."""
+    left = []
+    if sysfs.size_bytes(index):
+        left.append(f"nbd{index} still connected")
+    if sysfs.mountpoints_of(index):
+        left.append(f"nbd{index} still mounted")
+    ident = record_path(index)
+    if os.path.exists(ident):
+        left.append(f"record {ident}")
+    if state.daemon_alive(state.pid_path(ident)):
+        left.append("daemon alive")
+    if os.path.exists(state.pid_path(ident)):
+        left.append("pid file")
+    return left
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def check_tree(manifest: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHECK_TREE), *extra, str(manifest), str(root)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def umount2(path: str, flags: int = 0) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(path.encode(), flags) != 0:
+        raise OSError(ctypes.get_errno(), f"umount {path}")
+
+
+# ------------------------------------------------------------------ readers (forked children)
+def _reader_loop(root: str, files: list[tuple[str, str]], stop: str, out: str, max_seconds: float) -> None:
+    rounds, errors, bad = 0, [], []
+    deadline = time.monotonic() + max_seconds
+    while not os.path.exists(stop) and time.monotonic() < deadline and len(errors) < 50:
+        for rel, sha in files:
+            try:
+                with open(root + rel, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            except OSError as exc:
+                errors.append(f"{rel}: {exc}")
+                continue
+            if digest != sha:
+                bad.append(rel)
+        rounds += 1
+    with open(out + ".tmp", "w") as f:
+        json.dump({"rounds": rounds, "errors": errors, "bad": bad}, f)
+    os.rename(out + ".tmp", out)
+
+
+class Readers:
+    """N child processes hashing files in a loop until told to stop (bounded in time)."""
+
+    def __init__(self, root: Path, files: list[tuple[str, str]], workdir: Path, n: int = 4,
+                 max_seconds: float = 240) -> None:
+        self.stop = str(workdir / "stop-readers")
+        self.outs = [str(workdir / f"reader{i}.json") for i in range(n)]
+        self.pids = []
+        for i, out in enumerate(self.outs):
+            mine = files[i::n] + files[: max(1, len(files) // 4)]
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    _reader_loop(str(root), mine, self.stop, out, max_seconds)
+                    code = 0
+                finally:
+                    os._exit(code)
+            self.pids.append(pid)
+
+    def finish(self, timeout: float = 60) -> list[dict]:
+        Path(self.stop).touch()
+        deadline = time.monotonic() + timeout
+        pending = set(self.pids)
+        while pending and time.monotonic() < deadline:
+            for pid in list(pending):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    pending.discard(pid)
+            time.sleep(0.05)
+        assert not pending, f"readers {pending} did not finish in {timeout}s"
+        return [json.load(open(o)) for o in self.outs]
