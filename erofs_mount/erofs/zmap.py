@@ -19,6 +19,7 @@ Every loop moves by at least one lcluster, so corrupted deltas end in ``Corrupte
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
 ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
 
 _LCLUSTER_INDEX = struct.Struct("<HHI")
+_PA_CHUNK = 1024
 _EXTENT = struct.Struct("<IIIII")
 
 
@@ -308,6 +310,8 @@ class ZMap:
         while True:     # z_erofs_extent_lookback: lcn strictly decreases
             if dist == 0 or dist > cur.lcn:
                 raise self._corrupt(f"bogus lookback distance {dist} at lcluster {cur.lcn}", la)
+            if (lcn - cur.lcn + dist) << self.lclusterbits > D.Z_EROFS_PCLUSTER_MAX_DSIZE + (1 << self.lclusterbits):
+                raise self._too_large(la)
             cur = self._load(cur.lcn - dist)
             if cur.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
                 return m, cur
@@ -325,9 +329,11 @@ class ZMap:
     def _extent_end(self, head: _LC, la: int) -> int:
         lcb = self.lclusterbits
         lcn = head.lcn + 1
-        while True:     # lcn strictly increases
+        while True:     # lcn strictly increases, and at most 12 MiB worth of lclusters
             if lcn << lcb >= self.size:
                 return self.size
+            if (lcn - head.lcn - 1) << lcb > D.Z_EROFS_PCLUSTER_MAX_DSIZE:
+                raise self._too_large(la)
             m = self._load(lcn, lookahead=True)
             if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
                 return min((lcn << lcb) + m.clusterofs, self.size)
@@ -387,21 +393,30 @@ class ZMap:
 
     def _checked(self, ext: ZExtent, la: int) -> ZExtent:
         if ext.plen > D.Z_EROFS_PCLUSTER_MAX_SIZE or ext.llen > D.Z_EROFS_PCLUSTER_MAX_DSIZE:
-            raise CorruptedError(f"inode {self.nid}: extent of {ext.plen} -> {ext.llen} bytes exceeds "
-                                 f"the pcluster limits at logical offset {la}", errno=95)  # EOPNOTSUPP
+            raise self._too_large(la, f" ({ext.plen} -> {ext.llen} bytes)")
         return ext
+
+    def _too_large(self, la: int, what: str = "") -> CorruptedError:
+        # z_erofs_map_blocks_iter: beyond Z_EROFS_PCLUSTER_MAX_SIZE / _MAX_DSIZE is EOPNOTSUPP
+        return CorruptedError(f"inode {self.nid}: extent{what} exceeds the pcluster limits "
+                              f"(1 MiB encoded, 12 MiB decoded) at logical offset {la}", errno=errno.EOPNOTSUPP)
 
     # ------------------------------------------------------------------ 48-bit encoded extents
     def _pa_of(self, k: int) -> int:
-        """recsz 4: the pa of record k = base + sum of the plens before it (prefix sums kept)."""
-        pref = self._pa_prefix
-        if not pref:
-            pref.append(int.from_bytes(self._meta(self.ext_pos, 8), "little"))
-        while len(pref) <= k:
-            j = len(pref) - 1
-            plen = int.from_bytes(self._meta(self.ext_pos + 8 + j * 4, 4), "little")
-            pref.append(pref[-1] + (plen & Z_EROFS_EXTENT_PLEN_MASK))
-        return pref[k]
+        """recsz 4: the pa of record k = base + the plens before it (a checkpoint every 1024 records)."""
+        cps = self._pa_prefix
+        if not cps:
+            cps.append(int.from_bytes(self._meta(self.ext_pos, 8), "little"))
+        j = k // _PA_CHUNK
+        while len(cps) <= j:
+            cps.append(cps[-1] + self._plen_sum((len(cps) - 1) * _PA_CHUNK, _PA_CHUNK))
+        return cps[j] + self._plen_sum(j * _PA_CHUNK, k - j * _PA_CHUNK)
+
+    def _plen_sum(self, first: int, count: int) -> int:
+        if not count:
+            return 0
+        raw = self._meta(self.ext_pos + 8 + first * 4, count * 4)
+        return sum(p & Z_EROFS_EXTENT_PLEN_MASK for p in struct.unpack(f"<{count}I", raw))
 
     def _map_ext(self, la: int) -> ZExtent:
         recsz = self.recsz

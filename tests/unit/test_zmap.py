@@ -255,3 +255,31 @@ def test_extents_fragment_tail():
     zm = zmap(meta, inode(6000))
     e = zm.map(5000)
     assert (e.kind, e.la, e.llen, e.fragmentoff) == (Z.ZEXT_FRAGMENT, 4096, 6000 - 4096, (2 << 32) | 0x55)
+
+
+def test_long_lookback_chain_stops_at_the_size_limit():
+    # a crafted chain of NONHEAD lclusters each pointing one back: refused before walking it all
+    n = 100_000
+    recs = [head(HEAD1, 0, 1)] + [nonhead(1, 1)] * (n - 1)
+    calls = []
+    meta = legacy(header(), recs)
+
+    def read_meta(pos, size):
+        calls.append(pos)
+        return meta[pos:pos + size]
+
+    zm = Z.ZMap(inode(n * BS), 12, 1, True, read_meta)
+    with pytest.raises(CorruptedError) as ei:
+        zm.map((n - 1) * BS)
+    assert ei.value.errno == 95
+    assert len(calls) < 400     # 4 KiB windows: ~3100 lclusters at most were looked at
+
+
+def test_extents_4_byte_records_across_checkpoints():
+    n = 3000
+    plens = [(i % 7 + 1) * 100 for i in range(n)]
+    meta = ext_meta(ext_header(n, 4), 4, struct.pack("<Q", 1 << 20) + struct.pack(f"<{n}I", *plens))
+    zm = zmap(meta, inode(n * BS))
+    for k in (0, 1, 1023, 1024, 1025, 2047, 2999, 5, 2500):
+        e = zm.map(k * BS + 7)
+        assert (e.la, e.pa, e.plen) == (k * BS, (1 << 20) + sum(plens[:k]), plens[k])
