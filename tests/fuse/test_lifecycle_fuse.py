@@ -142,6 +142,7 @@ def test_mountinfo_parsing_unescapes_paths():
     assert entries[0].mountpoint == "/tmp/with space"
     assert entries[0].source == "/img x.erofs"
     assert entries[0].fstype == "fuse.erofs"
+    assert entries[0].super_options == "ro,user_id=0"
     assert entries[1].mountpoint == "/mnt"
 
 

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -211,13 +212,22 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) 
     # local sources honour inline.nowait(); an OCI source will pass inline=False (or learn nowait)
     ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
                           inline=True)
+    options = opts.libfuse_options(source, is_root=is_root)
+    if is_root:
+        target = mountpoint
+    else:
+        # mount through fusermount3 ourselves and hand libfuse the /dev/fuse descriptor: libfuse only
+        # falls back to fusermount3 when it can open /dev/fuse itself, which fails where /dev/fuse
+        # is 0600 (no udev); fusermount3 is setuid and opens it as root
+        target = f"/dev/fd/{_fusermount_mount(mountpoint, options)}"
     try:
-        pyfuse3.init(ops, mountpoint, opts.libfuse_options(source, is_root=is_root))
+        pyfuse3.init(ops, target, options)
     except RuntimeError as exc:
+        if not is_root:
+            _fusermount_unmount(mountpoint)
         raise ErofsMountError(f"{mountpoint}: FUSE mount failed ({exc}; see the log)",
                               errno=errno.EPERM) from None
     log.info("mounted %s on %s (FUSE)", source, mountpoint)
-    unmount = True
     try:
         async with trio.open_nursery() as nursery:
             async def signals() -> None:
@@ -255,7 +265,53 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) 
         # a lost mount (umount, umount -l, fusermount3 -u) already detached; unmounting again is harmless
         mounted = find_mount(mountpoint) is not None
         log.info("session ended; %s", "unmounting" if mounted else "mount already gone")
-        pyfuse3.close(unmount=unmount and mounted)
+        if mounted and not is_root:
+            _fusermount_unmount(mountpoint)  # libfuse does not unmount what it did not mount
+        pyfuse3.close(unmount=mounted and is_root)
+
+
+def _fusermount_mount(mountpoint: str, options: set[str]) -> int:
+    """Mount with ``fusermount3`` (setuid) and receive the /dev/fuse descriptor it opened.
+
+    The protocol libfuse uses (lib/mount.c, fuse_mount_fusermount): the socket in ``_FUSE_COMMFD``
+    carries the descriptor back as SCM_RIGHTS; fusermount3 exits once it sent it.
+    """
+    mount_opts = ",".join(sorted(o for o in options if o not in ("debug", "auto_unmount")))
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with parent:
+        env = dict(os.environ, _FUSE_COMMFD=str(child.fileno()))
+        try:
+            proc = subprocess.Popen(["fusermount3", "-o", mount_opts, "--", mountpoint], env=env,
+                                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
+            child.close()
+            raise ErofsMountError(f"cannot run fusermount3: {exc.strerror} (install the fuse3 package)",
+                                  errno=exc.errno or errno.ENOENT) from None
+        child.close()
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(parent, 1, 1)
+        except OSError:
+            fds = []
+        try:
+            err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+    if proc.returncode != 0 or not fds:
+        for fd in fds:
+            os.close(fd)
+        lines = [line.removeprefix("fusermount3: ") for line in (err or "").strip().splitlines()]
+        raise ErofsMountError(f"{mountpoint}: {lines[-1] if lines else 'fusermount3 failed'}", errno=errno.EPERM)
+    return fds[0]
+
+
+def _fusermount_unmount(mountpoint: str) -> None:
+    for cmd in (["fusermount3", "-u", "-q", "--", mountpoint], ["fusermount3", "-u", "-q", "-z", "--", mountpoint]):
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if res.returncode == 0 or find_mount(mountpoint) is None:
+            return
+        log.warning("%s: %s", " ".join(cmd), res.stderr.strip())
 
 
 def _worker(source: str, mountpoint: str, opts: FuseOptions, devices: tuple[str, ...]):

@@ -19,7 +19,8 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
-    options: str
+    options: str          # per-mount options (ro, nosuid, ...)
+    super_options: str    # filesystem options (user_id=, default_permissions, ...)
 
 
 def _unescape(field: str) -> str:
@@ -33,7 +34,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         try:
             sep = parts.index("-", 6)
             out.append(MountEntry(int(parts[0]), _unescape(parts[4]), parts[sep + 1],
-                                  _unescape(parts[sep + 2]), parts[5]))
+                                  _unescape(parts[sep + 2]), parts[5], parts[sep + 3] if len(parts) > sep + 3 else ""))
         except (ValueError, IndexError):
             continue
     return out
