@@ -247,11 +247,11 @@ class OciBlobSource:
 
     def _spawn(self, afn, *args, name: str) -> None:
         """A cache write in the background: aclose() lets these finish (bounded) before closing."""
-        trio.lowlevel.spawn_system_task(self._background, afn, *args, name=name)
-
-    async def _background(self, afn, *args) -> None:
         scope = trio.CancelScope()
-        self._write_scopes.add(scope)
+        self._write_scopes.add(scope)  # registered now: aclose() must wait even for a task not started yet
+        trio.lowlevel.spawn_system_task(self._background, scope, afn, *args, name=name)
+
+    async def _background(self, scope: trio.CancelScope, afn, *args) -> None:
         try:
             with scope:
                 await afn(*args)
