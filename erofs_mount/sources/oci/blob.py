@@ -107,18 +107,29 @@ class OciBlobSource:
         self._closed = True
         for scope in list(self._bg_scopes):
             scope.cancel()
-        # let cancelled read-ahead tasks unwind before their connections are closed under them,
-        # and queued cache writes finish (bounded)
-        with trio.move_on_after(10):
-            while self._bg_scopes or self._write_scopes:
-                await trio.sleep(0.001)
-        for scope in list(self._write_scopes):
-            scope.cancel()
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):  # runs to the end even when the caller is cancelled
+            # let cancelled read-ahead tasks unwind before their connections are closed under them,
+            # and queued cache writes finish (bounded)
+            with trio.move_on_after(10):
+                while self._bg_scopes or self._write_scopes:
+                    await trio.sleep(0.001)
+            for scope in list(self._write_scopes):
+                scope.cancel()  # writes not started yet are dropped; one in a thread finishes
+            with trio.move_on_after(30):
+                while self._write_scopes:
+                    await trio.sleep(0.001)
             await self.client.aclose()
-        if self.disk is not None:
+        if self.disk is not None and not self._write_scopes:  # never close an fd a thread still writes to
             self.disk.close()
             self.disk = None
+
+    @property
+    def credentials_origin(self) -> str | None:
+        """Where the credentials in use came from ("oci.password", "environment", a config file,
+        "docker-credential-NAME"), None when anonymous: a recovery record needs to keep a secret
+        only when it came from the command line."""
+        creds = self.client._creds
+        return creds.origin if creds is not None else None
 
     def __repr__(self) -> str:
         return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
