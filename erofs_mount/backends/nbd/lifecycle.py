@@ -136,7 +136,13 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> int:
     if sysfs.mountpoints_of(index):
         return 0  # mounted elsewhere too: the device stays
     pidfile = state.pid_path(ident)
-    if not _wait(lambda: sysfs.size_bytes(index) == 0 and not state.daemon_alive(pidfile), timeout / 2):
+    try:
+        ioctl_mode = dict(state.read_record(ident).options).get("mode") == "ioctl"
+    except ErofsMountError:
+        ioctl_mode = False
+    # netlink mode: the autoclear disconnect ends the daemon; ioctl mode has no autoclear
+    if ioctl_mode or not _wait(lambda: sysfs.size_bytes(index) == 0 and not state.daemon_alive(pidfile),
+                               timeout / 2):
         disconnect(m.source, timeout=timeout / 2)
     state.remove_quietly(ident, pidfile)
     return 0

@@ -81,6 +81,15 @@ class OciNativeBlobRecord:
 Record = LocalRecord | OciLayerRecord | OciNativeBlobRecord
 
 
+def describe(record: Record) -> str:
+    """A short human description for logs and status (never the credentials)."""
+    if isinstance(record, LocalRecord):
+        return record.path
+    if isinstance(record, OciLayerRecord):
+        return f"{record.ref} ({record.platform}, layer {record.layer_index})"
+    return f"{record.ref}@{record.digest} ({record.platform})"
+
+
 def encode_credentials(username: str | None, password: str | None) -> str:
     """b64("user:pass"), standard alphabet with padding (erofs-utils lib/base64.c)."""
     return base64.b64encode(f"{username or ''}:{password or ''}".encode()).decode("ascii")

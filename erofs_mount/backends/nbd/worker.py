@@ -26,7 +26,7 @@ from ...errors import ErofsMountError, NotErofsError
 from . import ioctl, netlink, state, sysfs
 from .config import MS_RDONLY, NbdOptions
 from .localfile import open_source
-from .recovery import Record, record_path
+from .recovery import Record, describe, record_path
 from .server import serve_nbd
 
 log = logging.getLogger("erofs_mount.nbd")
@@ -173,7 +173,7 @@ async def mount_main(record: Record, mountpoint: str, opts: NbdOptions, mode: st
         pidlock = state.PidLock(state.pid_path(ident))
         pidlock.acquire()
         log.info("nbd%d: %s connected (%s mode, %d bytes, block size %d, identifier %s)",
-                 index, record, mode, export_size, bs, ident)
+                 index, describe(record), mode, export_size, bs, ident)
         set_io_timeout(index, opts.io_timeout)
         device = sysfs.ensure_device_node(index)
         async with trio.open_nursery() as nursery:
@@ -274,7 +274,7 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
                                   errno=_errno.EINVAL)
         sock = await trio.to_thread.run_sync(_reconfigure_until_taken, index, ident)
         set_io_timeout(index, opts.io_timeout)
-        log.info("nbd%d: reattached to %s", index, record)
+        log.info("nbd%d: reattached to %s", index, describe(record))
         async with trio.open_nursery() as nursery:
             stats = await nursery.start(functools.partial(
                 serve_nbd, trio.socket.from_stdlib_socket(sock), source,
