@@ -317,7 +317,7 @@ def main(argv: list[str]) -> int:
             async def run() -> None:
                 ref = f"{proxy_host}/bench/app:v1"
                 print("cat one 10 KB file (pure reader over the registry):")
-                for chunk in (MiB, 256 * KiB):
+                for chunk in (MiB, 256 * KiB, 64 * KiB):
                     await bench_cat(ref, chunk)
                 print("sequential read of the 100 MB file:")
                 await bench_seq(proxy_host, ref, digest, args.serial_mb)

@@ -8,7 +8,7 @@ D = "sha256:" + "0" * 64
 
 def test_defaults():
     o = OciOptions.from_mount_options({})
-    assert o == OciOptions() and o.chunk_size == MiB and o.memory_limit == 256 * MiB and not o.insecure
+    assert o == OciOptions() and o.chunk_size == 256 * 1024 and o.memory_limit == 256 * MiB and not o.insecure
     assert o.cache is None and o.cache_limit == 4 << 30
 
 

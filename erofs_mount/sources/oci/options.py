@@ -71,7 +71,7 @@ class OciOptions:
     platform: str | None = None  # "os/arch[/variant]"; None = this host
     layer: int | None = None
     blob: str | None = None
-    chunk_size: int = 1 * MiB
+    chunk_size: int = 256 * KiB  # cache and minimum fetch unit (bench: 4x less over-fetch than 1 MiB for random reads, same round trips)
     memory_limit: int = 256 * MiB  # the in-memory chunk LRU
     cache: str | None = None  # persistent cache root; "" = the default (/var/cache/… or XDG); None = off
     cache_limit: int = 4 * GiB  # bound of everything under the persistent cache root
