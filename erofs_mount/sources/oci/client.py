@@ -84,7 +84,7 @@ class RegistryAuth(httpx.Auth):
         if _origin(request.url) != _origin(c.base_url):
             yield request  # a redirect target we reuse: never send our credentials there
             return
-        sent = c.current_authorization()
+        sent = await c.current_authorization()
         if sent is not None:
             request.headers["Authorization"] = sent
         response = yield request
@@ -146,7 +146,9 @@ class RegistryClient:
         scope = ch.params.get("scope") or pull_scope(self.ref.repository)
         return (ch.realm, ch.params.get("service"), scope)
 
-    def current_authorization(self) -> str | None:
+    async def current_authorization(self) -> str | None:
+        """The header to send up front: Basic, or a live token (an expired one is renewed first,
+        saving the 401 round trip)."""
         if self._basic:
             return self._basic
         if self._bearer is not None:
@@ -154,7 +156,9 @@ class RegistryClient:
             tok = self._tokens.get(key, trio.current_time())
             if tok is not None:
                 return f"Bearer {tok.value}"
-            self._bearer = None  # expired: the 401 will fetch a new one
+            if self._challenge is not None:
+                return await self.answer_challenge(self._challenge, None)
+            self._bearer = None
         return None
 
     async def answer_challenge(self, ch: Challenge, sent: str | None) -> str | None:
@@ -168,6 +172,7 @@ class RegistryClient:
         if ch.scheme != "bearer" or not ch.realm:
             return None
         key = self._token_key(ch)
+        self._challenge = ch
         async with self._token_lock:
             now = trio.current_time()
             tok = self._tokens.get(key, now)
