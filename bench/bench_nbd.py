@@ -63,7 +63,7 @@ def _client(sock: socket.socket, size: int, req: int, in_flight: int, seconds: f
 def host_bench(seconds: float = 1.5) -> list[dict]:
     import trio
 
-    from erofs_mount.backends.nbd.localfile import LocalFile
+    from erofs_mount.sources.local import LocalSource
     from erofs_mount.backends.nbd.server import serve_nbd
 
     rows = []
@@ -84,7 +84,7 @@ def host_bench(seconds: float = 1.5) -> list[dict]:
                         os._exit(0)
                     b.close()
                     os.close(wfd)
-                    src = LocalFile.open(str(path))
+                    src = LocalSource.open(str(path))
 
                     async def run():
                         return await serve_nbd(trio.socket.from_stdlib_socket(a), src, zero_copy=mode)

@@ -18,6 +18,7 @@ export TMPDIR=/dev/shm
 # AVX/AVX-512 code, whose upper register state the guest would not preserve.
 export GLIBC_TUNABLES="glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX,-FMA,-BMI2,-ERMS,-FSRM,-RTM"
 export OPENSSL_ia32cap="~0x0800000000000000:~0xD0230020"
+export GODEBUG=cpu.all=off  # Go programs (docker-registry) likewise
 KV=$(uname -r)
 M=/usr/lib/uml/modules/$KV/kernel
 for mod in "drivers/block/nbd.ko nbds_max=4" "fs/erofs/erofs.ko" "fs/fuse/fuse.ko" "drivers/block/loop.ko max_loop=4"; do

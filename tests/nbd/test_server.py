@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from erofs_mount.backends.nbd import proto
-from erofs_mount.backends.nbd.localfile import LocalFile
+from erofs_mount.sources.local import LocalSource
 from erofs_mount.backends.nbd.server import serve_nbd
 from erofs_mount.errors import SourceError
 
@@ -69,7 +69,7 @@ async def start(nursery, source, export_size=None, zero_copy="sendfile"):
 @pytest.mark.parametrize("mode", MODES)
 async def test_reads_match_the_image(image, mode):
     path, data = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             client, result = await start(n, src, zero_copy=mode)
@@ -89,7 +89,7 @@ async def test_reads_match_the_image(image, mode):
 @pytest.mark.parametrize("mode", MODES)
 async def test_many_in_flight_and_tail_zeros(image, mode):
     path, data = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     export = -(-SIZE // 4096) * 4096
     expected = data + bytes(export - SIZE)
     with trio.fail_after(20):
@@ -115,7 +115,7 @@ async def test_many_in_flight_and_tail_zeros(image, mode):
 @pytest.mark.parametrize("mode", MODES)
 async def test_every_non_read_command_gets_one_reply_and_no_desync(image, mode):
     path, data = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     export = -(-SIZE // 4096) * 4096
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
@@ -183,7 +183,7 @@ async def test_replies_out_of_order_with_slow_fetches():
 @pytest.mark.parametrize("mode", MODES)
 async def test_truncated_local_image_gives_eio_then_keeps_serving(image, mode):
     path, data = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             client, result = await start(n, src, zero_copy=mode)
@@ -200,7 +200,7 @@ async def test_truncated_local_image_gives_eio_then_keeps_serving(image, mode):
 
 async def test_bad_magic_drops_the_connection(image):
     path, _ = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             client, result = await start(n, src)
@@ -212,7 +212,7 @@ async def test_bad_magic_drops_the_connection(image):
 
 async def test_peer_reset_ends_the_server(image):
     path, _ = image
-    src = LocalFile.open(str(path))
+    src = LocalSource.open(str(path))
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             client, result = await start(n, src)

@@ -1,6 +1,7 @@
 """NBD mode entry points for the CLI (synchronous; call them OUTSIDE ``trio.run``).
 
     mount(source, mountpoint, opts) -> int       exits 0 only once the filesystem is mounted
+    mount_oci(ref, mountpoint, opts, oci) -> int  the same for a registry layer (digest pinned)
     unmount(mountpoint) -> int                   umount; the autoclear disconnect ends the daemon
     reattach(device, opts) -> int                a new daemon for a device whose daemon died
     disconnect(device) -> int                    force NBD_CMD_DISCONNECT and clean up
@@ -65,6 +66,25 @@ def mount(source: str, mountpoint: str, opts: NbdOptions | None = None) -> int:
         from .worker import mount_main
 
         return trio.run(mount_main, record, mountpoint, opts, mode, ready)
+
+    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+
+
+def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -> int:
+    """Mount a registry layer (``oci_options``: sources.oci.options.OciOptions); the record
+    pins the digest resolved now (OCI_NATIVE_BLOB)."""
+    opts = opts or NbdOptions()
+    if not os.path.isdir(mountpoint):
+        raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+    mode = choose_mode(opts)
+    mountpoint = os.path.realpath(mountpoint)
+
+    def worker(ready):
+        import trio
+
+        from .worker import OciTarget, mount_main
+
+        return trio.run(mount_main, OciTarget(ref, oci_options), mountpoint, opts, mode, ready)
 
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
@@ -209,4 +229,4 @@ if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
 
-__all__ = ["mount", "unmount", "reattach", "disconnect", "status", "choose_mode", "NbdOptions"]
+__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "choose_mode", "NbdOptions"]

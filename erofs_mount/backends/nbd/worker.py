@@ -18,6 +18,8 @@ import os
 import select
 import socket
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -25,7 +27,7 @@ from ...daemon import Readiness
 from ...errors import ErofsMountError, NotErofsError
 from . import ioctl, netlink, state, sysfs
 from .config import MS_RDONLY, NbdOptions
-from .localfile import open_source
+from .source import open_source, record_for_oci
 from .recovery import Record, describe, record_path
 from .server import serve_nbd
 
@@ -153,8 +155,32 @@ async def _finish(stats, index: int, ident: str, pidlock: state.PidLock) -> int:
     return 0
 
 
-async def mount_main(record: Record, mountpoint: str, opts: NbdOptions, mode: str, ready: Readiness) -> int:
-    source = await open_source(record)
+@dataclass(frozen=True)
+class OciTarget:
+    """A registry layer to mount: resolved (and its digest pinned) inside the daemon."""
+
+    ref: str
+    options: Any  # sources.oci.options.OciOptions
+
+
+async def _open_target(target: Record | OciTarget) -> tuple[Any, Record]:
+    if isinstance(target, OciTarget):
+        from ...sources.oci.blob import open_oci_source
+
+        src = await open_oci_source(target.ref, options=target.options)
+        # src.ref is pinned to the manifest digest (tag kept for display): with the blob digest, a
+        # reattach resolves exactly this image even after the tag moved
+        return src, record_for_oci(str(src.ref), src.platform, src.digest, target.options)
+    return await open_source(target), target
+
+
+async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptions, mode: str,
+                     ready: Readiness) -> int:
+    try:
+        source, record = await _open_target(target)
+    except BaseException as exc:
+        _report(ready, exc)
+        raise
     srv_sock, kernel_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     index, ident, nbd_fd, connected = -1, "", -1, False
     pidlock: state.PidLock | None = None
@@ -262,7 +288,11 @@ def _reconfigure_until_taken(index: int, ident: str, attempts: int = 40) -> sock
 
 
 async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions, ready: Readiness) -> int:
-    source = await open_source(record)
+    try:
+        source = await open_source(record)
+    except BaseException as exc:
+        _report(ready, exc)
+        raise
     pidlock = state.PidLock(state.pid_path(ident))
     try:
         pidlock.acquire()  # refuses while a live daemon serves the device
