@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from ..errors import CorruptedError, ErofsMountError, ShortReadError
 from . import decompress as D
@@ -76,6 +77,16 @@ class ZReader:
                 "cache_limit": self.cache_limit, "evictions": self._evictions, "errors": self._errors,
                 "algorithms": self.cfgs.names(),
             }
+
+    def extents(self, inode) -> Iterator[ZExtent]:
+        """Every extent of a compressed inode, in order (for inspection tools and tests)."""
+        pos = 0
+        while pos < inode.size:
+            ext = self._extent(inode, pos)
+            if not ext.la <= pos < ext.la + ext.llen:
+                raise CorruptedError(f"inode {inode.nid}: empty extent at logical offset {pos}")
+            yield ext
+            pos = ext.la + ext.llen
 
     def clear_cache(self) -> None:
         with self._lock:

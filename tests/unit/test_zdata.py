@@ -83,6 +83,12 @@ def test_reads_across_extents_and_eof():
     assert img.read(1, 14000, 100) == b""
 
 
+def test_extents_listing():
+    img = two_extent_image()
+    got = [(e.la, e.llen, e.pa, e.kind) for e in img.zreader.extents(img.inodes[1])]
+    assert got == [(0, 9000, BS, Z.ZEXT_MAPPED), (9000, 5000, 2 * BS, Z.ZEXT_MAPPED)]
+
+
 def test_cache_hits_misses_and_bounds():
     img = two_extent_image()
     zr = img.zreader
