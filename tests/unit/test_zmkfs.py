@@ -142,13 +142,7 @@ def test_sequential_4k_reads_decompress_each_pcluster_once(tree, tmp_path, opts)
     assert b"".join(pieces) == files["big"]
     st = zr.stats()
     misses, hits = st["misses"] - before["misses"], st["hits"] - before["hits"]
-    zm, _ = zr._zmap(img.inode(nid))
-    pclusters = set()
-    pos = 0
-    while pos < size:
-        ext = zm.map(pos)
-        pclusters.add((ext.pa, ext.plen))
-        pos = ext.la + ext.llen
+    pclusters = {(ext.pa, ext.plen) for ext in zr.extents(img.inode(nid))}
     assert misses == len(pclusters)
     assert hits + misses >= len(pieces)
 
