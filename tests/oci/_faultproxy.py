@@ -50,6 +50,7 @@ class FaultProxy:
         self.faults: deque[Fault] = deque()
         self.always: Fault | None = None
         self.log: list[tuple[str, str, str | None]] = []
+        self.ranges: list[str | None] = []  # the Range header of each logged request
         self.port = 0
         self._ups: dict[int, trio.SocketStream | None] = {}
 
@@ -86,6 +87,7 @@ class FaultProxy:
                 method, target = req.method.decode(), req.target.decode()
                 fault = self._pick(method, target)
                 self.log.append((method, target, fault.kind if fault else None))
+                self.ranges.append(next((v.decode() for k, v in req.headers if k.lower() == b"range"), None))
                 if self.delay:
                     await trio.sleep(self.delay)
                 if not await self._respond(conn, stream, req, fault) or conn.our_state is not h11.DONE:

@@ -129,3 +129,24 @@ async def test_faults_with_concurrency_and_readahead(world, proxy):
             assert src.stats()["retries"] > 0
         finally:
             await src.aclose()
+
+
+async def test_retry_after_partial_body_asks_only_for_the_rest(world, proxy):
+    """Chunks that arrived before a reset are delivered; the retry's Range starts after them."""
+    KiB64 = 64 * KiB
+    opts = OciOptions(insecure=True, chunk_size=KiB64, readahead=0, timeout=0.5, retries=4, retry_time=8.0)
+    big = world.blobs["big"]
+    with trio.fail_after(HARD_LIMIT):
+        src = await open_big(world, proxy, opts)
+        try:
+            off = 4 << 20
+            n0 = len(proxy.ranges)
+            proxy.faults.append(Fault("reset_mid_body", fraction=0.6))
+            assert await src.read_at(off, 8 * KiB64) == big[off:off + 8 * KiB64]  # one run of 8 chunks
+            ranges = proxy.ranges[n0:]
+            assert ranges[0] == f"bytes={off}-{off + 8 * KiB64 - 1}"
+            assert len(ranges) == 2 and ranges[1].endswith(f"-{off + 8 * KiB64 - 1}")
+            resumed = int(ranges[1][6:].split("-")[0])
+            assert off < resumed <= off + 5 * KiB64 and (resumed - off) % KiB64 == 0
+        finally:
+            await src.aclose()

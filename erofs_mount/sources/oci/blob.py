@@ -34,7 +34,7 @@ class _Fetch:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: memoryview | None = None
+        self.data: bytes | bytearray | memoryview | None = None
         self.error: BaseException | None = None
 
 
@@ -170,40 +170,45 @@ class OciBlobSource:
         return f.data
 
     async def _fetch_run(self, first: int, count: int) -> None:
-        """Fetch chunks [first, first+count) (already registered in _inflight) in one GET.
+        """Fetch chunks [first, first+count) (already registered in _inflight) in one GET, each
+        chunk handed to its waiters as soon as its bytes are in.
 
         Never raises an ordinary exception: the outcome goes to each chunk's _Fetch."""
         cs = self.chunk_size
         start, _ = chunk_extent(first, cs, self.size)
         _, end = chunk_extent(first + count - 1, cs, self.size)
-        fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
-        from_disk = False
+        fetches = {i: self._inflight[i] for i in range(first, first + count)}
+
+        def deliver(offset: int, data, from_disk: bool = False) -> None:
+            i = offset // cs
+            f = fetches[i]
+            self.cache.put(i, data)
+            f.data = data
+            if self._inflight.get(i) is f:
+                del self._inflight[i]
+            f.event.set()
+            if not from_disk and self.disk is not None and not self._closed:
+                self._spawn(self._disk_write, offset, data, name=f"cache write {offset}")
+
         try:
             data = await self._disk_read(start, end)
-            from_disk = data is not None
-            if data is None:
-                data = await self.client.fetch_range(self.digest, start, end)
+            if data is not None:
+                view = memoryview(data)
+                for k in range(count):
+                    deliver(start + k * cs, view[k * cs:(k + 1) * cs], True)
+                self._n["disk_hits"] += count
+            else:
+                await self.client.fetch_range(self.digest, start, end, piece=cs, deliver=deliver)
         except BaseException as exc:
-            for i, f in fetches:
+            for i, f in fetches.items():
+                if f.event.is_set():
+                    continue  # delivered before the failure
                 f.error = exc
                 if self._inflight.get(i) is f:
                     del self._inflight[i]
                 f.event.set()
             if not isinstance(exc, Exception):
                 raise
-            return
-        view = memoryview(data)  # chunks share the run's buffer: no copy per chunk
-        for k, (i, f) in enumerate(fetches):
-            piece = view[k * cs:(k + 1) * cs]
-            self.cache.put(i, piece)
-            f.data = piece
-            if self._inflight.get(i) is f:
-                del self._inflight[i]
-            f.event.set()
-        if from_disk:
-            self._n["disk_hits"] += count
-        elif self.disk is not None and not self._closed:
-            self._spawn(self._disk_write, start, data, name=f"cache write {start}")
 
     # -- persistent cache -----------------------------------------------------------------
     async def attach_disk_cache(self, root: str, limit: int) -> None:

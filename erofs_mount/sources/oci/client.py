@@ -301,17 +301,29 @@ class RegistryClient:
                 raise RegistryError(f"{what}: Docker-Content-Digest {header_digest} does not match the body ({digest})")
         return body, ctype, digest
 
-    async def fetch_range(self, digest: str, start: int, end: int) -> bytearray:
-        """Exactly the bytes [start, end) of blob *digest* (the caller clamps to its size)."""
+    async def fetch_range(self, digest: str, start: int, end: int, *, piece: int | None = None,
+                          deliver: Callable[[int, bytearray], None] | None = None) -> bytearray | None:
+        """The bytes [start, end) of blob *digest* (the caller clamps to its size).
+
+        With *deliver*, the range is handed over as it streams in, in consecutive pieces of
+        *piece* bytes (the last one may be shorter) by ``deliver(offset, data)``, and None is
+        returned; a retry after a failure mid-body asks only for what was not delivered yet.
+        Without it the whole range is returned."""
         if not 0 <= start < end:
             raise ValueError(f"bad range {start}-{end}")
+        if deliver is None:
+            parts: list[bytearray] = []
+            await self.fetch_range(digest, start, end, piece=end - start, deliver=lambda _o, d: parts.append(d))
+            return parts[0]
+        piece = piece or (end - start)
         registry_url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
-        need = end - start
+        pos = start  # the first byte not delivered yet
 
-        async def attempt() -> bytes:
+        async def attempt() -> None:
+            nonlocal pos
             url = self._blob_urls.get(digest, registry_url)
             cached = url is not registry_url
-            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+            headers = {"Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
             try:
                 req = self.http.build_request("GET", url, headers=headers)
                 resp = await self.http.send(req, auth=self.auth, follow_redirects=True, stream=True)
@@ -333,36 +345,46 @@ class RegistryClient:
                 skip = 0
                 if resp.status_code == 206:
                     m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("content-range", "").strip())
-                    if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
-                        raise _Retry(f"Content-Range {resp.headers.get('content-range')!r} for bytes={start}-{end - 1}")
+                    if not m or int(m.group(1)) != pos or int(m.group(2)) != end - 1:
+                        raise _Retry(f"Content-Range {resp.headers.get('content-range')!r} for bytes={pos}-{end - 1}")
                 else:  # the Range was ignored: skip to our bytes in the full body
                     self.counters["range_ignored"] += 1
-                    skip = start
-                buf = bytearray()
-                async for piece in resp.aiter_raw():
-                    self.counters["bytes_fetched"] += len(piece)
+                    skip = pos
+                # each piece is filled in place: one copy from the socket buffers, none later
+                cur = bytearray(min(piece, end - pos))
+                filled = 0
+                async for data in resp.aiter_raw():
+                    self.counters["bytes_fetched"] += len(data)
+                    view = memoryview(data)
                     if skip:
-                        if len(piece) <= skip:
-                            skip -= len(piece)
+                        if len(view) <= skip:
+                            skip -= len(view)
                             continue
-                        piece, skip = piece[skip:], 0
-                    buf += piece
-                    if len(buf) >= need and resp.status_code == 200:
+                        view, skip = view[skip:], 0
+                    while view and pos < end:
+                        k = min(len(view), len(cur) - filled)
+                        cur[filled:filled + k] = view[:k]
+                        filled += k
+                        view = view[k:]
+                        if filled == len(cur):
+                            deliver(pos, cur)
+                            pos += len(cur)
+                            if pos < end:
+                                cur, filled = bytearray(min(piece, end - pos)), 0
+                    if view and resp.status_code == 206:
+                        raise _Retry(f"more bytes than the {end - start}-byte range asked for")
+                    if pos >= end and resp.status_code == 200:
                         break  # the rest of a whole-blob answer is not ours (the connection is dropped)
                 # a 206 is read to its end so that the connection goes back to the pool
-                if len(buf) < need:
+                if pos < end:
                     if cached:
                         self._blob_urls.pop(digest, None)
-                    raise _Retry(f"truncated body: {len(buf)} of {need} bytes")
-                if len(buf) > need and resp.status_code == 206:
-                    raise _Retry(f"{len(buf)} bytes for a {need}-byte range")
-                if len(buf) > need:
-                    del buf[need:]
-                return buf
+                    raise _Retry(f"truncated body: {pos - start} of {end - start} bytes")
             finally:
                 await resp.aclose()
 
-        return await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt, size_hint=need)
+        await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt, size_hint=end - start)
+        return None
 
     async def head_blob(self, digest: str) -> int:
         """Size of blob *digest* by HEAD (Content-Length)."""

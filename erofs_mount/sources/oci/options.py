@@ -76,7 +76,7 @@ class OciOptions:
     cache: str | None = None  # persistent cache root; "" = the default (/var/cache/… or XDG); None = off
     cache_limit: int = 4 * GiB  # bound of everything under the persistent cache root
     readahead: int = 32 * MiB  # largest sequential read-ahead window
-    max_request: int = 8 * MiB  # largest single Range GET
+    max_request: int = 16 * MiB  # largest single Range GET (delivered chunk by chunk as it streams)
     connections: int = 8  # concurrent GETs per source
     retries: int = 6  # attempts per GET beyond the first
     retry_time: float = 60.0  # give up on a GET after this many seconds overall
