@@ -42,7 +42,8 @@ def inspect_lines(img: Image) -> Iterator[str]:
     if sb.xattr_prefix_count:
         yield f"xattr prefixes:   {sb.xattr_prefix_count}"
     if sb.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS):
-        yield f"compr algorithms: 0x{sb.available_compr_algs:x}"
+        names = img.zreader.cfgs.names()
+        yield f"compr algorithms: {' '.join(names)} (0x{sb.available_compr_algs:x})"
     elif sb.lz4_max_distance:
         yield f"lz4 max distance: {sb.lz4_max_distance}"
     for i, dev in enumerate(sb.devices, 1):

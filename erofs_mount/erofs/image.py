@@ -167,7 +167,8 @@ class Image:
                 return (i + 1, pa - start, None) if i < len(self._devices) else (0, pa, i + 1)
         return 0, pa, None
 
-    def _read_mapped(self, device: int, pa: int, length: int) -> bytes:
+    def read_mapped(self, device: int, pa: int, length: int) -> bytes:
+        """Bytes at physical address ``pa`` of on-disk device ``device`` (0 = primary), mapped like the kernel."""
         dev, pos, stands_for = self._locate(device, pa)
         data = self.read_raw(pos, length, dev)
         if stands_for is not None and len(data) < length:
@@ -245,7 +246,7 @@ class Image:
             if ext.flags & EROFS_MAP_META:
                 data = self.read_meta(ext.pa + skip, n, inode.in_metabox)
             elif ext.flags & EROFS_MAP_MAPPED:
-                data = self._read_mapped(ext.device, ext.pa + skip, n)
+                data = self.read_mapped(ext.device, ext.pa + skip, n)
             else:
                 data = bytes(n)
             if len(data) != n:
@@ -370,6 +371,10 @@ class Image:
         raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
 
     # ------------------------------------------------------------------ filesystem
+    def zstats(self) -> dict:
+        """Decompressed-pcluster cache statistics ({} until compressed data was read)."""
+        return self._zreader.stats() if self._zreader is not None else {}
+
     def statfs(self) -> dict[str, int]:
         """As the kernel's ``erofs_statfs``: every block used, f_files = 2^64-1."""
         total = self.sb.blocks + sum(d.blocks for d in self.sb.devices)
