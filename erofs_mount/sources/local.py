@@ -129,7 +129,8 @@ class LocalSource:
         return await trio.to_thread.run_sync(self.pread, offset, length)
 
     def stats(self) -> dict:
-        return {"size": self.size, **self._stats}
+        # bytes_fetched/requests as for every source; no cache, no retries here
+        return {"size": self.size, "bytes_fetched": self._stats["bytes_read"], **self._stats}
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,8 +1,6 @@
 """Authentication against real registries: htpasswd Basic, Bearer tokens (pyjwt issuer), TLS, redirects,
 credential files, helpers and environment."""
 
-import json
-
 import pytest
 import trio
 

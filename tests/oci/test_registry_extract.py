@@ -1,7 +1,6 @@
 """Every valid corpus image, read lazily from the registry by the pure reader (through SyncReadAt in a
 worker thread, as the FUSE backend does) and extracted, passes the corpus' check_tree.py."""
 
-import subprocess
 import sys
 
 import pytest
