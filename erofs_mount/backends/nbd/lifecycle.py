@@ -6,6 +6,7 @@
     reattach(device, opts) -> int                a new daemon for a device whose daemon died
     disconnect(device) -> int                    force NBD_CMD_DISCONNECT and clean up
     status() -> int                              one line per NBD device erofs-mount serves
+    supervise(opts) -> int                       detached: reattach automatically on LINK_DEAD
 
 Failures raise ``ErofsMountError`` (one-line message, errno); nothing is left behind
 by a failed mount.  ``python -m erofs_mount.backends.nbd.lifecycle`` drives them
@@ -114,6 +115,21 @@ def reattach(device: str, opts: NbdOptions | None = None) -> int:
         from .worker import reattach_main
 
         return trio.run(reattach_main, index, ident, record, opts, ready)
+
+    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+
+
+def supervise(opts: NbdOptions | None = None) -> int:
+    """Start the detached supervisor: it reattaches our devices on NBD_CMD_LINK_DEAD."""
+    opts = opts or NbdOptions()
+    if not netlink.family_available():
+        raise ErofsMountError(netlink.MISSING_DRIVER + " (the supervisor needs netlink)", errno=_errno.ENODEV)
+
+    def worker(ready):
+        from .supervise import supervise as loop
+
+        ready.ok()
+        return loop(opts)
 
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
@@ -229,4 +245,4 @@ if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
 
-__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "choose_mode", "NbdOptions"]
+__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "supervise", "choose_mode", "NbdOptions"]
