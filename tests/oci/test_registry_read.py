@@ -241,3 +241,31 @@ async def test_persistent_cache_shared_and_verified(world, tmp_path):
         assert src.disk is None and await src.read_at(5 * MiB, 10) == big[5 * MiB:5 * MiB + 10]
     finally:
         await src.aclose()
+
+
+async def test_many_readers_tiny_cache(world):
+    """Concurrent readers, read-ahead and a cache smaller than what is in flight: every byte right."""
+    opts = OciOptions(insecure=True, chunk_size=16 * KiB, memory_limit=64 * KiB, readahead=256 * KiB,
+                      max_request=128 * KiB, connections=3)
+    big = world.blobs["big"]
+    rng = random.Random(11)
+    plan = [[(rng.randrange(src_off, src_off + MiB), rng.randrange(1, 40 * KiB)) for _ in range(25)]
+            for src_off in range(0, 8 * MiB, MiB)]
+    src = await open_oci_source(world.ref("team/big:v1"), options=opts)
+    try:
+        async def reader(reads, sequential):
+            if sequential:
+                start = reads[0][0]
+                for off in range(start, min(start + 600 * KiB, src.size), 24 * KiB):
+                    assert await src.read_at(off, 24 * KiB) == big[off:off + 24 * KiB]
+            for off, n in reads:
+                assert await src.read_at(off, n) == big[off:off + n]
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for k, reads in enumerate(plan):
+                    nursery.start_soon(reader, reads, k % 2 == 0)
+        s = src.stats()
+        assert s["cache_evictions"] > 0 and s["prefetched_chunks"] > 0 and s["cache_bytes"] <= 64 * KiB
+    finally:
+        await src.aclose()
