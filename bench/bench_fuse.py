@@ -144,14 +144,19 @@ class Mount:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.kind == "kernel":
-            subprocess.run(["umount", self.mnt], check=False)
+        cmd = ["umount", self.mnt] if self.kind == "kernel" else ["fusermount3", "-u", "-q", self.mnt]
+        for _ in range(20):  # bounded: a just-closed file can keep the mount busy for a moment
+            if subprocess.run(cmd, check=False, stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.25)
         else:
-            subprocess.run(["fusermount3", "-u", self.mnt], check=False)
+            subprocess.run(["umount", "-l", self.mnt], check=False)
         for _ in range(100):  # bounded: 10 s for the daemon to go
             if self.pid is None or not os.path.exists(f"/proc/{self.pid}"):
                 break
             time.sleep(0.1)
+        else:
+            os.kill(self.pid, 9)
 
 
 def drop_caches() -> None:

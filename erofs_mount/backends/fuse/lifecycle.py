@@ -160,6 +160,22 @@ def _open_local(path: str):
     return LocalSource.open(path)
 
 
+# The kernel caches names, attributes and file pages of a FUSE mount (long timeouts, keep_cache), so
+# the daemon's own caches only need to cover what is being worked on; smaller than the reader's
+# defaults to keep the daemon's memory bounded (<= 200 MB on a 60k-file image).
+IMAGE_CACHES = {"inode_cache": 16384, "block_cache": 1024}
+ZDATA_CACHE_BYTES = 16 << 20
+
+
+def tune_image(image) -> None:
+    try:
+        z = image.zreader  # the compressed-data reader and its decoded-pcluster cache
+    except ErofsMountError:
+        return  # no compression support, or none configured: nothing to tune
+    if getattr(z, "cache_limit", 0) > ZDATA_CACHE_BYTES:
+        z.cache_limit = ZDATA_CACHE_BYTES
+
+
 def open_image(source: str, devices: Iterable[str] = ()):
     """(Image, [opened sources]) for a local image file or block device plus extra devices.
 
@@ -178,7 +194,8 @@ def open_image(source: str, devices: Iterable[str] = ()):
             d = _open_local(dev)
             opened.append(d)
             extra.append(LocalReader(d).read_at)
-        image = Image(LocalReader(primary).read_at, size=primary.size, devices=extra)
+        image = Image(LocalReader(primary).read_at, size=primary.size, devices=extra, **IMAGE_CACHES)
+        tune_image(image)
     except BaseException:
         for src in opened:
             src.close()
@@ -201,7 +218,7 @@ def _check_mountpoint(mountpoint: str, opts: FuseOptions, is_root: bool) -> None
                              "in /etc/fuse.conf")
 
 
-async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) -> None:
+async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool) -> None:
     import pyfuse3
     import trio
 
@@ -209,9 +226,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) 
 
     is_root = os.geteuid() == 0
     dp = opts.resolved_default_permissions(is_root=is_root)
-    # local sources honour inline.nowait(); an OCI source will pass inline=False (or learn nowait)
+    # inline: the sources honour inline.nowait() (local files); OCI reads always go to worker threads
     ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
-                          inline=True)
+                          inline=inline)
     options = opts.libfuse_options(source, is_root=is_root)
     if is_root:
         target = mountpoint
@@ -270,20 +287,26 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready) 
         pyfuse3.close(unmount=mounted and is_root)
 
 
+_MONITORS: list = []  # (fusermount3 process, socket fd) kept for auto_unmount
+
+
 def _fusermount_mount(mountpoint: str, options: set[str]) -> int:
     """Mount with ``fusermount3`` (setuid) and receive the /dev/fuse descriptor it opened.
 
     The protocol libfuse uses (lib/mount.c, fuse_mount_fusermount): the socket in ``_FUSE_COMMFD``
     carries the descriptor back as SCM_RIGHTS; fusermount3 exits once it sent it.
     """
-    mount_opts = ",".join(sorted(o for o in options if o not in ("debug", "auto_unmount")))
+    mount_opts = ",".join(sorted(o for o in options if o != "debug"))
+    # with auto_unmount fusermount3 stays alive, watching the socket, and unmounts when we die
+    monitor = "auto_unmount" in options
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with parent:
         env = dict(os.environ, _FUSE_COMMFD=str(child.fileno()))
         try:
             proc = subprocess.Popen(["fusermount3", "-o", mount_opts, "--", mountpoint], env=env,
                                     pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=None if monitor else subprocess.PIPE, text=True)
         except OSError as exc:
             child.close()
             raise ErofsMountError(f"cannot run fusermount3: {exc.strerror} (install the fuse3 package)",
@@ -293,6 +316,9 @@ def _fusermount_mount(mountpoint: str, options: set[str]) -> int:
             _msg, fds, _flags, _addr = socket.recv_fds(parent, 1, 1)
         except OSError:
             fds = []
+        if monitor and fds:
+            _MONITORS.append((proc, parent.detach()))  # the socket must stay open while we serve
+            return fds[0]
         try:
             err = proc.communicate(timeout=60)[1]
         except subprocess.TimeoutExpired:
@@ -314,7 +340,61 @@ def _fusermount_unmount(mountpoint: str) -> None:
         log.warning("%s: %s", " ".join(cmd), res.stderr.strip())
 
 
-def _worker(source: str, mountpoint: str, opts: FuseOptions, devices: tuple[str, ...]):
+async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) -> None:
+    image, closers, inline = await opener()
+    try:
+        log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
+                 image.sb.inos, image.sb.extra_devices)
+        await _serve(image, mountpoint, opts, source, ready, inline=inline)
+    finally:
+        for close in closers:
+            res = close()
+            if hasattr(res, "__await__"):
+                await res
+
+
+def _local_opener(source: str, devices: tuple[str, ...]):
+    async def opener():
+        image, opened = open_image(source, devices)  # a few small reads: fine before serving
+        return image, [src.close for src in opened], True
+    return opener
+
+
+def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
+    async def opener():
+        import trio
+
+        from ...erofs.image import Image
+        from ...sources.bridge import SyncReadAt
+        from ...sources.oci.blob import open_oci_source
+        from .inline import LocalReader
+
+        src = await open_oci_source(ref, options=oci_options)
+        closers: list = [src.aclose]
+        try:
+            extra = []
+            for dev in devices:
+                d = _open_local(dev)
+                closers.append(d.close)
+                extra.append(LocalReader(d).read_at)
+            bridge = SyncReadAt(src, trio.lowlevel.current_trio_token())
+            # the reader is sync: build the Image in a worker thread, whose reads come back to this loop
+            image = await trio.to_thread.run_sync(
+                lambda: Image(bridge.read_at, size=src.size, devices=extra, **IMAGE_CACHES))
+            tune_image(image)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for close in reversed(closers):
+                    res = close()
+                    if hasattr(res, "__await__"):
+                        await res
+            raise
+        log.info("OCI layer %s of %s (%d bytes)", getattr(src, "digest", "?"), ref, src.size)
+        return image, closers, False
+    return opener
+
+
+def _worker(source: str, mountpoint: str, opts: FuseOptions, opener):
     def run(ready) -> int:
         import trio
 
@@ -323,22 +403,15 @@ def _worker(source: str, mountpoint: str, opts: FuseOptions, devices: tuple[str,
         is_root = os.geteuid() == 0
         _check_mountpoint(mountpoint, opts, is_root)
         opts.libfuse_options(source, is_root=is_root)  # option errors before touching the image
-        image, opened = open_image(source, devices)
-        log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
-                 image.sb.inos, image.sb.extra_devices)
         profile = os.environ.get("EROFS_MOUNT_PROFILE")  # debugging aid: cProfile stats to this path
-        try:
-            if profile:
-                import cProfile
+        if profile:
+            import cProfile
 
-                cProfile.runctx("trio.run(_serve, image, mountpoint, opts, source, ready)", globals(),
-                                {"trio": trio, "image": image, "mountpoint": mountpoint, "opts": opts,
-                                 "source": source, "ready": ready, "_serve": _serve}, profile)
-            else:
-                trio.run(_serve, image, mountpoint, opts, source, ready)
-        finally:
-            for src in opened:
-                src.close()
+            cProfile.runctx("trio.run(_main, opener, mountpoint, opts, source, ready)", globals(),
+                            {"trio": trio, "opener": opener, "mountpoint": mountpoint, "opts": opts,
+                             "source": source, "ready": ready, "_main": _main}, profile)
+        else:
+            trio.run(_main, opener, mountpoint, opts, source, ready)
         log.info("daemon for %s exits", mountpoint)
         return 0
 
@@ -359,15 +432,40 @@ def _add_file_log(path: str) -> None:
 def mount(source: str, mountpoint: str, opts: FuseOptions, *, foreground: bool = False,
           devices: Iterable[str] = ()) -> int:
     """Mount ``source`` on ``mountpoint`` with FUSE; 0 once live, else 1 after a one-line error."""
-    from ... import daemon
-
     foreground = foreground or opts.foreground
     mountpoint = os.path.abspath(mountpoint)
     source_abs = os.path.abspath(source)
     if opts.fsname is None:
         opts = replace(opts, fsname=source_abs)
+    devices = tuple(os.path.abspath(d) for d in devices)
+    return _run(source_abs, mountpoint, opts, _local_opener(source_abs, devices), foreground)
+
+
+def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, foreground: bool = False) -> int:
+    """Mount an OCI registry layer (``-o oci.layer=N`` / ``oci.blob=sha256:…``) with FUSE.
+
+    ``mount_options`` is the CLI's ``options.MountOptions`` (its ``oci.*``, cache options and devices).
+    The registry is resolved in the daemon, after detaching (connections do not survive a fork).
+    """
+    from ...opener import oci_options
+
+    try:
+        oci = oci_options(mount_options)  # option errors here, before detaching
+    except ErofsMountError as exc:
+        print(f"erofs-mount: {exc}", file=sys.stderr)
+        return 1
+    mountpoint = os.path.abspath(mountpoint)
+    if opts.fsname is None:
+        opts = replace(opts, fsname=ref)
+    devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
+    return _run(ref, mountpoint, opts, _oci_opener(ref, oci, devices), foreground or opts.foreground)
+
+
+def _run(source: str, mountpoint: str, opts: FuseOptions, opener, foreground: bool) -> int:
+    from ... import daemon
+
     log_file = opts.log_file or daemon.log_path("fuse")
-    worker = _worker(source_abs, mountpoint, opts, tuple(os.path.abspath(d) for d in devices))
+    worker = _worker(source, mountpoint, opts, opener)
     try:
         if foreground:
             def fg(ready):
