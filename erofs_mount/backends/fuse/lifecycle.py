@@ -244,7 +244,8 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
             _fusermount_unmount(mountpoint)
         raise ErofsMountError(f"{mountpoint}: FUSE mount failed ({exc}; see the log)",
                               errno=errno.EPERM) from None
-    log.info("mounted %s on %s (FUSE)", source, mountpoint)
+    ours = find_mount(mountpoint)  # our mount, to tell it from others stacked on the same path later
+    log.info("mounted %s on %s (FUSE, mount id %s)", source, mountpoint, ours.mount_id if ours else "?")
     try:
         async with trio.open_nursery() as nursery:
             async def signals() -> None:
@@ -280,8 +281,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
         raise
     finally:
         # a lost mount (umount, umount -l, fusermount3 -u) already detached; unmounting again is harmless
-        mounted = find_mount(mountpoint) is not None
-        log.info("session ended; %s", "unmounting" if mounted else "mount already gone")
+        top = find_mount(mountpoint)
+        mounted = top is not None and ours is not None and top.mount_id == ours.mount_id
+        log.info("session ended; %s", "unmounting" if mounted else "our mount is already gone")
         if mounted and not is_root:
             _fusermount_unmount(mountpoint)  # libfuse does not unmount what it did not mount
         pyfuse3.close(unmount=mounted and is_root)

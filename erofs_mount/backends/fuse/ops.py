@@ -37,7 +37,7 @@ import trio
 
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
-from ...errors import ErofsMountError, LoopError
+from ...errors import CorruptedError, ErofsMountError, LoopError
 from .inline import WouldBlock, nowait, nowait_active
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,9 @@ class ErofsOperations(pyfuse3.Operations):
         """Up to READDIR_BATCH entries from byte position ``pos``: (name, nid, attr|None, err, next_pos)."""
         out = []
         for ent in self.image.iterdir(dir_nid, pos):
+            if ent.next_pos <= pos:  # resume cookies must advance, or a listing could never end
+                raise CorruptedError(f"directory nid {dir_nid}: entry position {ent.next_pos} after {pos}")
+            pos = ent.next_pos
             if ent.name in _DOTS:
                 out.append((ent.name, ent.nid, None, 0, ent.file_type, ent.next_pos))
             else:

@@ -1,0 +1,105 @@
+"""FUSE backend pieces that need no mount: options, inode numbering, the inline-read source."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests import corpuslib
+from erofs_mount.backends.fuse import inline
+from erofs_mount.backends.fuse.lifecycle import FuseOptions, open_image
+from erofs_mount.errors import UsageError
+
+pyfuse3 = pytest.importorskip("pyfuse3")
+from erofs_mount.backends.fuse.ops import ErofsOperations  # noqa: E402
+
+
+def test_options_from_mount_option_strings():
+    o = FuseOptions.from_strings(["nosuid", "noexec", "relatime", "silent"],
+                                 {"allow_other": "", "fsname": "a,b", "uid": "12", "max_read": "131072"})
+    assert (o.allow_other, o.nosuid, o.noexec, o.nodev, o.uid, o.gid, o.max_read) == (
+        True, True, True, False, 12, None, 131072)
+    assert o.flags == ("relatime",)
+    opts = o.libfuse_options("/img.erofs", is_root=True)
+    assert {"ro", "subtype=erofs", "fsname=a\\,b", "allow_other", "default_permissions", "nosuid", "noexec",
+            "relatime", "max_read=131072"} <= opts
+    assert "nodev" not in opts
+    with pytest.raises(UsageError, match="bogus"):
+        FuseOptions.from_strings([], {"bogus": "1"})
+    with pytest.raises(UsageError):
+        FuseOptions(allow_other=True, allow_root=True).libfuse_options("x", is_root=True)
+
+
+def test_default_permissions_defaults():
+    assert FuseOptions().resolved_default_permissions(is_root=False)
+    assert not FuseOptions().resolved_default_permissions(is_root=True)
+    assert FuseOptions(allow_other=True).resolved_default_permissions(is_root=True)
+    assert not FuseOptions(default_permissions=False).resolved_default_permissions(is_root=False)
+
+
+@pytest.mark.parametrize("name", ["plain-inline-4k", "metabox-lzma-lz4hc"])
+def test_inode_numbers_round_trip_and_never_hit_the_root(name):
+    img = corpuslib.image(name)
+    try:
+        image, opened = open_image(str(img.path), [str(d) for d in img.devices])
+    except Exception as exc:  # noqa: BLE001 - e.g. compression support absent
+        pytest.skip(f"{name} does not open: {exc}")
+    try:
+        ops = ErofsOperations(image)
+        assert ops.ino_of(image.root_nid) == pyfuse3.ROOT_INODE
+        assert ops.nid_of(pyfuse3.ROOT_INODE) == image.root_nid
+        top = 1 << 63
+        nids = [0, 1, 2, 3, 41, 42, 48, 1 << 31, (1 << 40) + 5, top, top | 1, top | 77, top | (1 << 33)]
+        seen = set()
+        for nid in nids:
+            if nid == image.root_nid or (nid >> 63 and not image.sb.has_metabox):
+                continue
+            ino = ops.ino_of(nid)
+            assert ino not in (0, pyfuse3.ROOT_INODE) and ino < 1 << 64
+            assert ops.nid_of(ino) == nid
+            assert ino not in seen
+            seen.add(ino)
+        manifest = corpuslib.load_manifest(img.manifest)
+        for path, rec in list(manifest["entries"].items())[1:50]:
+            assert ops.ino_of(image.resolve(path)) == rec["ino"]  # st_ino as the kernel shows it
+    finally:
+        for src in opened:
+            src.close()
+
+
+def test_local_reader_nowait_and_read_around(tmp_path):
+    path = tmp_path / "blob"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+
+    class Src:
+        def __init__(self):
+            self.fd = os.open(path, os.O_RDONLY)
+            self.size = len(data)
+            self.calls = []
+
+        def fileno(self):
+            return self.fd
+
+        def pread(self, off, n):
+            self.calls.append((off, n))
+            return os.pread(self.fd, n, off)
+
+    src = Src()
+    try:
+        r = inline.LocalReader(src)
+        assert r.read_at(5000, 100) == data[5000:5100]
+        assert src.calls == [(0, inline.READ_AROUND)]          # the aligned chunk around a small read
+        assert r.read_at(len(data) - 10, 100) == data[-10:]     # short only at the end
+        assert r.read_at(len(data), 10) == b""
+        assert r.read_at(0, 300_000) == data[:300_000]          # big reads go straight through
+        with inline.nowait():
+            assert inline.nowait_active()
+            try:
+                assert r.read_at(7, 9) == data[7:16]            # in the page cache: served inline
+            except inline.WouldBlock:
+                pass                                            # (a filesystem without RWF_NOWAIT)
+        assert not inline.nowait_active()
+    finally:
+        os.close(src.fd)
