@@ -176,3 +176,11 @@ def test_reads_at_odd_offsets_and_past_eof(mounted):
             assert os.pread(fd, 100, size + 12345) == b""
         finally:
             os.close(fd)
+
+
+def test_missing_names_are_enoent_every_time(mounted):
+    mnt, _ = mounted
+    for _ in range(3):  # the first miss is cached by the kernel as a negative entry
+        assert _errno(os.lstat, mnt + "/no-such-name") == errno.ENOENT
+        assert _errno(os.lstat, mnt + "/deep/no-such-name") == errno.ENOENT
+    assert _errno(os.lstat, mnt + "/README.txt/below-a-file") == errno.ENOTDIR

@@ -37,7 +37,7 @@ import trio
 
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
-from ...errors import CorruptedError, ErofsMountError, LoopError
+from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError
 from .inline import WouldBlock, nowait, nowait_active
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,14 @@ class ErofsOperations(pyfuse3.Operations):
         parent_nid = self.nid_of(parent_inode)
         if name in _DOTS:  # the kernel resolves these itself; only NFS export would ask
             raise pyfuse3.FUSEError(errno.ENOENT)
-        nid, attr = await self._run(self._lookup_sync, parent_nid, name)
+        try:
+            nid, attr = await self._run(self._lookup_sync, parent_nid, name)
+        except NotFoundError:
+            # the image never changes: let the kernel cache the miss (a negative dentry, nodeid 0)
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = TIMEOUT
+            return neg
         if stat.S_ISDIR(attr.st_mode):
             self._check_dir_alias(parent_nid, name, nid)
         self._remember(attr)
