@@ -176,67 +176,79 @@ async def find_extent(ref: str, opts: OciOptions) -> tuple[int, int]:
         await src.aclose()
 
 
-async def bench_seq(proxy_host: str, ref: str, digest: str, serial_mb: int) -> None:
+async def bench_seq(proxy_host: str, ref: str, digest: str, serial_mb: int, rounds: int) -> None:
+    """Source, reader and one streaming GET measured alternately *rounds* times (medians: the
+    machine is shared and single runs vary by 2x)."""
     from erofs_mount.erofs.image import Image
 
     opts = OciOptions(insecure=True)
     off, size = await find_extent(ref, OciOptions(insecure=True, chunk_size=64 * KiB, readahead=0))
-    results = {}
-
-    # 1. OciBlobSource, 128 KiB reads (the kernel's usual read-ahead unit)
-    src = await open_oci_source(ref, options=opts)
-    t0 = time.perf_counter()
-    for pos in range(off, off + size, 128 * KiB):
-        await src.read_at(pos, 128 * KiB)
-    results["source"] = time.perf_counter() - t0
-    s = src.stats()
-    await src.aclose()
-    print(f"  OciBlobSource, 128 KiB reads:     {_fmt_rate(size, results['source'])}"
-          f"  ({s['requests']} requests, {s['bytes_fetched'] / MiB:.0f} MiB fetched, {s['prefetched_chunks']} chunks prefetched)")
-
-    # 2. the pure reader on top (what FUSE / extract / cat do), 1 MiB reads in a worker thread
-    src = await open_oci_source(ref, options=opts)
-    bridge = SyncReadAt.here(src)
-
-    def read_file() -> int:
-        img = Image(bridge, size=src.size)
-        nid = img.resolve(BIG_PATH)
-        n = 0
-        while True:
-            piece = img.read(nid, n, MiB)
-            if not piece:
-                return n
-            n += len(piece)
-
-    t0 = time.perf_counter()
-    got = await trio.to_thread.run_sync(read_file)
-    results["reader"] = time.perf_counter() - t0
-    await src.aclose()
-    print(f"  reader over OciBlobSource, 1 MiB: {_fmt_rate(got, results['reader'])}")
-
-    # 3. erofs-utils' strategy: one uncached Range GET per 32 KiB, strictly serial (first serial_mb MiB)
     url = f"http://{proxy_host}/v2/bench/app/blobs/{digest}"
-    n = serial_mb * MiB
+    times: dict[str, list[float]] = {"source": [], "reader": [], "stream": []}
+    last = {}
+
+    async def source_run() -> None:
+        src = await open_oci_source(ref, options=opts)  # 128 KiB reads: the kernel's usual read-ahead unit
+        t0 = time.perf_counter()
+        for pos in range(off, off + size, 128 * KiB):
+            await src.read_at(pos, 128 * KiB)
+        times["source"].append(time.perf_counter() - t0)
+        last["source"] = src.stats()
+        await src.aclose()
+
+    async def reader_run() -> None:
+        src = await open_oci_source(ref, options=opts)  # the pure reader on top, 1 MiB reads in a thread
+        bridge = SyncReadAt.here(src)
+
+        def read_file() -> int:
+            img = Image(bridge, size=src.size)
+            nid = img.resolve(BIG_PATH)
+            n = 0
+            while True:
+                piece = img.read(nid, n, MiB)
+                if not piece:
+                    return n
+                n += len(piece)
+
+        t0 = time.perf_counter()
+        got = await trio.to_thread.run_sync(read_file)
+        times["reader"].append(time.perf_counter() - t0)
+        assert got == size
+        await src.aclose()
+
     async with httpx.AsyncClient(timeout=30) as c:
+        async def stream_run() -> None:
+            t0 = time.perf_counter()
+            got = 0
+            async with c.stream("GET", url, headers={"Range": f"bytes={off}-{off + size - 1}"}) as r:
+                async for piece in r.aiter_raw():
+                    got += len(piece)
+            times["stream"].append(time.perf_counter() - t0)
+            assert got == size
+
+        for _ in range(rounds):
+            await source_run()
+            await stream_run()
+            await reader_run()
+        # erofs-utils' strategy: one uncached Range GET per 32 KiB, strictly serial (first serial_mb MiB)
+        n = serial_mb * MiB
         t0 = time.perf_counter()
         for pos in range(off, off + n, 32 * KiB):
             r = await c.get(url, headers={"Range": f"bytes={pos}-{pos + 32 * KiB - 1}"})
             assert r.status_code == 206 and len(r.content) == 32 * KiB
-        results["serial"] = time.perf_counter() - t0
-        print(f"  serial 32 KiB GETs ({serial_mb} MiB):     {_fmt_rate(n, results['serial'])}")
-
-        # 4. one streaming GET of the whole file's range
-        t0 = time.perf_counter()
-        got = 0
-        async with c.stream("GET", url, headers={"Range": f"bytes={off}-{off + size - 1}"}) as r:
-            async for piece in r.aiter_raw():
-                got += len(piece)
-        results["stream"] = time.perf_counter() - t0
-        print(f"  one streaming GET:                {_fmt_rate(got, results['stream'])}")
-    src_rate = size / results["source"]
-    print(f"  ratios: source / serial-32K = {src_rate / (n / results['serial']):.1f}x (target >= 10x);"
-          f" source / streaming GET = {src_rate / (size / results['stream']):.2f} (target >= 0.8);"
-          f" reader / streaming GET = {(size / results['reader']) / (size / results['stream']):.2f}")
+        serial = n / (time.perf_counter() - t0)
+    rate = {k: size / statistics.median(v) for k, v in times.items()}
+    spread = {k: f"{size / max(v) / MiB:.0f}-{size / min(v) / MiB:.0f}" for k, v in times.items()}
+    s = last["source"]
+    print(f"  (medians of {rounds} alternating rounds; range in MiB/s in brackets)")
+    print(f"  OciBlobSource, 128 KiB reads:     {_fmt_rate(int(rate['source']), 1)} [{spread['source']}]"
+          f"  ({s['requests']} requests, {s['bytes_fetched'] / MiB:.0f} MiB fetched)")
+    print(f"  reader over OciBlobSource, 1 MiB: {_fmt_rate(int(rate['reader']), 1)} [{spread['reader']}]")
+    print(f"  one streaming GET:                {_fmt_rate(int(rate['stream']), 1)} [{spread['stream']}]")
+    print(f"  serial 32 KiB GETs ({serial_mb} MiB):     {_fmt_rate(int(serial), 1)}")
+    print(f"  ratios: source / serial-32K = {rate['source'] / serial:.1f}x (target >= 10x);"
+          f" source / streaming GET = {rate['source'] / rate['stream']:.2f} (target >= 0.8);"
+          f" reader / streaming GET = {rate['reader'] / rate['stream']:.2f}")
 
 
 async def bench_random(ref: str, size: int, reads: int) -> None:
@@ -290,6 +302,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--delay", type=float, default=0.020, help="seconds the proxy adds to every request")
     ap.add_argument("--serial-mb", type=int, default=8, help="MiB read by the serial 32 KiB reader")
     ap.add_argument("--random-reads", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the sequential comparison")
     ap.add_argument("--work", default=str(HERE / "work" / "oci"))
     args = ap.parse_args(argv)
     if REGISTRY_BIN is None or not any(os.access(os.path.join(d, "mkfs.erofs"), os.X_OK)
@@ -320,7 +333,7 @@ def main(argv: list[str]) -> int:
                 for chunk in (MiB, 256 * KiB, 64 * KiB):
                     await bench_cat(ref, chunk)
                 print("sequential read of the 100 MB file:")
-                await bench_seq(proxy_host, ref, digest, args.serial_mb)
+                await bench_seq(proxy_host, ref, digest, args.serial_mb, args.rounds)
                 print(f"{args.random_reads} random 4 KiB reads:")
                 await bench_random(ref, image.stat().st_size, args.random_reads)
 

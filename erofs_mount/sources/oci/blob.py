@@ -277,13 +277,25 @@ class OciBlobSource:
             self._write_scopes.discard(scope)
 
     def _prefetch(self, chunks: range) -> None:
-        todo = [i for i in chunks if i not in self._inflight and i not in self.cache]
-        if not todo or self._closed:
+        if not chunks or self._closed:
             return
         # Batch: while the chunk right after the read is already on its way, wait until a
         # worthwhile run (half a window, at most one request) is missing before asking, so
         # read-ahead goes out in large GETs rather than one chunk at a time.
-        if todo[0] != chunks.start and len(todo) < min(self._max_run, max(1, len(chunks) // 2)):
+        batch = min(self._max_run, max(1, len(chunks) // 2))
+        have = lambda i: i in self._inflight or i in self.cache  # noqa: E731
+        if have(chunks.start):
+            # steady state: the missing chunks are a tail of the window; count it from the end
+            # (cheap) before scanning the whole window on every read
+            tail = 0
+            for i in reversed(chunks):
+                if have(i) or tail >= batch:
+                    break
+                tail += 1
+            if tail < batch:
+                return
+        todo = [i for i in chunks if not have(i)]
+        if not todo or (todo[0] != chunks.start and len(todo) < batch):
             return
         for i in todo:
             self._inflight[i] = _Fetch()
