@@ -9,6 +9,7 @@
 * ``-o nbd.io_timeout=S``          → the block layer's request timeout; with NBD's
   TIMEOUT 0 it only decides how soon requests that were in flight when a daemon died
   are resent after ``--reattach`` (kernel default 30; 0 = leave the kernel's)
+* ``-o nbd.read_ahead_kb=N``       → the device's read-ahead (default 4096; 0 = kernel default)
 * ``-o nbd.block_size=N``          → 512..4096 (default 4096, or the image's smaller one)
 * ``-o nbd.mode=ioctl``            → force the ioctl fallback (also EROFS_MOUNT_NBD_IOCTL=1)
 * standard mount flags (``nosuid,nodev,noexec,noatime,…``) → ``mount_flags`` (MS_*);
@@ -61,6 +62,7 @@ _FLAG_OPTIONS: Final = {
 
 DEFAULT_DEAD_CONN_TIMEOUT: Final = 30 * 24 * 3600  # erofs-utils EROFS_NBD_DEAD_CONN_TIMEOUT
 DEFAULT_IO_TIMEOUT: Final = 5
+DEFAULT_READ_AHEAD_KB: Final = 4096  # larger requests: each costs a few syscalls in the daemon
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class NbdOptions:
     index: int | None = None
     dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT
     io_timeout: int = DEFAULT_IO_TIMEOUT
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB  # the device's read-ahead (0: leave the kernel's 128)
     block_size: int | None = None
     mount_flags: int = MS_RDONLY
     mount_data: str = ""
@@ -115,6 +118,8 @@ def apply_nbd_option(opts: NbdOptions, key: str, value: str) -> NbdOptions:
         return replace(opts, dead_conn_timeout=_int("nbd.dead_conn_timeout", value, 0, 2**40))
     if key == "io_timeout":
         return replace(opts, io_timeout=_int("nbd.io_timeout", value, 0, 3600))
+    if key == "read_ahead_kb":
+        return replace(opts, read_ahead_kb=_int("nbd.read_ahead_kb", value, 0, 1 << 20))
     if key == "block_size":
         n = _int("nbd.block_size", value, 512, 4096)
         if n & (n - 1):

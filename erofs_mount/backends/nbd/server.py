@@ -221,6 +221,19 @@ class _Server:
                     stats.max_in_flight = max(stats.max_in_flight, conn.in_flight)
 
 
+SEND_BUFFER = 8 << 20  # a whole large READ reply fits: one sendfile, no EAGAIN round trips
+_SO_SNDBUFFORCE = getattr(_socket, "SO_SNDBUFFORCE", 32)
+
+
+def _grow_send_buffer(sock: Any) -> None:
+    for opt in (_SO_SNDBUFFORCE, _socket.SO_SNDBUF):  # FORCE needs CAP_NET_ADMIN, else capped by wmem_max
+        try:
+            sock.setsockopt(_socket.SOL_SOCKET, opt, SEND_BUFFER)
+            return
+        except OSError:
+            continue
+
+
 async def serve_nbd(
     sock: trio.socket.SocketType,
     source: Any,
@@ -237,6 +250,7 @@ async def serve_nbd(
     """
     if zero_copy not in ("sendfile", "pread", "off"):
         raise ValueError(f"zero_copy={zero_copy!r}")
+    _grow_send_buffer(sock)
     server = _Server(sock, source, source.size if export_size is None else export_size, zero_copy, max_in_flight)
     server.stats.extra["mode"] = server.mode
     async with trio.open_nursery() as nursery:

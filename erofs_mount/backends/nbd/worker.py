@@ -61,14 +61,29 @@ def _mount_syscall(device: str, mountpoint: str, flags: int, data: str) -> None:
         raise ErofsMountError(f"mount {device} on {mountpoint}: {os.strerror(err)} (see dmesg)", errno=err)
 
 
-def set_io_timeout(index: int, seconds: int) -> None:
-    if seconds <= 0:
-        return
+def _queue_attr(index: int, name: str, value: int) -> None:
     try:
-        with open(f"/sys/block/nbd{index}/queue/io_timeout", "w") as f:
-            f.write(str(seconds * 1000))
+        with open(f"/sys/block/nbd{index}/queue/{name}", "w") as f:
+            f.write(str(value))
     except OSError as exc:
-        log.warning("nbd%d: cannot set io_timeout: %s", index, exc)
+        log.warning("nbd%d: cannot set queue/%s: %s", index, name, exc)
+
+
+def tune_queue(index: int, opts: NbdOptions) -> None:
+    """io_timeout: with NBD TIMEOUT 0 it only decides how soon requests caught by a dead daemon
+    are resent after a reattach (nbd_xmit_timeout requeues them once the socket changed);
+    read_ahead_kb: bigger sequential requests."""
+    if opts.io_timeout > 0:
+        _queue_attr(index, "io_timeout", opts.io_timeout * 1000)
+    if opts.read_ahead_kb > 0:
+        _queue_attr(index, "read_ahead_kb", opts.read_ahead_kb)
+        try:  # the block layer splits at max_sectors_kb (128): let a read-ahead be one request
+            with open(f"/sys/block/nbd{index}/queue/max_hw_sectors_kb") as f:
+                hw = int(f.read())
+        except (OSError, ValueError):
+            hw = 0
+        if hw:
+            _queue_attr(index, "max_sectors_kb", min(hw, max(128, opts.read_ahead_kb)))
 
 
 def _candidates(opts: NbdOptions) -> list[int]:
@@ -200,7 +215,7 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
         pidlock.acquire()
         log.info("nbd%d: %s connected (%s mode, %d bytes, block size %d, identifier %s)",
                  index, describe(record), mode, export_size, bs, ident)
-        set_io_timeout(index, opts.io_timeout)
+        tune_queue(index, opts)
         device = sysfs.ensure_device_node(index)
         async with trio.open_nursery() as nursery:
             if nbd_fd >= 0:
@@ -303,7 +318,7 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
             raise ErofsMountError(f"/dev/nbd{index} has {have} bytes but the source now gives {export_size}",
                                   errno=_errno.EINVAL)
         sock = await trio.to_thread.run_sync(_reconfigure_until_taken, index, ident)
-        set_io_timeout(index, opts.io_timeout)
+        tune_queue(index, opts)
         log.info("nbd%d: reattached to %s", index, describe(record))
         async with trio.open_nursery() as nursery:
             stats = await nursery.start(functools.partial(
