@@ -292,7 +292,7 @@ def _reconfigure_until_taken(index: int, ident: str, attempts: int = 40) -> sock
             raise
         finally:
             theirs.close()
-        r, _, _ = select.select([ours], [], [], 0.2)
+        r, _, _ = select.select([ours], [], [], 0.02)  # a dropped socket is closed before the call returns
         if not r or ours.recv(1, socket.MSG_PEEK):
             return ours
         ours.close()
