@@ -386,19 +386,5 @@ class RegistryClient:
         await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt, size_hint=end - start)
         return None
 
-    async def head_blob(self, digest: str) -> int:
-        """Size of blob *digest* by HEAD (Content-Length)."""
-        url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
-
-        async def attempt() -> int:
-            resp = await self.http.head(url, auth=self.auth, follow_redirects=True)
-            self.counters["requests"] += 1
-            self._check(resp, f"blob {digest}")
-            if resp.status_code != 200 or "content-length" not in resp.headers:
-                raise RegistryError(f"registry {self.ref.registry}: HEAD blob {digest}: HTTP {resp.status_code}")
-            return int(resp.headers["content-length"])
-
-        return await self._with_retries(f"HEAD blob {digest[:19]}", attempt)
-
     async def aclose(self) -> None:
         await self.http.aclose()
