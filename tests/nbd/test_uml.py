@@ -68,4 +68,6 @@ export EROFS_MOUNT_KERNEL_TESTS=required PYTHONDONTWRITEBYTECODE=1
     print(out[-20000:])
     assert rc is not None, "the guest did not report an exit status (timeout or crash)"
     assert rc == 0, f"kernel suite failed in UML (rc={rc}):\n{out[-8000:]}"
-    assert " passed" in out and " skipped" not in out.splitlines()[-1], out[-3000:]
+    # a missing nbd driver already fails inside (EROFS_MOUNT_KERNEL_TESTS=required); the corpus
+    # tests may skip only where the shared corpus (check_tree.py) is absent
+    assert " passed" in out, out[-3000:]
