@@ -103,8 +103,12 @@ class ChunkCache:
             self.evictions += 1
 
 
+RAMP_FIRST = 4  # chunks read ahead when a stream is first seen
+RAMP_GROWTH = 4  # window growth per continuing read: few round trips to reach full speed
+
+
 class ReadAhead:
-    """Sequential-stream detector: the window doubles while reads keep going forward.
+    """Sequential-stream detector: the window grows (x4) while reads keep going forward.
 
     Several interleaved streams are tracked (up to *streams*), each by the
     (start, end) of its last read.  A read continues a stream when it starts
@@ -129,7 +133,7 @@ class ReadAhead:
         for key in reversed(self._streams):
             start, expected = key
             if start < offset <= expected + self.slack and end > expected:
-                window = min(self.max_chunks, max(1, self._streams.pop(key) * 2))
+                window = min(self.max_chunks, max(RAMP_FIRST, self._streams.pop(key) * RAMP_GROWTH))
                 break
         self._streams[(offset, end)] = window
         self._streams.move_to_end((offset, end))

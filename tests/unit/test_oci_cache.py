@@ -42,14 +42,18 @@ def test_lru():
 
 
 def test_readahead():
-    ra = ReadAhead(chunk_size=100, max_window=800)
+    ra = ReadAhead(chunk_size=100, max_window=6400)  # 64 chunks at most
     assert ra.observe(5000, 10) == 0  # random read: nothing
     assert ra.observe(0, 100) == 0  # a first read, even at 0, is not a stream yet
-    assert [ra.observe(o, 100) for o in range(100, 700, 100)] == [1, 2, 4, 8, 8, 8]
+    assert [ra.observe(o, 100) for o in range(100, 600, 100)] == [4, 16, 64, 64, 64]  # x4 ramp
     assert ra.observe(90000, 100) == 0  # somewhere else
-    assert ra.observe(700, 100) == 8  # the first stream continues
-    assert ra.observe(90100, 100) == 1
-    assert ra.observe(850, 50) == 8  # a small gap (< one chunk) still counts
+    assert ra.observe(600, 100) == 64  # the first stream continues
+    assert ra.observe(90100, 100) == 4
+    assert ra.observe(750, 50) == 64  # a small gap (< one chunk) still counts
+    assert ReadAhead(chunk_size=100, max_window=200).observe(0, 1) == 0
+    small = ReadAhead(chunk_size=100, max_window=200)
+    small.observe(0, 100)
+    assert small.observe(100, 100) == 2  # capped by the window
 
 
 def test_readahead_backwards_is_random():
@@ -59,7 +63,7 @@ def test_readahead_backwards_is_random():
     assert ra.observe(500, 100) == 0  # backwards inside the last read
     ra2 = ReadAhead(chunk_size=1000, max_window=8000)
     ra2.observe(10_000, 1000)
-    assert ra2.observe(10_500, 1000) == 1  # overlapping forward read continues
+    assert ra2.observe(10_500, 1000) == 4  # overlapping forward read continues
 
 
 def test_readahead_interleaved_streams_bounded():
@@ -69,10 +73,10 @@ def test_readahead_interleaved_streams_bounded():
     ra.observe(9000, 100)  # forgets the 1000 stream
     assert ra.observe(1100, 100) == 0
     assert ra.observe(5100, 100) == 0  # also forgotten by now (2 streams max)
-    ra = ReadAhead(chunk_size=100, max_window=400, streams=4)
+    ra = ReadAhead(chunk_size=100, max_window=3200, streams=4)
     ra.observe(1000, 100)
     ra.observe(5000, 100)
-    assert (ra.observe(1100, 100), ra.observe(5100, 100), ra.observe(1200, 100), ra.observe(5200, 100)) == (1, 1, 2, 2)
+    assert (ra.observe(1100, 100), ra.observe(5100, 100), ra.observe(1200, 100), ra.observe(5200, 100)) == (4, 4, 16, 16)
 
 
 def test_retry_policy():

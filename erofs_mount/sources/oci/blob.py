@@ -13,6 +13,7 @@ are cancelled by ``aclose()``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 
 import trio
@@ -59,11 +60,12 @@ class OciBlobSource:
         self._disk_verifying = False
         self.readahead = ReadAhead(self.chunk_size, options.readahead)
         self._inflight: dict[int, _Fetch] = {}
-        self._bg_limiter = trio.CapacityLimiter(options.connections)
+        self._queue: list = []  # read-ahead runs waiting for a slot: (first, count, fetches), a heap
+        self._active = 0  # read-ahead runs under way
         self._bg_scopes: set[trio.CancelScope] = set()  # read-ahead tasks
         self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
-        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "prefetch_failures": 0,
+        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "fetch_failures": 0,
                    "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
 
     # -- public -------------------------------------------------------------------------
@@ -105,6 +107,9 @@ class OciBlobSource:
         if self._closed:
             return
         self._closed = True
+        queued, self._queue = self._queue, []
+        for _, _, fetches in queued:
+            self._release(fetches)
         for scope in list(self._bg_scopes):
             scope.cancel()
         with trio.CancelScope(shield=True):  # runs to the end even when the caller is cancelled
@@ -141,11 +146,10 @@ class OciBlobSource:
             self._inflight[i] = _Fetch()
         fetches = {i: self._inflight[i] for i in wanted}
         self._n["coalesced"] += len(wanted) - len(mine)
-        self._prefetch(prefetch)
-        if mine:
-            async with trio.open_nursery() as nursery:
-                for first, count in runs(mine, self._max_run):
-                    nursery.start_soon(self._fetch_run, first, count)
+        # the read's own chunks and the read-ahead after them go out together: a run that holds
+        # demand chunks is not queued behind read-ahead, and since every GET is delivered chunk by
+        # chunk this read returns as soon as its own chunks are in
+        self._spawn_runs(sorted(mine + self._plan_prefetch(prefetch)), demand=set(mine))
         out: dict[int, bytes] = {}
         for i in wanted:
             f = fetches[i]
@@ -154,7 +158,7 @@ class OciBlobSource:
                 out[i] = f.data
             elif i in mine:
                 raise _as_source_error(f.error, self)
-            else:  # someone else's fetch (e.g. a prefetch) failed: try once ourselves
+            else:  # someone else's fetch (e.g. a read-ahead) failed: try once ourselves
                 out[i] = await self._fetch_one(i)
         return out
 
@@ -277,8 +281,12 @@ class OciBlobSource:
             self._write_scopes.discard(scope)
 
     def _prefetch(self, chunks: range) -> None:
+        self._spawn_runs(self._plan_prefetch(chunks), demand=set())
+
+    def _plan_prefetch(self, chunks: range) -> list[int]:
+        """Register (not fetch) the read-ahead chunks worth asking for now."""
         if not chunks or self._closed:
-            return
+            return []
         # Batch: while the chunk right after the read is already on its way, wait until a
         # worthwhile run (half a window, at most one request) is missing before asking, so
         # read-ahead goes out in large GETs rather than one chunk at a time.
@@ -293,38 +301,63 @@ class OciBlobSource:
                     break
                 tail += 1
             if tail < batch:
-                return
+                return []
         todo = [i for i in chunks if not have(i)]
         if not todo or (todo[0] != chunks.start and len(todo) < batch):
-            return
+            return []
         for i in todo:
             self._inflight[i] = _Fetch()
         self._n["prefetched_chunks"] += len(todo)
-        for first, count in runs(todo, self._max_run):
-            fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
-            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, name=f"prefetch {first}+{count}")
+        return todo
 
-    async def _background_run(self, first: int, count: int, fetches: list) -> None:
+    def _spawn_runs(self, chunks: list[int], *, demand: set[int]) -> None:
+        """One background GET per run of consecutive registered chunks.  Runs holding demand
+        chunks start at once; read-ahead runs queue, lowest offset first, for one of the
+        ``connections`` read-ahead slots (so the chunk a reader waits for next is never stuck
+        behind read-ahead further out)."""
+        for first, count in runs(chunks, self._max_run):
+            fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
+            if any(i in demand for i in range(first, first + count)):
+                trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, False,
+                                                name=f"fetch {first}+{count}")
+            else:
+                heapq.heappush(self._queue, (first, count, fetches))
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and self._active < self.options.connections and not self._closed:
+            first, count, fetches = heapq.heappop(self._queue)
+            self._active += 1
+            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, True,
+                                            name=f"read-ahead {first}+{count}")
+
+    async def _background_run(self, first: int, count: int, fetches: list, readahead: bool) -> None:
         scope = trio.CancelScope()
         self._bg_scopes.add(scope)
         try:
             with scope:
                 if self._closed:
                     return
-                async with self._bg_limiter:
-                    await self._fetch_run(first, count)
+                await self._fetch_run(first, count)
         except BaseException as exc:  # a system task must never raise; readers refetch on demand
-            log.debug("prefetch of chunks %d+%d ended: %r", first, count, exc)
+            log.debug("fetch of chunks %d+%d ended: %r", first, count, exc)
         finally:
             self._bg_scopes.discard(scope)
-            for i, f in fetches:  # never leave a waiter hanging (e.g. cancelled in the limiter queue)
-                if not f.event.is_set():
-                    f.error = SourceError(f"{self.ref}: prefetch cancelled")
-                    if self._inflight.get(i) is f:
-                        del self._inflight[i]
-                    f.event.set()
-            if any(f.error is not None for _, f in fetches):
-                self._n["prefetch_failures"] += 1
+            if readahead:  # it held a read-ahead slot
+                self._active -= 1
+                self._pump()
+            self._release(fetches)
+
+    def _release(self, fetches: list) -> None:
+        """Fail what was never delivered (a closed source): never leave a waiter hanging."""
+        for i, f in fetches:
+            if not f.event.is_set():
+                f.error = SourceError(f"{self.ref}: fetch cancelled (source closed)")
+                if self._inflight.get(i) is f:
+                    del self._inflight[i]
+                f.event.set()
+        if any(f.error is not None for _, f in fetches):
+            self._n["fetch_failures"] += 1
 
 
 def _as_source_error(exc: BaseException | None, src: "OciBlobSource") -> SourceError:
