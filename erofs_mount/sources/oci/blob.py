@@ -3,12 +3,15 @@
 Reads are split into ``chunk_size`` chunks kept in a byte-bounded LRU.  A chunk
 being fetched is registered in ``_inflight`` before the first await, so
 concurrent readers of it wait for the same GET (coalescing).  Consecutive
-missing chunks are fetched by one Range GET of at most ``max_request`` bytes.
-A sequential reader grows a read-ahead window (``cache.ReadAhead``); the
-chunks past its read are fetched by background tasks, at most ``connections``
-at a time, while demand reads go straight out.  Background tasks are trio
-system tasks owned by the source (no nursery is needed from the caller); they
-are cancelled by ``aclose()``.
+missing chunks go out as one Range GET of at most ``max_request`` bytes, and
+every GET hands its chunks over one by one as the body streams in, so a read
+returns as soon as its own chunks are there.  A sequential reader grows a
+read-ahead window (``cache.ReadAhead``); the chunks past its read join the
+read's own GET, or queue (lowest offset first) for one of ``connections``
+read-ahead slots.  GETs run in trio system tasks owned by the source (no
+nursery is needed from the caller); ``aclose()`` cancels them.  With
+``oci.cache`` chunks also go to the persistent per-digest cache
+(``diskcache.py``), which is read before the network.
 """
 
 from __future__ import annotations
