@@ -18,7 +18,8 @@ caches (``echo 3 > /proc/sys/vm/drop_caches``) and runs one workload:
 
 Medians of ``--runs`` runs are printed with their ratio to the kernel (kernel
 time / our time: 1.0 = as fast as the kernel, higher is better), and the
-daemon's peak RSS (VmHWM) after the workloads.
+daemon's peak RSS (VmHWM) after the workloads.  The three targets take turns
+within every run, so load drifting on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -209,17 +210,29 @@ def w_readall(root: str) -> int:
 WORKLOADS = {"big": w_big, "lstat": w_lstat, "readall": w_readall}
 
 
-def measure(kind: str, image: str, mnt: str, workload: str, runs: int) -> tuple[float, float | None, int]:
-    times, rss, result = [], None, 0
+def measure_once(kind: str, image: str, mnt: str, workload: str) -> tuple[float, float | None, int]:
+    with Mount(kind, image, mnt) as m:
+        drop_caches()
+        t = time.perf_counter()
+        result = WORKLOADS[workload](mnt)
+        elapsed = time.perf_counter() - t
+        rss = peak_rss_mb(m.pid) if m.pid else None
+    return elapsed, rss, result
+
+
+def measure_round_robin(targets, mnt: str, workload: str, runs: int) -> dict:
+    """Medians per target; the targets take turns in every run, so drift on a shared machine hits all alike."""
+    times: dict = {kind: [] for kind, _ in targets}
+    rss: dict = {kind: None for kind, _ in targets}
+    result: dict = {}
     for _ in range(runs):
-        with Mount(kind, image, mnt) as m:
-            drop_caches()
-            t = time.perf_counter()
-            result = WORKLOADS[workload](mnt)
-            times.append(time.perf_counter() - t)
-            if m.pid:
-                rss = max(rss or 0, peak_rss_mb(m.pid))
-    return statistics.median(times), rss, result
+        for kind, image in targets:
+            elapsed, peak, n = measure_once(kind, image, mnt, workload)
+            times[kind].append(elapsed)
+            if peak is not None:
+                rss[kind] = max(rss[kind] or 0, peak)
+            result[kind] = n
+    return {kind: (statistics.median(times[kind]), rss[kind], result[kind]) for kind, _ in targets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,10 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = [("kernel", imgs[f"erofs-{comp}"]), ("ours", imgs[f"erofs-{comp}"]),
                    ("squashfuse", imgs[f"squashfs-{comp}"])]
         for wl in a.workloads.split(","):
-            res = {}
-            for kind, image in targets:
-                med, rss, n = measure(kind, image, mnt, wl, a.runs)
-                res[kind] = (med, rss, n)
+            res = measure_round_robin(targets, mnt, wl, a.runs)
+            for kind, _image in targets:
+                med, rss, n = res[kind]
                 print(f"  {comp:12} {wl:8} {kind:10} {med:8.3f} s  ({n} {'paths' if wl == 'lstat' else 'bytes'})"
                       + (f"  peak RSS {rss:.0f} MB" if rss else ""), flush=True)
             rows.append((comp, wl, res))
