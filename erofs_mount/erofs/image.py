@@ -224,6 +224,18 @@ class Image:
             self._inodes.put(nid, ino)
         return ino
 
+    def st_ino(self, nid: int) -> int:
+        """The inode number the kernel reports for ``nid`` (``st_ino``, ``d_ino``).
+
+        The on-disk nid, except on metabox images, where the kernel moves the metabox flag
+        (nid bit 63) to bit 31 and shifts nid bits 31..62 up by one so inode numbers stay
+        small (fs/erofs/internal.h ``erofs_nid_to_ino64``).
+        """
+        if not self.sb.has_metabox:
+            return nid
+        hi = (nid << 1) & (((1 << 64) - 1) ^ ((1 << 32) - 1))
+        return hi | (nid & ((1 << 31) - 1)) | ((nid >> L.EROFS_DIRENT_NID_METABOX_BIT) << 31)
+
     # ------------------------------------------------------------------ data
     def read(self, nid: int, offset: int, length: int) -> bytes:
         """``length`` bytes of the inode's data from ``offset`` (short only at EOF)."""

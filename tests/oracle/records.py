@@ -3,8 +3,8 @@
 Both sides produce ``tests.corpuslib.scan_tree``-shaped records (same field names)
 plus fields only a direct comparison can check:
 
-* ``ino``: the kernel's ``st_ino`` is the nid (``erofs_iget``/``erofs_squash_ino`` on
-  64-bit), so it must equal the nid our lookup returns;
+* ``ino``: the kernel's ``st_ino`` is the nid our lookup returns, mapped by
+  ``Image.st_ino`` (the identity but on metabox images);
 * ``blocks``: ``st_blocks`` (``erofs_read_inode``: compressed = on-disk block count,
   otherwise i_size rounded up to the block size);
 * ``order``: the kernel's readdir order (getdents, "." and ".." left out);
@@ -101,7 +101,7 @@ def image_records(img: Image, limit: int = 200_000) -> tuple[dict, dict]:
             rec["target"] = _p(img.readlink(nid))
         items = img.xattr_items(nid)
         rec["xattrs"] = {_p(n): v.hex() for n, v in items}
-        ex = {"ino": nid, "blocks": ino.blocks, "xattr_order": [_p(n) for n, _ in items]}
+        ex = {"ino": img.st_ino(nid), "blocks": ino.blocks, "xattr_order": [_p(n) for n, _ in items]}
         if fmt == stat.S_IFREG:
             h = hashlib.sha256()
             pos = 0

@@ -153,13 +153,13 @@ def fixed_spec(seed: int, profile: str = "full", max_name: int = 254) -> list[No
     add(b"names/" + b"d" * L + b"/" + b"e" * L, "symlink", target=b"f" * 255)
     # a directory spanning several blocks
     add(b"bigdir", "dir")
-    n_big = 120 if small else 420
+    n_big = 90 if small else 420
     for i in range(n_big):
         ln = rng.randrange(1, 80)
         name = (b"%04d-" % i + bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz_.-") for _ in range(ln)))
         kind = rng.choice(("reg", "reg", "reg", "symlink", "dir", "fifo"))
         if kind == "reg":
-            add(b"bigdir/" + name, "reg", data=_content(rng, rng.choice((0, 3, 100, 2000))))
+            add(b"bigdir/" + name, "reg", data=_content(rng, rng.choice((0, 3, 100) if small else (0, 3, 100, 2000))))
         elif kind == "symlink":
             add(b"bigdir/" + name, "symlink", target=name[:20])
         else:
