@@ -8,8 +8,9 @@
 
     run_detached(worker, log_file=log_path("nbd0"))   # returns 0 once ready, or raises
 
-``run_detached`` double-forks: the worker runs in a grandchild that called
-``setsid()`` (no controlling terminal, not a child of the caller), with stdin
+``run_detached`` double-forks: the worker runs in a grandchild in a new session
+(the first child calls ``setsid()`` and exits, so the worker is no session leader,
+has no controlling terminal and is not a child of the caller), with stdin
 on /dev/null and stdout/stderr appended to ``log_file`` (so ``erofs-mount …
 | cat`` returns as soon as the mount is live: nothing keeps the caller's
 pipe open).  A close-on-exec pipe carries one line back: ``ok`` or the
