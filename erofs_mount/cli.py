@@ -63,7 +63,9 @@ def mount_parser() -> argparse.ArgumentParser:
     p.add_argument("-u", dest="unmount", action="store_true", help="unmount MNT")
     p.add_argument("--reattach", metavar="DEV", help="attach a new daemon to a live NBD device")
     p.add_argument("--disconnect", metavar="DEV", help="force-disconnect an NBD device")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay attached (FUSE mode)")
+    p.add_argument("--supervise", action="store_true",
+                   help="start a supervisor that reattaches NBD devices whose daemon died (NBD_CMD_LINK_DEAD)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached (don't detach the daemon)")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("args", nargs="*", metavar="SOURCE MNT")
     return p
@@ -169,6 +171,10 @@ def run_mount(argv: list[str]) -> int:
         return _backend_call("reattach", ns.reattach, opts)
     if ns.disconnect:
         return _backend_call("disconnect", ns.disconnect, opts)
+    if ns.supervise:
+        if ns.args:
+            raise UsageError("--supervise takes no SOURCE or MOUNTPOINT")
+        return _backend_call("supervise", ns.foreground, opts)
     if ns.args == ["status"]:
         return _backend_call("status", None, opts)
     if len(ns.args) != 2:

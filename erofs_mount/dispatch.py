@@ -93,11 +93,13 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         raise UsageError(f"FUSE options do not apply to NBD mode ({', '.join(opts.fuse)})")
     if opts.devices:
         raise UsageError("multi-device images are not supported in NBD mode yet (use --mode fuse)")
-    if opts.is_oci:
-        raise UsageError("NBD mounts from a registry are not available yet (use --mode fuse or the tools)")
-    from .backends.nbd.lifecycle import mount
+    from .backends.nbd import lifecycle as nbd
 
-    return mount(source, mountpoint, nbd_options(opts, foreground))
+    if opts.is_oci:
+        from .opener import oci_options
+
+        return nbd.mount_oci(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))
+    return nbd.mount(source, mountpoint, nbd_options(opts, foreground))
 
 
 def _unmount(mountpoint: str) -> int:
@@ -131,4 +133,6 @@ def run(action: str, arg, opts: MountOptions) -> int:
         return nbd.disconnect(arg)
     if action == "status":
         return nbd.status()
+    if action == "supervise":
+        return nbd.supervise(nbd_options(opts, bool(arg)))
     raise UsageError(f"unknown action {action}")

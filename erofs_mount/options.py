@@ -28,7 +28,8 @@ KERNEL_OPTIONS = frozenset({"user_xattr", "nouser_xattr", "acl", "noacl"})
 KERNEL_VALUED = frozenset({"cache_strategy", "fsid", "domain_id"})
 FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
 FUSE_VALUED = frozenset({"fsname", "subtype", "uid", "gid", "max_read"})
-NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size"})
+NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size",
+                        "nbd.read_ahead_kb"})
 NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NBD backend
 # oci.* options are the registry source's (sources/oci/options.py checks their values)
 from .sources.oci.options import OPTION_NAMES as _OCI_NAMES  # noqa: E402 - pure module
