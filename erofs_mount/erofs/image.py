@@ -297,7 +297,10 @@ class Image:
         return inode
 
     def iterdir(self, nid: int, pos: int = 0) -> Iterator[DirEntry]:
-        """Entries from directory byte position ``pos`` on, "." and ".." included as on disk."""
+        """Entries from directory byte position ``pos`` on, "." and ".." included as on disk.
+
+        A dot-omitted directory has no "." on disk: it comes last, as the kernel lists it.
+        """
         inode = self._dir_inode(nid)
         bs = self.block_size
         blk, off = divmod(max(pos, 0), bs)
@@ -307,6 +310,10 @@ class Image:
             yield from entries_from(data, nid, blk * bs, off)
             blk += 1
             off = 0
+        if inode.dot_omitted and pos <= inode.size:
+            # like fs/erofs/dir.c erofs_readdir: a dot-omitted directory gets its "." last,
+            # at position i_size, and the listing then ends at i_size + 1
+            yield DirEntry(name=b".", nid=nid, file_type=L.EROFS_FT_DIR, next_pos=inode.size + 1)
 
     def lookup(self, nid: int, name: bytes) -> int:
         """nid of ``name`` in directory ``nid`` (binary search over blocks, then within one)."""

@@ -8,13 +8,18 @@ plus fields only a direct comparison can check:
 * ``blocks``: ``st_blocks`` (``erofs_read_inode``: compressed = on-disk block count,
   otherwise i_size rounded up to the block size);
 * ``order``: the kernel's readdir order (getdents, "." and ".." left out);
-* ``xattr_order``: the kernel's listxattr order.
+* ``xattr_order``: the kernel's listxattr order;
+* ``dirents``: for a directory, every getdents64 record in order, "." and ".." included:
+  ``[name, d_ino, d_off, d_type]``; d_off is the position to resume from after that
+  entry (the kernel's ``ctx->pos``), which must equal our ``DirEntry.next_pos`` cookie.
 
 Paths are ``/a/b`` strings with undecodable bytes as surrogate escapes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import stat
@@ -57,6 +62,44 @@ def open_image(path, devices=()) -> tuple[Image, list[FileReader]]:
 
 
 # ---------------------------------------------------------------------------- kernel side
+class _Dirent64(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.readdir64.restype = ctypes.POINTER(_Dirent64)
+_libc.readdir64.argtypes = [ctypes.c_void_p]
+_libc.closedir.argtypes = [ctypes.c_void_p]
+
+# EROFS_FT_* -> DT_* (fs_ftype_to_dtype)
+FT_TO_DT = {0: 0, 1: 8, 2: 4, 3: 2, 4: 6, 5: 1, 6: 12, 7: 10}
+
+
+def getdents(path: bytes, limit: int = 100_000) -> list[list]:
+    """``[name, d_ino, d_off, d_type]`` of every record the kernel's getdents64 returns, in order."""
+    d = _libc.opendir(path)
+    if not d:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    out = []
+    try:
+        while len(out) < limit:
+            ctypes.set_errno(0)
+            ent = _libc.readdir64(d)
+            if not ent:
+                if ctypes.get_errno():
+                    raise OSError(ctypes.get_errno(), "readdir", path)
+                break
+            e = ent.contents
+            out.append([_p(e.d_name), e.d_ino, e.d_off, e.d_type])
+    finally:
+        _libc.closedir(d)
+    return out
+
+
 def kernel_records(root: str | Path) -> tuple[dict, dict]:
     """(scan_tree records, extras) of a mounted tree; extras: path -> ino, blocks, order, xattr_order."""
     base = corpuslib.scan_tree(root)
@@ -70,6 +113,7 @@ def kernel_records(root: str | Path) -> tuple[dict, dict]:
                "xattr_order": [_p(os.fsencode(n)) for n in os.listxattr(full, follow_symlinks=False)]}
         if stat.S_ISDIR(st.st_mode):
             rec["order"] = [_p(n) for n in os.listdir(full)]
+            rec["dirents"] = getdents(full or b"/")
         extra[path] = rec
     return base, extra
 
@@ -114,7 +158,10 @@ def image_records(img: Image, limit: int = 200_000) -> tuple[dict, dict]:
         if fmt != stat.S_IFDIR and ino.nlink > 1:
             by_nid.setdefault(nid, []).append(path)
         if fmt == stat.S_IFDIR:
-            names = [e for e in img.iterdir(nid) if e.name not in (b".", b"..")]
+            every = list(img.iterdir(nid))
+            names = [e for e in every if e.name not in (b".", b"..")]
+            ex["dirents"] = [[_p(e.name), img.st_ino(e.nid), e.next_pos, FT_TO_DT.get(e.file_type, 0)]
+                             for e in every]
             rec["children"] = sorted(_p(e.name) for e in names)
             ex["order"] = [_p(e.name) for e in names]
             for e in names:
@@ -146,7 +193,8 @@ def dirent_checks(img: Image) -> list[str]:
             if e.name == b"." and e.nid != nid:
                 bad.append(f"dir {nid}: '.' points at {e.nid}")
         names = [e.name for e in entries]
-        if names != sorted(names):
+        on_disk = names[:-1] if img.inode(nid).dot_omitted else names   # the synthetic "." comes last
+        if on_disk != sorted(on_disk):
             bad.append(f"dir {nid}: entries not sorted bytewise")
         for i, e in enumerate(entries):
             if e.name in (b".", b".."):
