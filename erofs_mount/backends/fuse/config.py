@@ -1,0 +1,95 @@
+"""FUSE mode options: ``FuseOptions`` and the libfuse option set they turn into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from ...errors import UsageError
+
+# mount(2) flags libfuse passes on to the kernel (lib/mount.c, mount_flags[]); ro is always added
+PASSED_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+                          "nodiratime", "diratime", "relatime", "norelatime", "strictatime",
+                          "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync"})
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    allow_other: bool = False
+    allow_root: bool = False
+    default_permissions: bool | None = None   # None: on unless root mounts without allow_other/allow_root
+    auto_unmount: bool = False
+    fsname: str | None = None                 # None: the source path
+    subtype: str = "erofs"
+    uid: int | None = None                    # report every inode with this owner
+    gid: int | None = None
+    max_read: int | None = None
+    nosuid: bool = False
+    nodev: bool = False
+    noexec: bool = False
+    noatime: bool = False
+    flags: tuple[str, ...] = ()               # other mount(2) flags from PASSED_FLAGS
+    foreground: bool = False
+    debug: bool = False
+    threads: int = 8                          # reader worker threads
+    log_file: str | None = None               # None: daemon.log_path("fuse")
+
+    @classmethod
+    def from_strings(cls, flags: Iterable[str] = (), fuse: Mapping[str, str] = (), **kw) -> "FuseOptions":
+        """From options.MountOptions' ``flags`` (mount(2) flags) and ``fuse`` (key -> value, "" for flags)."""
+        fuse = dict(fuse)
+        args: dict = dict(kw)
+        for key in ("allow_other", "allow_root", "default_permissions", "auto_unmount"):
+            if key in fuse:
+                args[key] = True
+        for key in ("fsname", "subtype"):
+            if key in fuse:
+                args[key] = fuse[key]
+        for key in ("uid", "gid", "max_read"):
+            if key in fuse:
+                args[key] = int(fuse[key])
+        unknown = set(fuse) - {"allow_other", "allow_root", "default_permissions", "auto_unmount", "fsname",
+                               "subtype", "uid", "gid", "max_read"}
+        if unknown:
+            raise UsageError(f"unknown FUSE option '{sorted(unknown)[0]}'")
+        rest = []
+        for flag in flags:
+            if flag in ("nosuid", "nodev", "noexec", "noatime"):
+                args[flag] = True
+            elif flag in PASSED_FLAGS:
+                rest.append(flag)
+            # flags the kernel FUSE mount has no use for (silent, loud) are dropped
+        args["flags"] = tuple(rest)
+        return cls(**args)
+
+    def libfuse_options(self, source: str, *, is_root: bool) -> set[str]:
+        """The option set handed to ``pyfuse3.init`` (libfuse mount + session options)."""
+        if self.allow_other and self.allow_root:
+            raise UsageError("allow_other and allow_root are mutually exclusive")
+        opts = {"ro", f"subtype={self.subtype}", f"fsname={_escape(self.fsname or source)}"}
+        if self.resolved_default_permissions(is_root=is_root):
+            opts.add("default_permissions")
+        for key in ("allow_other", "allow_root", "auto_unmount", "nosuid", "nodev", "noexec", "noatime"):
+            if getattr(self, key):
+                opts.add(key)
+        if self.max_read:
+            opts.add(f"max_read={self.max_read}")
+        for flag in self.flags:
+            if flag not in PASSED_FLAGS:
+                raise UsageError(f"unknown mount flag '{flag}'")
+            opts.add(flag)
+        if self.debug:
+            opts.add("debug")
+        return opts
+
+    def resolved_default_permissions(self, *, is_root: bool) -> bool:
+        if self.default_permissions is not None:
+            return self.default_permissions
+        return not is_root or self.allow_other or self.allow_root
+
+
+def _escape(value: str) -> str:
+    # libfuse splits options at commas; a backslash escapes one (fuse_opt_parse)
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
