@@ -16,6 +16,7 @@ from tests.oci._servers import env_with
 
 pytestmark = pytest.mark.trio
 KiB = 1024
+MiB = 1 << 20
 # small timeouts so stalls are detected quickly; bounded retries
 OPTS = OciOptions(insecure=True, chunk_size=64 * KiB, readahead=0, timeout=0.5, retries=6, retry_time=8.0)
 HARD_LIMIT = 30  # no test may take longer than this (a hang fails instead of blocking the suite)
@@ -149,4 +150,23 @@ async def test_retry_after_partial_body_asks_only_for_the_rest(world, proxy):
             resumed = int(ranges[1][6:].split("-")[0])
             assert off < resumed <= off + 5 * KiB64 and (resumed - off) % KiB64 == 0
         finally:
+            await src.aclose()
+
+
+async def test_reader_never_waits_behind_queued_read_ahead(world, proxy):
+    """One read-ahead slot, slow requests: a reader whose chunk sits in a queued read-ahead run
+    gets that run started at once instead of waiting for the runs before it."""
+    opts = OciOptions(insecure=True, chunk_size=64 * KiB, readahead=MiB, max_request=128 * KiB, connections=1)
+    big = world.blobs["big"]
+    with trio.fail_after(HARD_LIMIT):
+        src = await open_big(world, proxy, opts)
+        try:
+            for off in range(MiB, MiB + 192 * KiB, 64 * KiB):  # a sequential stream starts read-ahead
+                assert await src.read_at(off, 64 * KiB) == big[off:off + 64 * KiB]
+            proxy.delay = 0.3  # from now on every request is slow: queued runs stay queued
+            far = MiB + 900 * KiB
+            assert await src.read_at(far, 100) == big[far:far + 100]
+            assert src.stats()["promoted"] >= 1
+        finally:
+            proxy.delay = 0
             await src.aclose()

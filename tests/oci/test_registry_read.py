@@ -269,3 +269,4 @@ async def test_many_readers_tiny_cache(world):
         assert s["cache_evictions"] > 0 and s["prefetched_chunks"] > 0 and s["cache_bytes"] <= 64 * KiB
     finally:
         await src.aclose()
+

@@ -68,7 +68,7 @@ class OciBlobSource:
         self._bg_scopes: set[trio.CancelScope] = set()  # read-ahead tasks
         self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
-        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "fetch_failures": 0,
+        self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "fetch_failures": 0, "promoted": 0,
                    "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
 
     # -- public -------------------------------------------------------------------------
@@ -153,6 +153,8 @@ class OciBlobSource:
         # demand chunks is not queued behind read-ahead, and since every GET is delivered chunk by
         # chunk this read returns as soon as its own chunks are in
         self._spawn_runs(sorted(mine + self._plan_prefetch(prefetch)), demand=set(mine))
+        if self._queue and len(mine) < len(wanted):
+            self._promote(set(wanted) - set(mine))
         out: dict[int, bytes] = {}
         for i in wanted:
             f = fetches[i]
@@ -326,6 +328,18 @@ class OciBlobSource:
             else:
                 heapq.heappush(self._queue, (first, count, fetches))
         self._pump()
+
+    def _promote(self, chunks: set[int]) -> None:
+        """A reader waits for chunks whose read-ahead run is still queued: start it now."""
+        urgent = [e for e in self._queue if any(e[0] <= i < e[0] + e[1] for i in chunks)]
+        if not urgent:
+            return
+        self._queue = [e for e in self._queue if e not in urgent]
+        heapq.heapify(self._queue)
+        self._n["promoted"] += len(urgent)
+        for first, count, fetches in urgent:
+            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, False,
+                                            name=f"fetch {first}+{count}")
 
     def _pump(self) -> None:
         while self._queue and self._active < self.options.connections and not self._closed:
