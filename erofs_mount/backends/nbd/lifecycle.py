@@ -154,7 +154,7 @@ def disconnect(device: str, run_dir: str | None = None, timeout: float = 10.0) -
     if not _wait(lambda: not state.daemon_alive(pidfile), timeout):
         raise ErofsMountError(f"{device}: disconnected, but its daemon pid {state.read_pid(pidfile)} is still running",
                               errno=_errno.EBUSY)
-    state.remove_quietly(ident, pidfile)
+    state.remove_quietly(ident, pidfile, state.stats_path(ident))
     return 0
 
 
@@ -180,32 +180,72 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> int:
     if ioctl_mode or not _wait(lambda: sysfs.size_bytes(index) == 0 and not state.daemon_alive(pidfile),
                                timeout / 2):
         disconnect(m.source, timeout=timeout / 2)
-    state.remove_quietly(ident, pidfile)
+    state.remove_quietly(ident, pidfile, state.stats_path(ident))
     return 0
 
 
-def status(out=None) -> int:
-    out = out or sys.stdout
-    any_ = False
+def status_entries() -> list[dict]:
+    """Every NBD device erofs-mount serves: index, source, OCI ref/platform/pinned digest, daemon pid
+    and liveness, mount points, and the figures the daemon last published (``publish.summary``)."""
+    from .publish import summary
+
+    out = []
     for index in sysfs.indexes():
         ident = sysfs.backend(index)
         candidates = [ident] if ident else [record_path(index)]
         path = next((p for p in candidates if p and os.path.exists(p)), None)
         if path is None or sysfs.size_bytes(index) == 0:
             continue
-        any_ = True
+        e: dict = {"index": index, "device": sysfs.device_path(index), "record": path, "kind": "local",
+                   "source": None, "ref": None, "platform": None, "digest": None}
         try:
             rec = state.read_record(path)
-            src = rec.path if isinstance(rec, LocalRecord) else rec.ref
-            digest = rec.digest if isinstance(rec, OciNativeBlobRecord) else "-"
         except ErofsMountError as exc:
-            src, digest = f"<{exc}>", "-"
+            e["source"] = f"<{exc}>"
+        else:
+            if isinstance(rec, LocalRecord):
+                e["source"] = rec.path
+            else:
+                e.update(kind="oci", source=rec.ref, ref=rec.ref, platform=rec.platform,
+                         digest=getattr(rec, "digest", None))
         pidfile = state.pid_path(path)
-        pid = state.read_pid(pidfile)
-        alive = "alive" if state.daemon_alive(pidfile) else "dead"
-        mps = ",".join(sysfs.mountpoints_of(index)) or "-"
-        print(f"nbd{index} source={src} digest={digest} pid={pid or '-'} daemon={alive} mount={mps}", file=out)
-    if not any_:
+        e["pid"] = state.read_pid(pidfile)
+        e["alive"] = state.daemon_alive(pidfile)
+        e["mountpoints"] = sysfs.mountpoints_of(index)
+        published = state.read_json(state.stats_path(path))
+        if published and e["kind"] == "oci" and not e["digest"]:
+            e["digest"] = published.get("digest")  # an OCI_LAYER record: what the daemon resolved
+        e.update(summary(published))
+        e["published"] = published is not None
+        out.append(e)
+    return out
+
+
+def _status_line(e: dict) -> str:
+    def size(n: int) -> str:
+        return f"{n}({n / 2**20:.1f}MiB)"
+
+    parts = [f"nbd{e['index']}", f"source={e['source']}"]
+    if e["kind"] == "oci":
+        parts += [f"platform={e['platform']}", f"digest={e['digest'] or '-'}"]
+    else:
+        parts.append("digest=-")
+    parts += [f"pid={e['pid'] or '-'}", f"daemon={'alive' if e['alive'] else 'dead'}",
+              f"mount={','.join(e['mountpoints']) or '-'}"]
+    if e["published"]:
+        ratio = e["cache_hit_ratio"]
+        parts += [f"bytes_fetched={size(e['bytes_fetched'])}", f"bytes_fetched_total={size(e['bytes_fetched_total'])}",
+                  f"cache_hit_ratio={'-' if ratio is None else f'{ratio:.3f}'}", f"retries={e['retries']}",
+                  f"retries_total={e['retries_total']}", f"daemons={e['daemons']}"]
+    return " ".join(parts)
+
+
+def status(out=None) -> int:
+    out = out or sys.stdout
+    entries = status_entries()
+    for e in entries:
+        print(_status_line(e), file=out)
+    if not entries:
         print("no NBD devices served by erofs-mount", file=out)
     return 0
 
@@ -245,4 +285,4 @@ if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
 
-__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "supervise", "choose_mode", "NbdOptions"]
+__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "status_entries", "supervise", "choose_mode", "NbdOptions"]

@@ -19,8 +19,11 @@ from typing import Any
 from ...errors import ErofsMountError
 from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record
 
-# OciOptions fields that a reattach needs again, as record option lines
-_OCI_KEEP = {"insecure": bool, "cafile": str, "password_file": str, "cache": str, "username": str}
+# OciOptions fields that a reattach needs again, as record option lines (the tuning ones only
+# when they differ from the default: e.g. oci.retries=20 must survive a reattach)
+_OCI_KEEP = {"insecure": bool, "cafile": str, "password_file": str, "cache": str, "username": str,
+             "retries": int, "retry_time": float, "timeout": float, "chunk_size": int, "memory_limit": int,
+             "cache_limit": int, "readahead": int, "max_request": int, "connections": int}
 
 
 def oci_options_from_record(record: OciLayerRecord | OciNativeBlobRecord) -> Any:
@@ -33,6 +36,12 @@ def oci_options_from_record(record: OciLayerRecord | OciNativeBlobRecord) -> Any
             kw[key] = value == "1"
         elif kind is str:
             kw[key] = value
+        elif kind is not None:
+            try:
+                kw[key] = kind(value)
+            except ValueError:
+                raise ErofsMountError(f"recovery record: option {key}={value!r} is not a number",
+                                      errno=_errno.EINVAL) from None
     if record.username is not None or record.password is not None:
         kw["username"] = record.username or None
         kw["password"] = record.password
@@ -40,17 +49,30 @@ def oci_options_from_record(record: OciLayerRecord | OciNativeBlobRecord) -> Any
 
 
 def record_for_oci(ref: str, platform: str, digest: str, options: Any) -> OciNativeBlobRecord:
+    from ...sources.oci.options import OciOptions
+
+    default = OciOptions()
     extra: list[tuple[str, str]] = []
     for key, kind in _OCI_KEEP.items():
         value = getattr(options, key, None)
         if kind is bool:
             if value:
                 extra.append((key, "1"))
-        elif value is not None and not (key == "username" and options.password is not None):
-            extra.append((key, str(value)))
+        elif kind is str:
+            if value is not None and not (key == "username" and options.password is not None):
+                extra.append((key, str(value)))
+        elif value is not None and value != getattr(default, key):
+            extra.append((key, repr(value) if kind is float else str(value)))
     if options.password is not None:  # typed on the command line: nothing else can supply it again
         return OciNativeBlobRecord(ref, platform, digest, options.username or "", options.password, tuple(extra))
     return OciNativeBlobRecord(ref, platform, digest, options=tuple(extra))
+
+
+def pinned_record(record: OciLayerRecord, src: Any) -> OciNativeBlobRecord:
+    """The ``OCI_NATIVE_BLOB`` record for what an ``OCI_LAYER`` record resolved to (credentials
+    and option lines kept as they were)."""
+    return OciNativeBlobRecord(str(src.ref), src.platform, src.digest, record.username, record.password,
+                               record.options)
 
 
 async def open_source(record: Record) -> Any:

@@ -4,6 +4,13 @@
     <run_dir>/mountnbd_nbdN.pid    the serving daemon's pid; the daemon holds flock(LOCK_EX)
                                    on it for its lifetime, so "alive" = "the lock is held"
                                    (no pid-reuse guesswork)
+    <run_dir>/mountnbd_nbdN.stats  what the serving daemon publishes for ``status`` (JSON,
+                                   rewritten atomically every STATS_INTERVAL seconds; no
+                                   secrets): pid, source (ref, platform, pinned digest),
+                                   the source's counters (bytes fetched, cache hits,
+                                   retries, ...) and totals carried over from the daemons
+                                   it replaced; left behind by a killed daemon (so a
+                                   reattach knows which digest the device was serving)
     <run_dir>/.lock                held while choosing an index and connecting
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import errno as _errno
 import fcntl
+import json
 import os
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -70,6 +78,31 @@ def remove_quietly(*paths: str) -> None:
 
 def pid_path(identifier: str) -> str:
     return identifier + ".pid"
+
+
+def stats_path(identifier: str) -> str:
+    return identifier + ".stats"
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Atomically (temp file + rename, 0600); no fsync: a lost update only costs freshness."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(doc, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    """The document, or None when absent or unreadable (a status display must not fail on it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class PidLock:
@@ -137,6 +170,6 @@ def allocation_lock(run_dir: str) -> Iterator[None]:
 
 
 __all__ = [
-    "allocation_lock", "daemon_alive", "ensure_run_dir", "pid_path", "PidLock", "read_pid",
-    "read_record", "record_path", "remove_quietly", "write_record",
+    "allocation_lock", "daemon_alive", "ensure_run_dir", "pid_path", "PidLock", "read_json", "read_pid",
+    "read_record", "record_path", "remove_quietly", "stats_path", "write_json", "write_record",
 ]

@@ -27,9 +27,9 @@ from ...daemon import Readiness
 from ...errors import ErofsMountError, NotErofsError
 from . import ioctl, netlink, state, sysfs
 from .config import MS_RDONLY, NbdOptions
-from .source import open_source, record_for_oci
-from .recovery import Record, describe, record_path
-from .server import serve_nbd
+from .publish import base_document, serve_published
+from .source import open_source, pinned_record, record_for_oci
+from .recovery import OciLayerRecord, Record, describe, record_path
 
 log = logging.getLogger("erofs_mount.nbd")
 
@@ -161,7 +161,7 @@ async def _finish(stats, index: int, ident: str, pidlock: state.PidLock) -> int:
         await trio.sleep(0.5)  # a DISCONNECT in progress clears sysfs a moment later
         gone = sysfs.backend(index) != ident or sysfs.size_bytes(index) == 0
     if gone:
-        state.remove_quietly(ident)
+        state.remove_quietly(ident, state.stats_path(ident))
         log.info("nbd%d: disconnected (%s); record %s removed", index, stats.end, ident)
     else:
         log.warning("nbd%d: connection lost (%s) but the device is still configured; record kept for --reattach",
@@ -221,7 +221,8 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
             if nbd_fd >= 0:
                 nursery.start_soon(trio.to_thread.run_sync, ioctl.do_it, nbd_fd)
             stats = await nursery.start(functools.partial(
-                serve_nbd, trio.socket.from_stdlib_socket(srv_sock), source,
+                serve_published, trio.socket.from_stdlib_socket(srv_sock), source,
+                base_document(index, record, source, None), state.stats_path(ident),
                 export_size=export_size, zero_copy=opts.zero_copy))
             try:
                 await _wait_for(lambda: sysfs.size_bytes(index) > 0, f"/dev/nbd{index} to answer", opts.ready_timeout)
@@ -240,7 +241,7 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
         if connected and not ready.reported:
             await trio.to_thread.run_sync(_disconnect_any, index, mode)
         if ident and not ready.reported:
-            state.remove_quietly(ident)
+            state.remove_quietly(ident, state.stats_path(ident))
             if pidlock:
                 pidlock.release(remove=True)
         _report(ready, exc)
@@ -302,6 +303,24 @@ def _reconfigure_until_taken(index: int, ident: str, attempts: int = 40) -> sock
     raise ErofsMountError(f"/dev/nbd{index}: the kernel kept refusing the new connection", errno=_errno.EBUSY)
 
 
+def _pin_layer_record(index: int, ident: str, record: OciLayerRecord, source: Any, previous: dict | None) -> Record:
+    """An erofs-utils ``OCI_LAYER`` record names a tag, resolved again now as erofs-utils does
+    (mount/main.c erofsmount_reattach re-runs the OCI layer lookup): warn when that gives another
+    blob than the device was serving (known from the dead daemon's statistics file, if one of
+    ours served it), then pin what we serve from now on (``OCI_NATIVE_BLOB``, same credentials)."""
+    served = (previous or {}).get("digest")
+    if served and served != source.digest:
+        log.warning("nbd%d: %s now resolves to %s but the device was serving %s: the tag moved; "
+                    "serving the new blob as erofs-utils would", index, describe(record), source.digest, served)
+    elif not served:
+        log.info("nbd%d: %s resolved to %s (the digest served before is unknown)", index, describe(record),
+                 source.digest)
+    pinned = pinned_record(record, source)
+    state.write_record(ident, pinned)
+    log.info("nbd%d: record %s rewritten as %s", index, ident, describe(pinned))
+    return pinned
+
+
 async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions, ready: Readiness) -> int:
     try:
         source = await open_source(record)
@@ -317,12 +336,16 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
         if have and have != export_size:
             raise ErofsMountError(f"/dev/nbd{index} has {have} bytes but the source now gives {export_size}",
                                   errno=_errno.EINVAL)
+        previous = state.read_json(state.stats_path(ident))  # what the dead daemon published
+        if isinstance(record, OciLayerRecord):
+            record = _pin_layer_record(index, ident, record, source, previous)
         sock = await trio.to_thread.run_sync(_reconfigure_until_taken, index, ident)
         tune_queue(index, opts)
         log.info("nbd%d: reattached to %s", index, describe(record))
         async with trio.open_nursery() as nursery:
             stats = await nursery.start(functools.partial(
-                serve_nbd, trio.socket.from_stdlib_socket(sock), source,
+                serve_published, trio.socket.from_stdlib_socket(sock), source,
+                base_document(index, record, source, previous), state.stats_path(ident),
                 export_size=export_size, zero_copy=opts.zero_copy))
             ready.ok()
         return await _finish(stats, index, ident, pidlock)

@@ -1,0 +1,121 @@
+"""What a serving daemon tells ``erofs-mount status``: a small JSON file next to the record.
+
+    <record>.stats   {"version": 1, "pid", "index", "started", "updated", "kind": "oci"|"local",
+                      "source", "ref", "platform", "digest", "manifest_digest", "path",
+                      "stats": {the source's counters}, "server": {the NBD server's counters},
+                      "carried": {"bytes_fetched", "retries", "daemons"}}
+
+The daemon rewrites it every ``STATS_INTERVAL`` seconds while it serves (atomically:
+temp file + rename; never a secret).  A killed daemon leaves its last version behind, so
+status can still show the dead daemon's figures and a reattach knows which digest the
+device was serving; a reattaching daemon folds the previous daemon's counters into
+``carried`` (totals since the mount).  ``summary(doc)`` (pure) gives the figures status prints.
+
+    serve_published(sock, source, doc_base, path, *, export_size, zero_copy, task_status)
+        serve_nbd plus the publisher, which stops when the connection ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+
+from . import state
+from .recovery import LocalRecord, Record, describe
+from .server import ServerStats, serve_nbd
+
+log = logging.getLogger("erofs_mount.nbd")
+
+STATS_INTERVAL = 1.0
+_SOURCE_KEYS = ("size", "bytes_fetched", "requests", "retries", "failures", "token_requests", "cache_hits",
+                "cache_misses", "disk_hits", "disk_bytes_written", "disk_errors", "reads", "coalesced",
+                "prefetched_chunks", "fetch_failures", "chunk_size")
+_SERVER_KEYS = ("requests", "reads", "bytes_read", "read_errors", "refused")
+
+
+def base_document(index: int, record: Record, source: Any, previous: dict | None) -> dict:
+    """The fixed part of this daemon's document; ``previous``: the file a dead daemon left."""
+    doc: dict[str, Any] = {"version": 1, "pid": os.getpid(), "index": index, "started": time.time(),
+                           "source": describe(record)}
+    if isinstance(record, LocalRecord):
+        doc.update(kind="local", path=record.path)
+    else:
+        doc.update(kind="oci", ref=str(source.ref), platform=source.platform, digest=source.digest,
+                   manifest_digest=getattr(source, "manifest_digest", None))
+    carried = {"bytes_fetched": 0, "retries": 0, "daemons": 0}
+    if previous and previous.get("index") == index and previous.get("digest") == doc.get("digest"):
+        before = previous.get("carried") or {}
+        last = previous.get("stats") or {}
+        for key in ("bytes_fetched", "retries"):
+            carried[key] = _int(before.get(key)) + _int(last.get(key))
+        carried["daemons"] = _int(before.get("daemons")) + 1
+    doc["carried"] = carried
+    return doc
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def snapshot(base: dict, source: Any, server: ServerStats) -> dict:
+    try:
+        raw = source.stats()
+    except Exception as exc:  # noqa: BLE001 - a display must not stop serving
+        raw = {"error": repr(exc)}
+    doc = dict(base)
+    doc["updated"] = time.time()
+    doc["stats"] = {k: raw[k] for k in _SOURCE_KEYS if isinstance(raw.get(k), int)}
+    doc["server"] = {k: getattr(server, k) for k in _SERVER_KEYS}
+    return doc
+
+
+def summary(doc: dict | None) -> dict:
+    """The figures status prints (pure): bytes fetched (this daemon and since the mount), cache hit
+    ratio (chunk look-ups served from memory or the persistent cache), retries."""
+    doc = doc or {}
+    st, carried = doc.get("stats") or {}, doc.get("carried") or {}
+    hits, misses, disk = (_int(st.get(k)) for k in ("cache_hits", "cache_misses", "disk_hits"))
+    lookups = hits + misses
+    ratio = None if not lookups or "cache_hits" not in st else min(1.0, (hits + disk) / lookups)
+    return {
+        "bytes_fetched": _int(st.get("bytes_fetched")),
+        "bytes_fetched_total": _int(st.get("bytes_fetched")) + _int(carried.get("bytes_fetched")),
+        "cache_hit_ratio": ratio,
+        "retries": _int(st.get("retries")),
+        "retries_total": _int(st.get("retries")) + _int(carried.get("retries")),
+        "daemons": _int(carried.get("daemons")) + 1,
+        "updated": doc.get("updated"),
+    }
+
+
+async def _serve_then_cancel(scope: trio.CancelScope, sock: Any, source: Any, *, export_size: int,
+                             zero_copy: str, task_status=trio.TASK_STATUS_IGNORED) -> ServerStats:
+    try:
+        return await serve_nbd(sock, source, export_size=export_size, zero_copy=zero_copy, task_status=task_status)
+    finally:
+        scope.cancel()  # the connection ended: stop publishing
+
+
+async def serve_published(sock: Any, source: Any, base: dict, path: str, *, export_size: int, zero_copy: str,
+                          interval: float = STATS_INTERVAL,
+                          task_status=trio.TASK_STATUS_IGNORED) -> ServerStats:
+    """``serve_nbd`` while ``path`` is rewritten every ``interval`` seconds."""
+    failed = False
+    async with trio.open_nursery() as nursery:
+        stats = await nursery.start(functools.partial(
+            _serve_then_cancel, nursery.cancel_scope, sock, source, export_size=export_size, zero_copy=zero_copy))
+        task_status.started(stats)
+        while True:
+            try:
+                state.write_json(path, snapshot(base, source, stats))
+            except OSError as exc:
+                if not failed:
+                    log.warning("cannot publish statistics to %s: %s", path, exc)
+                failed = True
+            await trio.sleep(interval)
+    return stats
