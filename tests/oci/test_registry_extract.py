@@ -13,10 +13,9 @@ from tests import corpuslib
 from tests.conftest import zdata_available
 
 pytestmark = pytest.mark.trio
-CHECK_TREE = corpuslib.SHARED / "check_tree.py"
+CHECK_TREE = corpuslib.SHARED / "check_tree.py"  # the corpus verifier, when ../shared exists
 
 
-@pytest.mark.skipif(not CHECK_TREE.exists(), reason="../shared/corpus/check_tree.py not present")
 @pytest.mark.parametrize("name", corpuslib.names(expect="ok"))
 async def test_extract_from_registry_passes_check_tree(world, name, tmp_path):
     from erofs_mount.erofs.image import Image
@@ -45,6 +44,11 @@ async def test_extract_from_registry_passes_check_tree(world, name, tmp_path):
     finally:
         for s in (primary, *devices):
             await s.aclose()
+    if not CHECK_TREE.exists():  # no ../shared: the project's own comparison with the same fields
+        bad = corpuslib.compare_tree(corpuslib.load_manifest(ci.manifest), tmp_path / "out", dir_size=False,
+                                     dir_nlink=False)
+        assert not bad, bad[:10]
+        return
     r = await trio.run_process(
         [sys.executable, str(CHECK_TREE), "--no-dir-size", "--no-dir-nlink", str(ci.manifest), str(tmp_path / "out")],
         capture_stdout=True, check=False)
