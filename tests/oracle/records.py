@@ -206,8 +206,14 @@ def dirent_checks(img: Image) -> list[str]:
                 bad.append(f"dir {nid} {e.name!r}: lookup disagrees with iterdir")
             if child.is_dir:
                 stack.append(e.nid)
-        # resuming from every cookie yields exactly the remaining entries
-        for i, e in enumerate(entries[:-1]):
+        # resuming from a cookie yields exactly the remaining entries (every cookie of a small
+        # directory; for a big one the first, the last and those that cross into a new block)
+        bs = img.block_size
+        picks = [i for i, e in enumerate(entries[:-1])
+                 if len(entries) <= 64 or i < 3 or i > len(entries) - 4
+                 or e.next_pos // bs != entries[i + 1].next_pos // bs or e.next_pos % bs == 0]
+        for i in picks:
+            e = entries[i]
             rest = [x.name for x in img.iterdir(nid, e.next_pos)]
             if rest != names[i + 1:]:
                 bad.append(f"dir {nid}: resume after {e.name!r} gives {rest[:3]}...")

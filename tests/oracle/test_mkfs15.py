@@ -14,6 +14,7 @@ they are not listed here: tests/data/oracle covers them with newer images).
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.oracle import records
 from tests.oracle.conftest import mkfs
 
 T = "1234567890"
+BS = 4096
 CONFIGS = {
     "plain": [],
     "noinline": ["-Enoinline_data"],
@@ -46,6 +48,9 @@ CONFIGS = {
     "lz4hc-legacy": ["-zlz4hc", "-Elegacy-compress"],
     "lz4-legacy-c64k": ["-zlz4", "-Elegacy-compress", "-C65536"],
     "lz4hc-extent-8k": ["-zlz4hc", "--max-extent-bytes=8192"],
+    "lz4hc-c4k": ["-zlz4hc", "-C4096"],
+    "lz4-c8k-ztailpacking-extended": ["-zlz4", "-C8192", "-Eztailpacking,force-inode-extended"],
+    "lz4hc-noinline-preserve-mtime": ["-zlz4hc", "-Enoinline_data", "--preserve-mtime"],
     "lz4hc-compact-allroot": ["-zlz4hc", "-Eforce-inode-compact", "--all-root", "-T" + T],
     "chunk-8k": ["--chunksize=8192"],
     "chunk-4k-indexes": ["--chunksize=4096", "-Eforce-chunk-indexes"],
@@ -54,6 +59,28 @@ CONFIGS = {
     "blobdev-4k": ["--chunksize=4096", "--blobdev={blob}"],
     "blobdev-64k": ["--chunksize=65536", "--blobdev={blob}"],
 }
+
+
+def _compare_ranges(img, mnt, kernel, config: str) -> list[str]:
+    """Image.read of odd byte ranges (block edges, EOF, beyond EOF, seeded random) equals the kernel's pread."""
+    rng = random.Random(config)
+    bad = []
+    regs = sorted(p for p, r in kernel[0].items() if r.get("type") == "reg" and r["size"])
+    for path in regs[:: max(1, len(regs) // 80)]:
+        size = kernel[0][path]["size"]
+        nid = img.resolve(path)
+        offsets = {0, 1, size - 1, size, size + 5, BS - 1, BS, BS + 1, rng.randrange(size), rng.randrange(size)}
+        fd = os.open(os.fsencode(str(mnt)) + os.fsencode(path), os.O_RDONLY)
+        try:
+            for off in sorted(offsets):
+                for n in (1, 7, BS, BS + 3, rng.randrange(1, 3 * BS)):
+                    want = os.pread(fd, n, off)
+                    got = img.read(nid, off, n)
+                    if got != want:
+                        bad.append(f"{path} [{off}:+{n}]: kernel {len(want)} bytes, ours {len(got)} bytes differ")
+        finally:
+            os.close(fd)
+    return bad
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +104,7 @@ def test_mkfs15_config_matches_kernel(config, full_tree, tmp_path, mounted, caps
     # (b) the Image API, field by field, against the kernel
     img, readers = records.open_image(image, devices)
     try:
+        ranges_bad = _compare_ranges(img, mnt, kernel, config)
         ours = records.image_records(img)
         bad = records.diff(kernel, ours)
         bad += records.dirent_checks(img)
@@ -88,6 +116,7 @@ def test_mkfs15_config_matches_kernel(config, full_tree, tmp_path, mounted, caps
         for r in readers:
             r.close()
     assert not bad, f"{config}: {len(bad)} mismatches, first: {bad[:12]}"
+    assert not ranges_bad, f"{config}: {len(ranges_bad)} byte ranges differ, first: {ranges_bad[:8]}"
 
     # (a) extract, compared with our own corpus comparison
     dest = tmp_path / "out"

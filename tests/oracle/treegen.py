@@ -164,6 +164,16 @@ def fixed_spec(seed: int, profile: str = "full", max_name: int = 254) -> list[No
             add(b"bigdir/" + name, "symlink", target=name[:20])
         else:
             add(b"bigdir/" + name, kind)
+    if not small:
+        # a directory of ~40 blocks, and one inode with 1000+ links
+        add(b"manydir", "dir")
+        add(b"manydir/target", "reg", data=b"linked")
+        for i in range(1500):
+            name = b"e%05d" % i + b"-" * (i % 7)
+            if i % 3:
+                add(b"manydir/" + name, "reg", data=b"", mode=0o600 + i % 64)
+            else:
+                add(b"manydir/" + name, "link", target=b"manydir/target")
     # deep nesting
     p = b"deep"
     for i in range(12):
