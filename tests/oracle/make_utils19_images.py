@@ -48,6 +48,39 @@ CONFIGS = {
 }
 
 
+HUGE = 6 << 30
+HUGE_PIECES = ((0, b"head"), ((4 << 30) + 5, b"mid"), (HUGE - 8, b"TAILDATA"))
+HUGE_OFFSETS = (0, (1 << 31), (4 << 30) - 1, (4 << 30), (4 << 30) + 3, HUGE - 20, HUGE - 1)
+
+
+def _huge_sparse(mkfs: str, version: str, work: Path) -> None:
+    """A 6 GiB sparse file in 64 KiB chunks with 48-bit indexes: i_size and chunk positions past 2^32."""
+    src = work / "huge-src"
+    src.mkdir()
+    with open(src / "huge", "wb") as f:
+        f.truncate(HUGE)
+        for off, data in HUGE_PIECES:
+            f.seek(off)
+            f.write(data)
+    os.utime(src / "huge", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    image = work / "huge-sparse-48bit-chunks.erofs"
+    args = ["-T" + T, "-E48bit", "--chunksize=65536"]
+    subprocess.run([mkfs, "--quiet", *args, str(image), str(src)], check=True, timeout=300)
+    with kmount.kernel_mount(image, work / "mnt-huge") as mnt:
+        st = os.lstat(os.path.join(mnt, "huge"))
+        fd = os.open(os.path.join(mnt, "huge"), os.O_RDONLY)
+        try:
+            reads = {str(off): os.pread(fd, 64, off).hex() for off in HUGE_OFFSETS}
+        finally:
+            os.close(fd)
+        ino = st.st_ino
+    with open(image, "rb") as i, gzip.GzipFile(OUT / (image.name + ".gz"), "wb", 9, mtime=0) as o:
+        shutil.copyfileobj(i, o)
+    (OUT / "huge-sparse.json").write_text(json.dumps(
+        {"mkfs": version, "args": args, "kernel": os.uname().release, "path": "/huge",
+         "st_size": st.st_size, "st_blocks": st.st_blocks, "st_ino": ino, "reads64": reads}, indent=1) + "\n")
+
+
 def main(mkfs: str) -> int:
     reason = kmount.kernel_unavailable_reason()
     if reason:
@@ -91,6 +124,7 @@ def main(mkfs: str) -> int:
             index.append({"name": name, "image": files[0], "devices": files[1:], "manifest": f"{name}.json.gz"})
             print(f"{name}: {len(base)} paths")
         (OUT / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        _huge_sparse(mkfs, version, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
