@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from erofs_mount.backends.nbd import state, sysfs
+from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import NBD_RUN_DIR, parse_record
 from tests import corpuslib
 
@@ -35,7 +35,7 @@ from .helpers import Readers, daemon_pid, drop_caches, nothing_left, wait_until
 
 try:
     from tests.oci._servers import (REGISTRY_BIN, USERS, Pusher, Registry, TokenIssuer, docker_auth, env_with,
-                                    sha256, start_registry, write_json)
+                                    make_tls, sha256, start_registry, write_json)
 except ImportError:  # pragma: no cover
     REGISTRY_BIN = None
 
@@ -73,6 +73,15 @@ class Env:
             entries.append((plat, d, n))
         return self.pusher.index(REPO_NAME, tag, entries)[0]
 
+    def tls_served(self) -> tuple[str, Path]:
+        """A TLS variant of the token registry over the same storage (host, CA file), started once."""
+        if not hasattr(self, "_tls"):
+            cert, key, ca = make_tls(self.root / "tls")
+            reg = start_registry(self.root / "served-tls", self.root / "storage", auth=self.issuer.registry_auth(),
+                                 tls=(cert, key, ca))
+            self._tls = (reg, ca)
+        return self._tls[0].host, self._tls[1]
+
     def stop_served(self) -> None:
         self.served.stop()
 
@@ -100,7 +109,7 @@ class Env:
 
     def close(self) -> None:
         self.pusher.close()
-        for reg in (self.served, self.push):
+        for reg in (self.served, self.push, *([self._tls[0]] if hasattr(self, "_tls") else [])):
             reg.stop()
         self.issuer.stop()
 
@@ -209,7 +218,10 @@ def kill_retag_reattach_under_load(env: Env, mnt: Path, index: int, ident: str, 
     try:
         time.sleep(0.3)
         drop_caches()  # the readers now need the device
+        dead_pid = daemon_pid(index)
         kill(index, ident)
+        e = next(e for e in lifecycle.status_entries() if e["index"] == index)
+        assert (e["alive"], e["pid"], e["kind"]) == (False, dead_pid, "oci") and e["digest"], e
         env.tag("v1", env.blobs[MOVED_TO], env.blobs[ORIGINAL])  # REF now names another image
         proc = subprocess.Popen(
             ["bash", "-c", f"set -o pipefail; {sys.executable} -m erofs_mount --reattach /dev/nbd{index} | cat"],
@@ -355,25 +367,25 @@ def test_command_line_credentials_registry_down_during_reattach(env, tmp_path):
 
 
 def test_hand_written_erofs_utils_oci_layer_record(env, tmp_path):
-    """`OCI_LAYER <ref> <platform> <index> <b64cred>` as erofs-utils writes it is reattached: the tag is
-    resolved again (as erofs-utils does), a warning names the moved digest, the record is then pinned."""
+    """`OCI_LAYER <ref> <platform> <index> <b64cred>` exactly as erofs-utils writes it (one line; an
+    https registry, its CA trusted through SSL_CERT_FILE) is reattached: the tag is resolved again
+    (as erofs-utils does), a warning names the moved digest, and the record is then pinned."""
     padded = env.blobs[ORIGINAL][:-1] + b"\x01"  # same size and tree, another digest (tail padding)
     env.tag("v1", env.blobs[ORIGINAL], env.blobs[MOVED_TO])
-    ref = f"{env.host}/{REPO_NAME}:v1"
-    run_env = cli_env()
+    host, ca = env.tls_served()
+    ref = f"{host}/{REPO_NAME}:v1"
+    run_env = cli_env(SSL_CERT_FILE=str(ca))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = cli("--mode", "nbd", "-o", f"oci.layer=0,oci.platform=linux/amd64,oci.insecure,oci.username={USER},"
+    res = cli("--mode", "nbd", "-o", f"oci.layer=0,oci.platform=linux/amd64,oci.username={USER},"
               f"oci.password={PASSWORD},nbd.io_timeout=1", ref, str(mnt), env=run_env)
     assert res.returncode == 0, res.stderr
     index, ident = mounted(mnt)
     served = published(ident)["digest"]
     assert served == sha256(env.blobs[ORIGINAL])
     cred = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    # erofs-utils 1.9.3 mount/main.c writes "OCI_LAYER %s %s %d %s\n"; its record cannot say "plain HTTP",
-    # which we read from a second line (erofs-utils reads only the first)
-    with open(ident, "w") as f:
-        f.write(f"OCI_LAYER {ref} linux/amd64 0 {cred}\ninsecure=1\n")
+    with open(ident, "w") as f:  # erofs-utils 1.9.3 mount/main.c: "OCI_LAYER %s %s %d %s\n"
+        f.write(f"OCI_LAYER {ref} linux/amd64 0 {cred}\n")
     kill(index, ident)
     env.tag("v1", padded, env.blobs[MOVED_TO])  # the tag moved (to a same-size blob)
     log = _daemon_log()
@@ -384,7 +396,8 @@ def test_hand_written_erofs_utils_oci_layer_record(env, tmp_path):
     assert re.search(rf"now resolves to {sha256(padded)} but the device was serving {served}", text), text[-2000:]
     rec = parse_record(record_text(ident))
     assert type(rec).__name__ == "OciNativeBlobRecord" and rec.digest == sha256(padded)
-    assert (rec.username, rec.password) == (USER, PASSWORD) and ("insecure", "1") in rec.options
+    assert (rec.username, rec.password) == (USER, PASSWORD) and rec.options == ()
+    assert_private(ident)
     drop_caches()
     compare(env, ORIGINAL, mnt)  # the same tree: only padding differs
     unmount_clean(mnt, index, run_env)
