@@ -283,6 +283,9 @@ def test_config_json_credentials_cache_reuse_and_status(env, tmp_path):
     read_all(mnt)  # the long read: every file once
     before = settled(ident)
     fetched_before = before["stats"]["bytes_fetched"]
+    # the persistent cache is written behind the reads: let it catch up before the SIGKILL
+    wait_until(lambda: published(ident, 0)["stats"].get("disk_bytes_written", 0) >= fetched_before, 30,
+               "the blob cache to hold what was fetched")
     assert fetched_before > 0 and before["digest"] == digest
     assert not any(s in json.dumps(before) for s in (PASSWORD, "d29uZGVybGFuZA"))
 
@@ -377,7 +380,7 @@ def test_hand_written_erofs_utils_oci_layer_record(env, tmp_path):
     run_env = cli_env(SSL_CERT_FILE=str(ca))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = cli("--mode", "nbd", "-o", f"oci.layer=0,oci.platform=linux/amd64,oci.username={USER},"
+    res = cli("-t", "erofs.nbd", "-o", f"oci.layer=0,oci.platform=linux/amd64,oci.username={USER},"
               f"oci.password={PASSWORD},nbd.io_timeout=1", ref, str(mnt), env=run_env)
     assert res.returncode == 0, res.stderr
     index, ident = mounted(mnt)
