@@ -31,7 +31,7 @@ from ...errors import ErofsMountError, UsageError
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .mountinfo import find_mount
-from .source import open_image, open_local, tune_image
+from .source import IMAGE_CACHES, open_image, open_local, tune_image
 from .inline import LocalReader
 
 __all__ = ["FuseOptions", "PASSED_FLAGS", "mount", "mount_oci", "unmount", "open_image"]
