@@ -198,6 +198,14 @@ def read_all(mnt: Path) -> int:
     return n
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
 def record_text(ident: str) -> str:
     with open(ident) as f:
         return f.read()
@@ -217,9 +225,10 @@ def kill_retag_reattach_under_load(env: Env, mnt: Path, index: int, ident: str, 
     readers = Readers(mnt, files, tmp_path, n=3, max_seconds=150)
     try:
         time.sleep(0.3)
-        drop_caches()  # the readers now need the device
         dead_pid = daemon_pid(index)
         kill(index, ident)
+        drop_caches()  # the readers now need the device, whose daemon is dead: they block
+        wait_until(lambda: any(_state(pid) == "D" for pid in readers.pids), 20, "a reader blocked on the device")
         e = next(e for e in lifecycle.status_entries() if e["index"] == index)
         assert (e["alive"], e["pid"], e["kind"]) == (False, dead_pid, "oci") and e["digest"], e
         env.tag("v1", env.blobs[MOVED_TO], env.blobs[ORIGINAL])  # REF now names another image
