@@ -75,9 +75,11 @@ def _nbd_round(ref: str, mnt: Path, extra: str = "") -> dict:
             break
         time.sleep(0.05)
     stats = (doc or {}).get("stats", {})
+    server = (doc or {}).get("server", {})
     lifecycle.unmount(str(mnt))
     return {"first_byte_s": t_first, "mounted_s": t_mounted, "bytes_fetched": stats.get("bytes_fetched"),
-            "requests": stats.get("requests")}
+            "requests": stats.get("requests"), "kernel_bytes": server.get("bytes_read"),
+            "kernel_reads": server.get("reads")}
 
 
 def _loop_round(url: str, size: int, mnt: Path, work: Path) -> dict:
@@ -178,6 +180,9 @@ def main(argv: list[str]) -> int:
                  else f"download {statistics.median(r['downloaded_s'] for r in rows):.2f} s")
         print(f"  {name:>9}: first byte of /{SMALL} after {first:6.2f} s ({extra}); "
               f"bytes fetched {fetched / MiB:8.2f} MiB ({fetched:.0f}), requests {rows[0]['requests']}")
+        if name != "loop":
+            print(f"        the kernel asked for {statistics.median(r['kernel_bytes'] or 0 for r in rows) / MiB:.2f} MiB"
+                  f" in {rows[0]['kernel_reads']} NBD reads")
         print(f"        rounds: " + ", ".join(f"{r['first_byte_s']:.2f}s/{(r['bytes_fetched'] or 0) / MiB:.2f}MiB"
                                               for r in rows))
     shutil.rmtree(rundir, ignore_errors=True)

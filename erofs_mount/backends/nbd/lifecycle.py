@@ -5,7 +5,12 @@
     unmount(mountpoint) -> int                   umount; the autoclear disconnect ends the daemon
     reattach(device, opts) -> int                a new daemon for a device whose daemon died
     disconnect(device) -> int                    force NBD_CMD_DISCONNECT and clean up
-    status() -> int                              one line per NBD device erofs-mount serves
+    status() -> int                              one line per NBD device erofs-mount serves: source,
+                                                 (OCI) platform and pinned digest, daemon pid and
+                                                 liveness, mount points, and what the daemon last
+                                                 published (publish.py): bytes fetched, cache hit
+                                                 ratio, retries, totals across reattaches
+    status_entries() -> list[dict]               the same as data (for a future `status --json`)
     supervise(opts) -> int                       detached: reattach automatically on LINK_DEAD
 
 Failures raise ``ErofsMountError`` (one-line message, errno); nothing is left behind
