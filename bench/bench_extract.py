@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import build_image, timed
+
 WORK = Path(os.environ.get("BENCH_WORK", Path(__file__).parent / "work"))
 _PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 SOURCES = ["/usr/lib/python3.11", "/usr/lib/python3/dist-packages",
@@ -38,23 +40,6 @@ def build_tree(target: Path, target_mb: int = 200) -> Path:
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and not f.is_symlink())
     tmp.rename(target)
     return target
-
-
-def build_image(tree: Path, image: Path, *extra: str) -> Path:
-    if not image.exists():
-        subprocess.run(["mkfs.erofs", "--quiet", *extra, str(image) + ".tmp", str(tree)], check=True)
-        os.rename(str(image) + ".tmp", image)
-    return image
-
-
-def timed(cmd: list[str], dest: Path) -> float:
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
-    shutil.rmtree(dest, ignore_errors=True)
-    return dt
 
 
 def main(argv: list[str]) -> None:
