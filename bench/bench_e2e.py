@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
         if name != "loop":
             print(f"        the kernel asked for {statistics.median(r['kernel_bytes'] or 0 for r in rows) / MiB:.2f} MiB"
                   f" in {rows[0]['kernel_reads']} NBD reads")
-        print(f"        rounds: " + ", ".join(f"{r['first_byte_s']:.2f}s/{(r['bytes_fetched'] or 0) / MiB:.2f}MiB"
+        print("        rounds: " + ", ".join(f"{r['first_byte_s']:.2f}s/{(r['bytes_fetched'] or 0) / MiB:.2f}MiB"
                                               for r in rows))
     shutil.rmtree(rundir, ignore_errors=True)
     return 0

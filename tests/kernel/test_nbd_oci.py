@@ -3,7 +3,6 @@ digest, so a reattach after the tag moved still serves the same image."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import os
 
@@ -13,7 +12,7 @@ from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 
-from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, mount, nothing_left, options, wait_until
+from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, sha256, start_registry

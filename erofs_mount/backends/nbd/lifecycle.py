@@ -31,7 +31,7 @@ from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, NotFoundError, UsageError
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
-from .recovery import NBD_RUN_DIR, LocalRecord, OciNativeBlobRecord, record_path
+from .recovery import NBD_RUN_DIR, LocalRecord, record_path
 
 IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
