@@ -17,7 +17,6 @@ import os
 import stat
 import struct
 
-import trio
 
 from ..errors import NotFoundError, SourceError, UsageError
 
@@ -126,6 +125,8 @@ class LocalSource:
             if data is not None:
                 return data
         self._stats["thread_reads"] += 1
+        import trio  # here, not at import: sync users (the CLI tools) never pay for it
+
         return await trio.to_thread.run_sync(self.pread, offset, length)
 
     def stats(self) -> dict:
