@@ -84,3 +84,70 @@ def search_block(recs: list[tuple[bytes, int, int]], name: bytes) -> tuple[int, 
         else:
             hi = mid - 1
     return None
+
+
+# ---------------------------------------------------------------------------- lookup, the kernel's way
+# fs/erofs/namei.c (erofs_namei, erofs_find_target_block, find_target_dirent, erofs_dirnamecmp) searches
+# the raw blocks without the readdir validation: on-disk names compare as C strings (a NUL ends
+# them), nameoffs are taken modulo the block size, and both binary searches skip the prefix already
+# known to match on both sides.  On a sorted directory this is a plain binary search; on a damaged
+# one it decides what is found, so it is mirrored here step by step rather than approximated.
+
+def _nameoff(block: bytes, i: int, bs: int) -> int:
+    return int.from_bytes(block[i * L.DIRENT.size + 8:i * L.DIRENT.size + 10], "little") & (bs - 1)
+
+
+def _dirnamecmp(query: bytes, block: bytes, start: int, end: int, matched: int) -> tuple[int, int]:
+    """(<0 / 0 / >0, new matched prefix length): ``query`` against the on-disk name at [start, end)."""
+    i = matched
+    while start + i < end and block[start + i] != 0:
+        q = query[i] if i < len(query) else 0
+        if q != block[start + i]:
+            return (1 if q > block[start + i] else -1), i
+        i += 1
+    return (0 if i >= len(query) else 1), i
+
+
+def _dirent_at(block: bytes, i: int) -> tuple[int, int]:
+    nid, _nameoff, ftype, _r = L.DIRENT.unpack_from(block, i * L.DIRENT.size)
+    return nid, ftype
+
+
+def lookup_blocks(nblocks: int, block_at, name: bytes, bs: int, dir_nid: int) -> tuple[int, int] | None:
+    """``(nid, file_type)`` of ``name`` or None; ``block_at(i)`` gives block i padded with zeros to ``bs``."""
+    head, back = 0, nblocks - 1
+    startprfx = endprfx = 0
+    candidate = None
+    while head <= back:
+        mid = head + (back - head) // 2
+        block = block_at(mid)
+        nameoff = _nameoff(block, 0, bs)
+        ndirents = nameoff // L.DIRENT.size
+        if not ndirents:
+            raise CorruptedError(f"directory nid {dir_nid}: corrupted directory block {mid}")
+        end = bs if ndirents == 1 else _nameoff(block, 1, bs)
+        diff, matched = _dirnamecmp(name, block, nameoff, end, min(startprfx, endprfx))
+        if diff == 0:
+            return _dirent_at(block, 0)
+        if diff > 0:
+            head, startprfx, candidate = mid + 1, matched, (block, ndirents)
+        else:
+            back, endprfx = mid - 1, matched
+    if candidate is None:
+        return None
+    block, ndirents = candidate
+    # within the block: the first entry was compared already
+    head, back = 1, ndirents - 1
+    startprfx = endprfx = 0
+    while head <= back:
+        mid = head + (back - head) // 2
+        start = _nameoff(block, mid, bs)
+        end = bs if mid >= ndirents - 1 else _nameoff(block, mid + 1, bs)
+        diff, matched = _dirnamecmp(name, block, start, end, min(startprfx, endprfx))
+        if diff == 0:
+            return _dirent_at(block, mid)
+        if diff > 0:
+            head, startprfx = mid + 1, matched
+        else:
+            back, endprfx = mid - 1, matched
+    return None

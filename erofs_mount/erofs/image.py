@@ -8,6 +8,7 @@ caches are guarded by one lock and hold immutable values.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import stat
 import threading
@@ -18,11 +19,12 @@ from typing import Any
 from ..errors import (CorruptedError, NoDataError, NotADirError, NotFoundError, ShortReadError, SourceError,
                       UnsupportedError)
 from . import layout as L
-from .dirent import DirEntry, entries_from, parse_block, search_block
+from .dirent import DirEntry, entries_from, lookup_blocks, parse_block
 from .inode import Inode, iloc, parse_inode
 from .map import EROFS_MAP_MAPPED, EROFS_MAP_META, map_blocks
 from .superblock import Superblock, parse_device_table, parse_superblock
-from .xattr import parse_prefix_table, read_xattrs
+from .xattr import (POSIX_ACL_NAMES, filtered_out, name_filter, parse_prefix_table, posix_acl_value,
+                    read_xattrs)
 
 ReadAt = Callable[[int, int], bytes]
 _HEAD_SIZE = 65536
@@ -123,6 +125,11 @@ class Image:
                 data = self.read(self.sb.metabox_nid, blk * bs, bs)
             else:
                 data = self.read_raw(blk * bs, bs)
+                if len(data) < bs and self.size is not None:
+                    # the kernel reads metadata through the block device's page cache, where
+                    # anything past the end of the device reads as zeros (fs/buffer.c
+                    # block_read_full_folio): e.g. shared xattr ids pointing past the end
+                    data = data.ljust(bs, b"\0")
             with self._lock:
                 self._blocks.put(key, data)
         return data
@@ -250,7 +257,12 @@ class Image:
         out = []
         pos, end = offset, offset + length
         while pos < end:
-            ext = map_blocks(self.sb, inode, pos, self.read_meta, self._device_id_mask)
+            try:
+                ext = map_blocks(self.sb, inode, pos, self.read_meta, self._device_id_mask)
+            except CorruptedError as exc:
+                # the kernel maps file data while filling the page cache, and a failed fill
+                # reaches read(2) as EIO (mm/filemap.c filemap_read_folio: folio not uptodate)
+                raise CorruptedError(str(exc), errno=errno.EIO) from None
             n = min(end, ext.la + ext.llen) - pos
             if n <= 0:
                 raise CorruptedError(f"inode {nid}: empty extent at {pos}")
@@ -272,9 +284,10 @@ class Image:
         if not inode.is_lnk:
             raise CorruptedError(f"inode {nid} is not a symlink")
         data = self.read(nid, 0, inode.size)
-        if not data or b"\0" in data:
-            raise CorruptedError(f"inode {nid}: invalid symlink target")
-        return data
+        # the kernel keeps the target as a C string (fs/erofs/inode.c erofs_fill_symlink:
+        # kmemdup_nul; page_get_link + nd_terminate_link otherwise) and readlink(2) copies
+        # strlen() bytes: a NUL ends the target, and an empty target reads as ""
+        return data.split(b"\0", 1)[0]
 
     # ------------------------------------------------------------------ directories
     def _dir_block(self, inode: Inode, blk: int) -> tuple[bytes, list]:
@@ -315,25 +328,28 @@ class Image:
             # at position i_size, and the listing then ends at i_size + 1
             yield DirEntry(name=b".", nid=nid, file_type=L.EROFS_FT_DIR, next_pos=inode.size + 1)
 
+    def _dir_raw_block(self, inode: Inode, blk: int) -> bytes:
+        """Directory block ``blk`` as the page cache holds it: zero-padded to the block size."""
+        key = ("raw", inode.nid, blk)
+        with self._lock:
+            hit = self._dirblocks.get(key)
+        if hit is None:
+            bs = self.block_size
+            hit = self.read(inode.nid, blk * bs, min(bs, inode.size - blk * bs)).ljust(bs, b"\0")
+            with self._lock:
+                self._dirblocks.put(key, hit)
+        return hit
+
     def lookup(self, nid: int, name: bytes) -> int:
-        """nid of ``name`` in directory ``nid`` (binary search over blocks, then within one)."""
+        """nid of ``name`` in directory ``nid``: the kernel's binary search over blocks, then within one."""
         inode = self._dir_inode(nid)
-        if not name or len(name) > L.EROFS_NAME_LEN:
+        if not name or len(name) > L.EROFS_NAME_LEN or b"\0" in name or not inode.size:
             raise NotFoundError(f"{name!r}: no such entry")
-        lo, hi = 0, -(-inode.size // self.block_size) - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            _, recs = self._dir_block(inode, mid)
-            if name < recs[0][0]:
-                hi = mid - 1
-            elif name > recs[-1][0]:
-                lo = mid + 1
-            else:
-                hit = search_block(recs, name)
-                if hit is None:
-                    break
-                return hit[0]
-        raise NotFoundError(f"{name.decode('utf-8', 'surrogateescape')}: no such file or directory")
+        hit = lookup_blocks(-(-inode.size // self.block_size), lambda b: self._dir_raw_block(inode, b), name,
+                            self.block_size, nid)
+        if hit is None:
+            raise NotFoundError(f"{name.decode('utf-8', 'surrogateescape')}: no such file or directory")
+        return hit[0]
 
     def resolve(self, path: str | bytes) -> int:
         """nid of an absolute path inside the image (symlinks are not followed)."""
@@ -384,8 +400,18 @@ class Image:
         return [name for name, _ in self.xattr_items(nid)]
 
     def getxattr(self, nid: int, name: bytes) -> bytes:
-        for n, v in self.xattr_items(nid):
+        """The value getxattr(2) returns: the first entry of that name (inline, then shared);
+        POSIX ACLs decoded and re-encoded as the kernel does (xattr.posix_acl_value); a name the
+        inode's name filter rules out is absent whatever the entries hold (xattr.filtered_out)."""
+        items = self.xattr_items(nid)
+        if items and filtered_out(self.sb, name_filter(self.inode(nid), self.read_meta), name):
+            raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
+        for n, v in items:
             if n == name:
+                if name in POSIX_ACL_NAMES:
+                    v = posix_acl_value(v, f"inode {nid} {name.decode()}")
+                    if v is None:
+                        break
                 return v
         raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
 

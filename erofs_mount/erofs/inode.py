@@ -81,7 +81,8 @@ def iloc(sb: Superblock, nid: int) -> tuple[int, bool]:
     """Byte position of inode ``nid`` and whether it lives in the metabox (``erofs_iloc``)."""
     in_mbox = bool(nid >> L.EROFS_DIRENT_NID_METABOX_BIT)
     base = 0 if in_mbox else sb.meta_blkaddr << sb.blkszbits
-    return base + ((nid & L.EROFS_DIRENT_NID_MASK) << L.EROFS_ISLOTBITS), in_mbox
+    # erofs_off_t is a u64: a nid with high bits set wraps around like in the kernel's erofs_iloc
+    return (base + ((nid & L.EROFS_DIRENT_NID_MASK) << L.EROFS_ISLOTBITS)) & ((1 << 64) - 1), in_mbox
 
 
 def parse_inode(sb: Superblock, nid: int, raw: bytes) -> Inode:

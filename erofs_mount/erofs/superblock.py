@@ -65,6 +65,7 @@ class Superblock:
     metabox_nid: int
     checksum_ok: bool | None = None  # None: the image carries no checksum
     devices: tuple[DeviceSlot, ...] = field(default=())
+    xattr_filter_reserved: int = 0   # non-zero: the xattr name filter's format changed, ignore it
 
     @property
     def block_size(self) -> int:
@@ -176,6 +177,7 @@ def parse_superblock(head: bytes) -> Superblock:
         devt_slotoff=devt_slotoff, dirblkbits=dirblkbits, xattr_prefix_count=xattr_prefix_count,
         xattr_prefix_start=xattr_prefix_start, packed_nid=packed_nid, ishare_xattr_prefix_id=ishare_id,
         build_time=build_time, metabox_nid=metabox_nid, checksum_ok=checksum_ok,
+        xattr_filter_reserved=_filter_res,
     )
 
 

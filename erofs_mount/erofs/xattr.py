@@ -12,9 +12,10 @@ padded to 4 bytes.  ``e_name_index`` with bit 7 set names a long prefix
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
-from ..errors import CorruptedError
+from ..errors import CorruptedError, UnsupportedError
 from . import layout as L
 from .inode import Inode
 from .superblock import Superblock
@@ -53,7 +54,9 @@ def _entry_name(index: int, name: bytes, prefixes: list[bytes], where: str) -> b
     if index & L.EROFS_XATTR_LONG_PREFIX:
         i = index & L.EROFS_XATTR_LONG_PREFIX_MASK
         if i >= len(prefixes):
-            raise CorruptedError(f"{where}: xattr long prefix {i} out of range")
+            # the kernel skips such an entry, listing and matching alike (fs/erofs/xattr.c
+            # erofs_listxattr_foreach / erofs_xattr_entry_match: prefix beyond xattr_prefix_count)
+            return None
         return prefixes[i] + name
     base = L.XATTR_PREFIXES.get(index)
     if base is None:
@@ -83,10 +86,17 @@ def read_xattrs(sb: Superblock, inode: Inode, read_meta: ReadMeta,
     hdr = read_meta(base, inode.xattr_isize, inode.in_metabox)
     if len(hdr) < inode.xattr_isize:
         raise CorruptedError(f"{where}: xattr body truncated")
+    if inode.xattr_isize == L.XATTR_IBODY_HEADER.size:
+        # fs/erofs/xattr.c erofs_init_inode_xattrs: a bare header is "not supported yet"
+        raise UnsupportedError(f"{where}: xattr_isize {inode.xattr_isize} is not supported")
     _filter, shared_count, _r = L.XATTR_IBODY_HEADER.unpack_from(hdr)
     header_sz = L.XATTR_IBODY_HEADER.size + 4 * shared_count
     if header_sz > inode.xattr_isize:
-        raise CorruptedError(f"{where}: {shared_count} shared xattrs overflow the xattr body")
+        # the kernel does not bound h_shared_count by the body: the ids run on into whatever
+        # follows, and no inline entries remain (erofs_init_inode_xattrs, erofs_xattr_iter_inline)
+        hdr = read_meta(base, header_sz, inode.in_metabox)
+        if len(hdr) < header_sz:
+            raise CorruptedError(f"{where}: shared xattr ids truncated")
     out: list[tuple[bytes, bytes]] = []
     in_mbox_shared = sb.has_compat(L.EROFS_FEATURE_COMPAT_SHARED_EA_IN_METABOX)
     shared_base = sb.xattr_blkaddr << sb.blkszbits
@@ -108,3 +118,112 @@ def read_xattrs(sb: Superblock, inode: Inode, read_meta: ReadMeta,
         if full is not None:
             out.append((full, value))
     return out
+
+
+POSIX_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def posix_acl_value(raw: bytes, where: str) -> bytes | None:
+    """A POSIX ACL xattr as getxattr(2) returns it from the kernel, or None (no ACL: ENODATA).
+
+    The kernel never hands the stored bytes out: it decodes them (fs/posix_acl.c
+    ``posix_acl_from_xattr``: version 2, a 4-byte header then 8-byte entries, USER/GROUP
+    ids must be valid, any other tag is EINVAL; no entries means no ACL) and encodes them
+    again (``posix_acl_to_xattr``), where the id of an entry other than USER/GROUP is
+    always ACL_UNDEFINED_ID.
+    """
+    if len(raw) < 4:
+        raise CorruptedError(f"{where}: POSIX ACL too short", errno=errno.EINVAL)
+    if int.from_bytes(raw[:4], "little") != 2:
+        raise UnsupportedError(f"{where}: POSIX ACL version {int.from_bytes(raw[:4], 'little')}")
+    if (len(raw) - 4) % 8:
+        raise CorruptedError(f"{where}: POSIX ACL size {len(raw)}", errno=errno.EINVAL)
+    if len(raw) == 4:
+        return None
+    out = bytearray(raw[:4])
+    for pos in range(4, len(raw), 8):
+        tag = int.from_bytes(raw[pos:pos + 2], "little")
+        ident = int.from_bytes(raw[pos + 4:pos + 8], "little")
+        if tag in (_ACL_USER, _ACL_GROUP):
+            if ident == 0xFFFFFFFF:   # make_kuid/make_kgid: (uid_t)-1 is never valid
+                raise CorruptedError(f"{where}: POSIX ACL entry with id -1", errno=errno.EINVAL)
+        elif tag in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER):
+            ident = 0xFFFFFFFF
+        else:
+            raise CorruptedError(f"{where}: POSIX ACL tag 0x{tag:x}", errno=errno.EINVAL)
+        out += raw[pos:pos + 4] + ident.to_bytes(4, "little")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------- the xattr name filter
+EROFS_XATTR_FILTER_SEED = 0x25BBE08F
+EROFS_XATTR_FILTER_BITS = 32
+_P1, _P2, _P3, _P4, _P5 = 2654435761, 2246822519, 3266489917, 668265263, 374761393
+_M32 = 0xFFFFFFFF
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def xxh32(data: bytes, seed: int) -> int:
+    """XXH32 (the kernel's lib/xxhash.c ``xxh32``), for the xattr name filter."""
+    n, i = len(data), 0
+    seed &= _M32
+    if n >= 16:
+        v = [(seed + _P1 + _P2) & _M32, (seed + _P2) & _M32, seed, (seed - _P1) & _M32]
+        while i + 16 <= n:
+            for k in range(4):
+                lane = int.from_bytes(data[i + 4 * k:i + 4 * k + 4], "little")
+                v[k] = (_rotl((v[k] + lane * _P2) & _M32, 13) * _P1) & _M32
+            i += 16
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _M32
+    else:
+        h = (seed + _P5) & _M32
+    h = (h + n) & _M32
+    while i + 4 <= n:
+        h = (_rotl((h + int.from_bytes(data[i:i + 4], "little") * _P3) & _M32, 17) * _P4) & _M32
+        i += 4
+    while i < n:
+        h = (_rotl((h + data[i] * _P5) & _M32, 11) * _P1) & _M32
+        i += 1
+    h ^= h >> 15
+    h = (h * _P2) & _M32
+    h ^= h >> 13
+    h = (h * _P3) & _M32
+    return h ^ (h >> 16)
+
+
+def handler_split(name: bytes) -> tuple[int, bytes] | None:
+    """(xattr handler index, name after its prefix) as the VFS picks the handler; None: no handler."""
+    for index, prefix in L.XATTR_PREFIXES.items():
+        if index in (L.EROFS_XATTR_INDEX_POSIX_ACL_ACCESS, L.EROFS_XATTR_INDEX_POSIX_ACL_DEFAULT):
+            if name == prefix:
+                return index, b""
+        elif name.startswith(prefix):
+            return index, name[len(prefix):]
+    return None
+
+
+def filtered_out(sb: Superblock, name_filter: int, name: bytes) -> bool:
+    """True when the inode's name filter says ``name`` is absent (fs/erofs/xattr.c erofs_getxattr).
+
+    A set bit means "no xattr hashing here": the kernel answers ENODATA without looking,
+    whatever the entries hold.  Only with the XATTR_FILTER feature and a zero reserved byte.
+    """
+    if not sb.has_compat(L.EROFS_FEATURE_COMPAT_XATTR_FILTER) or sb.xattr_filter_reserved:
+        return False
+    split = handler_split(name)
+    if split is None:
+        return False
+    index, suffix = split
+    bit = xxh32(suffix, EROFS_XATTR_FILTER_SEED + index) & (EROFS_XATTR_FILTER_BITS - 1)
+    return bool(name_filter & (1 << bit))
+
+
+def name_filter(inode: Inode, read_meta: ReadMeta) -> int:
+    """The inode's ``h_name_filter`` (0 without xattrs)."""
+    if inode.xattr_isize < L.XATTR_IBODY_HEADER.size:
+        return 0
+    return int.from_bytes(read_meta(inode.iloc + inode.inode_isize, 4, inode.in_metabox)[:4], "little")

@@ -171,7 +171,7 @@ class ZReader:
             raise CorruptedError(where + ": not a pcluster")
         if len(raw) != ext.plen:
             raise ShortReadError(f"{where}: only {len(raw)} bytes readable")
-        strict = not ext.partial and ext.la + ext.llen < inode.size
+        strict = not ext.partial
         try:
             data = D.decompress(ext.alg, raw, ext.llen, strict=strict, zero_padding=self.cfgs.zero_padding,
                                 la=ext.la, block_size=self.block_size, lzma_dict_size=self.cfgs.lzma_dict_size)
