@@ -59,6 +59,8 @@ ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
 _LCLUSTER_INDEX = struct.Struct("<HHI")
 _PA_CHUNK = 1024
 _EXTENT = struct.Struct("<IIIII")
+_LC_MEMO = 512      # decoded lclusters kept per inode
+_PACK_MEMO = 64     # decoded compacted packs kept per inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,10 @@ class ZMap:
         self.available_algs = available_algs
         self._read_meta = read_meta
         self._windows: dict[int, bytes] = {}
+        # decoded lclusters and compacted packs: pure functions of immutable metadata, so a
+        # bounded memo changes no result (failures are never memoized and raise again)
+        self._lcs: dict[int, _LC] = {}
+        self._packs: dict[int, tuple[list[int], list[int], int]] = {}
         self.header_pos = (inode.iloc + inode.inode_isize + inode.xattr_isize + 7) & ~7
         h = self._meta(self.header_pos, 8)
         self.all_fragments = False
@@ -143,6 +149,13 @@ class ZMap:
         if self.lclusterbits > 30:
             raise CorruptedError(f"inode {self.nid}: lcluster size 2^{self.lclusterbits} too large")
         self.nlclusters = -(-self.size >> self.lclusterbits) if self.size else 0
+        # compacted layout (z_erofs_load_compact_lcluster): the initial 4b run, then the 2b region
+        totalidx = -(-self.size >> blkszbits)     # erofs_iblks()
+        self._c_ebase = self.header_pos + 8
+        self._c4_initial = ((32 - self._c_ebase % 32) // 4) & 7
+        self._c2b = 0
+        if self.advise & Z_EROFS_ADVISE_COMPACTED_2B and self._c4_initial < totalidx:
+            self._c2b = (totalidx - self._c4_initial) // 16 * 16
         if self.size and (self.idata_size or self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER):
             self._find_tail()
 
@@ -167,13 +180,19 @@ class ZMap:
         return CorruptedError(f"inode {self.nid}: {what}{where}")
 
     # ------------------------------------------------------------------ lcluster indexes
-    def _load(self, lcn: int, lookahead: bool = False) -> _LC:
+    def _load(self, lcn: int) -> _LC:
+        m = self._lcs.get(lcn)
+        if m is not None:
+            return m
         if not 0 <= lcn < self.nlclusters:
             raise self._corrupt(f"lcluster {lcn} out of range ({self.nlclusters} lclusters)")
-        m = self._load_compact(lcn, lookahead) if self.layout == EROFS_INODE_COMPRESSED_COMPACT \
+        m = self._load_compact(lcn) if self.layout == EROFS_INODE_COMPRESSED_COMPACT \
             else self._load_full(lcn)
         if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD and m.clusterofs >= 1 << self.lclusterbits:
             raise self._corrupt(f"clusterofs {m.clusterofs} of lcluster {lcn} beyond the lcluster")
+        if len(self._lcs) >= _LC_MEMO:
+            self._lcs.clear()
+        self._lcs[lcn] = m
         return m
 
     def _load_full(self, lcn: int) -> _LC:
@@ -196,23 +215,17 @@ class ZMap:
             m.pblk = u
         return m
 
-    def _load_compact(self, lcn: int, lookahead: bool) -> _LC:
+    def _load_compact(self, lcn: int) -> _LC:
         lcb = self.lclusterbits
-        totalidx = -(-self.size >> self.blkszbits)     # erofs_iblks()
-        ebase = self.header_pos + 8
-        c4_initial = ((32 - ebase % 32) // 4) & 7
-        c2b = 0
-        if self.advise & Z_EROFS_ADVISE_COMPACTED_2B and c4_initial < totalidx:
-            c2b = (totalidx - c4_initial) // 16 * 16
-        pos, rel, amort = ebase, lcn, 4
-        if lcn >= c4_initial:
-            pos += c4_initial * 4
-            rel -= c4_initial
-            if rel < c2b:
+        pos, rel, amort = self._c_ebase, lcn, 4
+        if lcn >= self._c4_initial:
+            pos += self._c4_initial * 4
+            rel -= self._c4_initial
+            if rel < self._c2b:
                 amort = 2
             else:
-                pos += c2b * 2
-                rel -= c2b
+                pos += self._c2b * 2
+                rel -= self._c2b
         pos += rel * amort
         if amort == 4:
             vcnt = 2
@@ -222,36 +235,28 @@ class ZMap:
             raise UnsupportedError(f"inode {self.nid}: compacted_2b indexes with 2^{lcb}-byte lclusters")
         packsize = vcnt * amort
         start = pos - pos % packsize
-        pack = self._meta(start, packsize)
         i = (pos - start) // amort
-        encodebits = (packsize - 4) * 8 // vcnt
-        lobits = max(lcb, 12)           # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
-        lomask = (1 << lobits) - 1
-        base = int.from_bytes(pack[-4:], "little")
-        bits = int.from_bytes(pack[:-4], "little")
-
-        def decode(j: int) -> tuple[int, int]:
-            v = bits >> (encodebits * j)
-            return v & lomask, (v >> lobits) & 3
+        los, types, base = self._pack(start, packsize, vcnt)
 
         m = _LC(lcn)
         m.nextpackoff = start + packsize
         big = bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1)
-        lo, m.type = decode(i)
+        lo, m.type = los[i], types[i]
         if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
             m.clusterofs = 1 << lcb
-            if lookahead:   # distance to the next HEAD lcluster
-                d1, j = 0, i
-                while j < vcnt:
-                    jlo, jtype = decode(j)
-                    if jtype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-                        break
-                    d1 += 1
-                    j += 1
-                else:   # the last lcluster of a pack stores its delta[1]
-                    if not jlo & Z_EROFS_LI_D0_CBLKCNT:
-                        d1 += jlo - 1
-                m.delta1 = max(d1, 0)
+            # delta[1], the distance to the next HEAD lcluster (the kernel's lookahead), always
+            # computed: the decoded lcluster is memoized for both uses
+            d1, j = 0, i
+            while j < vcnt:
+                jlo, jtype = los[j], types[j]
+                if jtype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
+                    break
+                d1 += 1
+                j += 1
+            else:   # the last lcluster of a pack stores its delta[1]
+                if not jlo & Z_EROFS_LI_D0_CBLKCNT:
+                    d1 += jlo - 1
+            m.delta1 = max(d1, 0)
             if lo & Z_EROFS_LI_D0_CBLKCNT:
                 if not big:
                     raise self._corrupt(f"CBLKCNT in lcluster {lcn} without big pclusters")
@@ -260,7 +265,7 @@ class ZMap:
             elif i + 1 != vcnt:
                 m.delta0 = lo
             else:   # last of the pack: delta[0] comes from the previous one
-                plo, ptype = decode(i - 1)
+                plo, ptype = los[i - 1], types[i - 1]
                 if ptype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
                     plo = 0
                 elif plo & Z_EROFS_LI_D0_CBLKCNT:
@@ -273,7 +278,7 @@ class ZMap:
         j = i
         while j > 0:
             j -= 1
-            jlo, jtype = decode(j)
+            jlo, jtype = los[j], types[j]
             if not big:
                 if jtype == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
                     j -= jlo
@@ -291,6 +296,26 @@ class ZMap:
                 nblk += 1
         m.pblk = base + nblk
         return m
+
+    def _pack(self, start: int, packsize: int, vcnt: int) -> tuple[list[int], list[int], int]:
+        """(lo values, lcluster types, base block address) of the compacted pack at ``start``."""
+        p = self._packs.get(start)
+        if p is None:
+            pack = self._meta(start, packsize)
+            encodebits = (packsize - 4) * 8 // vcnt
+            lobits = max(self.lclusterbits, 12)     # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
+            lomask = (1 << lobits) - 1
+            bits = int.from_bytes(pack[:-4], "little")
+            los, types = [], []
+            for j in range(vcnt):
+                v = bits >> (encodebits * j)
+                los.append(v & lomask)
+                types.append((v >> lobits) & 3)
+            p = (los, types, int.from_bytes(pack[-4:], "little"))
+            if len(self._packs) >= _PACK_MEMO:
+                self._packs.clear()
+            self._packs[start] = p
+        return p
 
     # ------------------------------------------------------------------ lcluster extents
     def _head_of(self, la: int) -> tuple[_LC, _LC]:
@@ -334,7 +359,7 @@ class ZMap:
                 return self.size
             if (lcn - head.lcn - 1) << lcb > D.Z_EROFS_PCLUSTER_MAX_DSIZE:
                 raise self._too_large(la)
-            m = self._load(lcn, lookahead=True)
+            m = self._load(lcn)
             if m.type != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
                 return min((lcn << lcb) + m.clusterofs, self.size)
             lcn += m.delta1 or 1    # pre-1.0 mkfs could write delta[1] = 0
