@@ -101,6 +101,9 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
         hint = " (busy: close the files using it, or unmount lazily)" if exc.errno == errno.EBUSY else ""
         print(f"erofs-mount: {mnt}: {exc.strerror}{hint}", file=sys.stderr)
         return 1
+    from .publish import forget
+
+    forget(mnt)  # the status document of a daemon that was killed
     return 0
 
 

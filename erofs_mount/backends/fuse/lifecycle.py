@@ -31,6 +31,7 @@ from ...errors import ErofsMountError, UsageError
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .mountinfo import find_mount
+from .publish import Publisher
 from .source import IMAGE_CACHES, open_image, open_local, tune_image
 from .inline import LocalReader
 
@@ -55,7 +56,8 @@ def _check_mountpoint(mountpoint: str, opts: FuseOptions, is_root: bool) -> None
                              "in /etc/fuse.conf")
 
 
-async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool) -> None:
+async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool,
+                 stats_source=None) -> None:
     import pyfuse3
     import trio
 
@@ -83,6 +85,8 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                               errno=errno.EPERM) from None
     ours = find_mount(mountpoint)  # our mount, to tell it from others stacked on the same path later
     log.info("mounted %s on %s (FUSE, mount id %s)", source, mountpoint, ours.mount_id if ours else "?")
+    publisher = Publisher(source, mountpoint, stats_source)  # for `erofs-mount status`
+    publisher.base["mount_id"] = ours.mount_id if ours else None
     try:
         async with trio.open_nursery() as nursery:
             async def signals() -> None:
@@ -113,10 +117,12 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
             nursery.start_soon(signals)
             nursery.start_soon(probe)
             nursery.start_soon(serve)
+            nursery.start_soon(publisher.run)
     except BaseException:
         log.exception("FUSE main loop failed")
         raise
     finally:
+        publisher.remove()
         # a lost mount (umount, umount -l, fusermount3 -u) already detached; unmounting again is harmless
         top = find_mount(mountpoint)
         mounted = top is not None and ours is not None and top.mount_id == ours.mount_id
@@ -127,11 +133,11 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
 
 
 async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) -> None:
-    image, closers, inline = await opener()
+    image, closers, inline, stats_source = await opener()
     try:
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
-        await _serve(image, mountpoint, opts, source, ready, inline=inline)
+        await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source)
     finally:
         for close in closers:
             res = close()
@@ -142,7 +148,7 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
 def _local_opener(source: str, devices: tuple[str, ...]):
     async def opener():
         image, opened = open_image(source, devices)  # a few small reads: fine before serving
-        return image, [src.close for src in opened], True
+        return image, [src.close for src in opened], True, opened[0]
     return opener
 
 
@@ -175,7 +181,7 @@ def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
                         await res
             raise
         log.info("OCI layer %s of %s (%d bytes)", getattr(src, "digest", "?"), ref, src.size)
-        return image, closers, False
+        return image, closers, False, src
     return opener
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from ...status import summary  # noqa: F401 - moved to erofs_mount/status.py (shared with FUSE)
 from . import state
 from .recovery import LocalRecord, Record, describe
 from .server import ServerStats, serve_nbd
@@ -72,25 +73,6 @@ def snapshot(base: dict, source: Any, server: ServerStats) -> dict:
     doc["stats"] = {k: raw[k] for k in _SOURCE_KEYS if isinstance(raw.get(k), int)}
     doc["server"] = {k: getattr(server, k) for k in _SERVER_KEYS}
     return doc
-
-
-def summary(doc: dict | None) -> dict:
-    """The figures status prints (pure): bytes fetched (this daemon and since the mount), cache hit
-    ratio (chunk look-ups served from memory or the persistent cache), retries."""
-    doc = doc or {}
-    st, carried = doc.get("stats") or {}, doc.get("carried") or {}
-    hits, misses, disk = (_int(st.get(k)) for k in ("cache_hits", "cache_misses", "disk_hits"))
-    lookups = hits + misses
-    ratio = None if not lookups or "cache_hits" not in st else min(1.0, (hits + disk) / lookups)
-    return {
-        "bytes_fetched": _int(st.get("bytes_fetched")),
-        "bytes_fetched_total": _int(st.get("bytes_fetched")) + _int(carried.get("bytes_fetched")),
-        "cache_hit_ratio": ratio,
-        "retries": _int(st.get("retries")),
-        "retries_total": _int(st.get("retries")) + _int(carried.get("retries")),
-        "daemons": _int(carried.get("daemons")) + 1,
-        "updated": doc.get("updated"),
-    }
 
 
 async def _serve_then_cancel(scope: trio.CancelScope, sock: Any, source: Any, *, export_size: int,

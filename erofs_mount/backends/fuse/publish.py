@@ -1,0 +1,167 @@
+"""What a FUSE daemon tells ``erofs-mount status``: one small JSON document per mount.
+
+    <stats_dir()>/<key(mountpoint)>.json   0600 in a 0700 directory, rewritten every STATS_INTERVAL s
+        {"version": 1, "pid", "pid_start", "uid", "mountpoint", "mount_id", "started", "updated",
+         "kind": "oci"|"local", "source", "path" | "ref", "pinned_ref", "platform", "digest", "manifest_digest",
+         "stats": {the source's counters}}
+
+``stats_dir()``: ``/run/erofs-mount/fuse`` for root; ``$XDG_RUNTIME_DIR/erofs-mount/fuse`` for a user
+who has one, else ``$XDG_STATE_HOME/erofs-mount/fuse`` (``~/.local/state/...``).  The document never
+holds a secret (only the source's reference and counters).  The daemon removes it when it ends; a
+SIGKILLed daemon leaves it behind, so ``status`` can show that daemon as dead (``pid_start`` tells a
+reused pid from ours).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger("erofs_mount.fuse")
+
+STATS_INTERVAL = 1.0
+ROOT_DIR = "/run/erofs-mount/fuse"
+_SOURCE_KEYS = ("size", "bytes_fetched", "requests", "retries", "failures", "token_requests", "cache_hits",
+                "cache_misses", "disk_hits", "disk_bytes_written", "disk_errors", "reads", "coalesced",
+                "prefetched_chunks", "fetch_failures", "chunk_size", "bytes_read")
+
+
+def user_dirs(env: dict, home: str, uid: int) -> list[str]:
+    """Where a user's daemons publish, best first (pure)."""
+    out = []
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        out.append(os.path.join(runtime, "erofs-mount", "fuse"))
+    state = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    out.append(os.path.join(state, "erofs-mount", "fuse"))
+    if not runtime:
+        out.append(os.path.join(f"/run/user/{uid}", "erofs-mount", "fuse"))
+    return out
+
+
+def stats_dir() -> str:
+    if os.geteuid() == 0:
+        return ROOT_DIR
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime) and os.stat(runtime).st_uid == os.geteuid():
+        return os.path.join(runtime, "erofs-mount", "fuse")
+    return user_dirs({k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"},
+                     os.path.expanduser("~"), os.geteuid())[0]
+
+
+def key(mountpoint: str) -> str:
+    return hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20] + ".json"
+
+
+def process_start(pid: int) -> int | None:
+    """The process' start time in clock ticks since boot (proc(5) /proc/pid/stat field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == b"Z":
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def daemon_alive(doc: dict) -> bool:
+    pid = doc.get("pid")
+    return isinstance(pid, int) and pid > 0 and process_start(pid) == doc.get("pid_start") is not None
+
+
+def base_document(source_text: str, mountpoint: str, source: Any) -> dict:
+    pid = os.getpid()
+    doc: dict[str, Any] = {"version": 1, "pid": pid, "pid_start": process_start(pid), "uid": os.geteuid(),
+                           "mountpoint": mountpoint, "mount_id": None, "started": time.time(),
+                           "source": source_text}
+    if hasattr(source, "ref") and hasattr(source, "digest"):
+        # ref as the user named it; pinned_ref: the manifest the daemon resolved it to (ref@sha256:...)
+        doc.update(kind="oci", ref=source_text, pinned_ref=str(source.ref), platform=getattr(source, "platform", None),
+                   digest=source.digest, manifest_digest=getattr(source, "manifest_digest", None))
+    else:
+        doc.update(kind="local", path=getattr(source, "path", source_text))
+    return doc
+
+
+def snapshot(base: dict, source: Any) -> dict:
+    try:
+        raw = source.stats() if hasattr(source, "stats") else {}
+    except Exception as exc:  # noqa: BLE001 - a display must not stop serving
+        raw = {"error": repr(exc)}
+    doc = dict(base)
+    doc["updated"] = time.time()
+    doc["stats"] = {k: raw[k] for k in _SOURCE_KEYS if isinstance(raw.get(k), int)}
+    return doc
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Atomically (temp file + rename), 0600, in a 0700 directory."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(doc, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class Publisher:
+    """The daemon's side: ``await run()`` rewrites the document until cancelled; ``remove()`` at exit."""
+
+    def __init__(self, source_text: str, mountpoint: str, source: Any, directory: str | None = None) -> None:
+        self.path = os.path.join(directory or stats_dir(), key(mountpoint))
+        self.base = base_document(source_text, mountpoint, source)
+        self.source = source
+        self._failed = False
+
+    def publish(self) -> None:
+        try:
+            write_json(self.path, snapshot(self.base, self.source))
+        except OSError as exc:
+            if not self._failed:
+                log.warning("cannot publish statistics to %s: %s", self.path, exc)
+            self._failed = True
+
+    async def run(self, interval: float = STATS_INTERVAL) -> None:
+        import trio
+
+        while True:
+            self.publish()
+            await trio.sleep(interval)
+
+    def remove(self) -> None:
+        doc = read_json(self.path)
+        if doc is not None and doc.get("pid") == os.getpid():  # not a newer mount's document
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def forget(mountpoint: str, directory: str | None = None) -> None:
+    """After an unmount: drop the document a killed daemon left for ``mountpoint`` (a live one removes its own)."""
+    path = os.path.join(directory or stats_dir(), key(mountpoint))
+    doc = read_json(path)
+    if doc is not None and doc.get("mountpoint") == mountpoint and not daemon_alive(doc):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,44 @@
+"""Backend-neutral pieces of ``erofs-mount status`` (pure: no I/O).
+
+    summary(doc) -> dict     the figures status prints from a daemon's published statistics document
+                             (NBD: backends/nbd/publish.py; FUSE: backends/fuse/publish.py)
+    size_text(n), ratio_text(r)   how they are printed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["summary", "size_text", "ratio_text"]
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def summary(doc: dict | None) -> dict:
+    """Bytes fetched (this daemon and since the mount), cache hit ratio (chunk look-ups served from
+    memory or the persistent cache), retries.  ``carried``: what earlier daemons of the same mount
+    fetched (NBD reattach); absent for FUSE."""
+    doc = doc or {}
+    st, carried = doc.get("stats") or {}, doc.get("carried") or {}
+    hits, misses, disk = (_int(st.get(k)) for k in ("cache_hits", "cache_misses", "disk_hits"))
+    lookups = hits + misses
+    ratio = None if not lookups or "cache_hits" not in st else min(1.0, (hits + disk) / lookups)
+    return {
+        "bytes_fetched": _int(st.get("bytes_fetched")),
+        "bytes_fetched_total": _int(st.get("bytes_fetched")) + _int(carried.get("bytes_fetched")),
+        "cache_hit_ratio": ratio,
+        "retries": _int(st.get("retries")),
+        "retries_total": _int(st.get("retries")) + _int(carried.get("retries")),
+        "daemons": _int(carried.get("daemons")) + 1,
+        "updated": doc.get("updated"),
+    }
+
+
+def size_text(n: int) -> str:
+    return f"{n}({n / 2**20:.1f}MiB)"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}"
