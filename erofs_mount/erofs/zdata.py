@@ -28,6 +28,7 @@ from .zmap import ZEXT_FRAGMENT, ZEXT_HOLE, ZEXT_MAPPED, ZEXT_META, ZExtent, ZMa
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 _INCOMPAT_BIG_PCLUSTER = 0x2
 _MAX_NESTING = 4        # packed inode / metabox reads inside a read
+_PREFETCH_BYTES = 4 << 20   # raw bytes of adjacent pclusters fetched with one read
 
 
 class ZReader:
@@ -38,7 +39,9 @@ class ZReader:
         self.cfgs: ComprCfgs = parse_compr_cfgs(sb.feature_incompat, sb.available_compr_algs, sb.sb_size,
                                                 sb.blkszbits, image.read_raw)
         self._big_pcluster = bool(sb.feature_incompat & _INCOMPAT_BIG_PCLUSTER)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()         # inode maps (re-entered by metabox / packed-inode reads)
+        self._cache_lock = threading.Lock()     # the decoded-pcluster LRU and the statistics
+        self._multi_device = bool(getattr(sb, "devices", ()))
         self._maps: OrderedDict[int, tuple[ZMap, list[ZExtent]]] = OrderedDict()
         self._max_inodes = max_inodes
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
@@ -67,7 +70,7 @@ class ZReader:
             self._tls.depth = depth
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._cache_lock:
             lookups = self._hits + self._misses
             return {
                 "hits": self._hits, "misses": self._misses,
@@ -89,7 +92,7 @@ class ZReader:
             pos = ext.la + ext.llen
 
     def clear_cache(self) -> None:
-        with self._lock:
+        with self._cache_lock:
             self._cache.clear()
             self._cache_bytes = 0
 
@@ -109,36 +112,101 @@ class ZReader:
         return hit
 
     def _extent(self, inode, pos: int) -> ZExtent:
+        exts, err = self._map_range(inode, pos, pos + 1)
+        if err is not None:
+            raise err
+        return exts[0]
+
+    def _map_range(self, inode, pos: int, end: int) -> tuple[list[ZExtent], ErofsMountError | None]:
+        """The extents covering ``[pos, end)`` in order, mapped under one lock hold.
+
+        A mapping failure after the first extent is returned beside the extents before it,
+        so the caller meets the errors in logical order, as one extent at a time would.
+        """
+        exts: list[ZExtent] = []
         with self._lock:
             zm, recent = self._zmap(inode)
-            for ext in recent:
-                if ext.la <= pos < ext.la + ext.llen:
-                    return ext
-            ext = zm.map(pos)
-            recent.insert(0, ext)
-            del recent[4:]
-            return ext
+            try:
+                while pos < end:
+                    for ext in recent:
+                        if ext.la <= pos < ext.la + ext.llen:
+                            break
+                    else:
+                        ext = zm.map(pos)
+                        recent.insert(0, ext)
+                        del recent[4:]
+                    if not ext.la <= pos < ext.la + ext.llen:   # ZMap guarantees this; never loop on it
+                        raise CorruptedError(f"inode {inode.nid}: empty extent at logical offset {pos}")
+                    exts.append(ext)
+                    pos = ext.la + ext.llen
+            except ErofsMountError as exc:
+                if not exts:
+                    raise
+                return exts, exc
+        return exts, None
 
     # ------------------------------------------------------------------ reading
     def _read(self, inode, pos: int, end: int) -> bytes:
+        exts, err = self._map_range(inode, pos, end)
+        raws = self._prefetch(inode, exts) if len(exts) > 1 else None
         out = []
-        while pos < end:
-            ext = self._extent(inode, pos)
+        for i, ext in enumerate(exts):
             stop = min(end, ext.la + ext.llen)
-            if not ext.la <= pos < stop:    # ZMap guarantees this; never loop on a bad extent
-                raise CorruptedError(f"inode {inode.nid}: empty extent at logical offset {pos}")
             skip, n = pos - ext.la, stop - pos
             if ext.kind == ZEXT_HOLE:
                 data = bytes(n)
             elif ext.kind == ZEXT_FRAGMENT:
                 data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
             else:
-                data = self._decoded(inode, ext)[skip:stop - ext.la]
+                data = self._decoded(inode, ext, raws.get(i) if raws else None)
+                if skip or stop - ext.la != len(data):
+                    data = data[skip:stop - ext.la]
             if len(data) != n:
                 raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
             out.append(data)
             pos = stop
+        if err is not None:
+            raise err
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _key(self, inode, ext: ZExtent) -> tuple:
+        interlace = ext.la % self.block_size if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0
+        in_mbox = ext.kind == ZEXT_META and inode.in_metabox
+        return (ext.kind, in_mbox, ext.pa, ext.plen, ext.alg, ext.llen, interlace)
+
+    def _prefetch(self, inode, exts: list[ZExtent]) -> dict[int, bytes]:
+        """Raw bytes of uncached pclusters that lie back to back on the primary device, each run
+        read with one ``read_mapped`` call: ``{index in exts: raw pcluster}``.
+
+        Only on single-device images (a run could cross a device's unified address range).
+        A short run read is dropped: the pclusters are then read one by one and the first
+        unreadable one is reported as before.
+        """
+        if self._multi_device:
+            return {}
+        cache = self._cache
+        with self._cache_lock:
+            cand = [(i, ext) for i, ext in enumerate(exts)
+                    if ext.kind == ZEXT_MAPPED and self._key(inode, ext) not in cache]
+        raws: dict[int, bytes] = {}
+        k = 0
+        while k < len(cand):
+            j, total = k + 1, cand[k][1].plen
+            while j < len(cand) and cand[j - 1][1].pa + cand[j - 1][1].plen == cand[j][1].pa \
+                    and total + cand[j][1].plen <= _PREFETCH_BYTES:
+                total += cand[j][1].plen
+                j += 1
+            if j - k > 1:
+                first = cand[k][1].pa
+                try:
+                    raw = self._read_pcluster(first, total)
+                except ErofsMountError:
+                    raw = b""
+                if len(raw) == total:
+                    for i, ext in cand[k:j]:
+                        raws[i] = raw[ext.pa - first:ext.pa - first + ext.plen]
+            k = j
+        return raws
 
     def _fragment(self, inode, off: int, n: int, la: int) -> bytes:
         packed = self.img.sb.packed_nid
@@ -150,38 +218,35 @@ class ZReader:
                                  f"the packed inode (offset {off} + {n})")
         return data
 
-    def _decoded(self, inode, ext: ZExtent) -> bytes:
-        interlace = ext.la % self.block_size if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0
-        in_mbox = ext.kind == ZEXT_META and inode.in_metabox
-        key = (ext.kind, in_mbox, ext.pa, ext.plen, ext.alg, ext.llen, interlace)
-        with self._lock:
+    def _decoded(self, inode, ext: ZExtent, raw: bytes | None = None) -> bytes:
+        key = self._key(inode, ext)
+        with self._cache_lock:
             data = self._cache.get(key)
             if data is not None:
                 self._cache.move_to_end(key)
                 self._hits += 1
                 return data
             self._misses += 1
-        where = (f"inode {inode.nid}: {D.algorithm_name(ext.alg)} pcluster at byte {ext.pa} "
-                 f"({ext.plen} bytes) for logical offset {ext.la}")
-        if ext.kind == ZEXT_META:
-            raw = self.img.read_meta(ext.pa, ext.plen, inode.in_metabox)
-        elif ext.kind == ZEXT_MAPPED:
-            raw = self._read_pcluster(ext.pa, ext.plen)
-        else:  # pragma: no cover - holes and fragments are handled by the caller
-            raise CorruptedError(where + ": not a pcluster")
-        if len(raw) != ext.plen:
-            raise ShortReadError(f"{where}: only {len(raw)} bytes readable")
-        strict = not ext.partial
+        if raw is None:
+            if ext.kind == ZEXT_META:
+                raw = self.img.read_meta(ext.pa, ext.plen, inode.in_metabox)
+            elif ext.kind == ZEXT_MAPPED:
+                raw = self._read_pcluster(ext.pa, ext.plen)
+            else:  # pragma: no cover - holes and fragments are handled by the caller
+                raise CorruptedError(self._where(inode, ext) + ": not a pcluster")
+            if len(raw) != ext.plen:
+                raise ShortReadError(f"{self._where(inode, ext)}: only {len(raw)} bytes readable")
+        cfgs = self.cfgs
         try:
-            data = D.decompress(ext.alg, raw, ext.llen, strict=strict, zero_padding=self.cfgs.zero_padding,
-                                la=ext.la, block_size=self.block_size, lzma_dict_size=self.cfgs.lzma_dict_size)
+            data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
+                                la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
         except ErofsMountError as exc:
-            raise type(exc)(f"{where}: {exc}", errno=exc.errno) from None
+            raise type(exc)(f"{self._where(inode, ext)}: {exc}", errno=exc.errno) from None
         except Exception as exc:    # a codec library failing in an unexpected way on garbage
-            raise CorruptedError(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise CorruptedError(f"{self._where(inode, ext)}: {type(exc).__name__}: {exc}") from None
         if len(data) != ext.llen:   # decompress() guarantees it; keep wrong bytes out regardless
-            raise CorruptedError(f"{where}: decoded {len(data)} bytes, expected {ext.llen}")
-        with self._lock:
+            raise CorruptedError(f"{self._where(inode, ext)}: decoded {len(data)} bytes, expected {ext.llen}")
+        with self._cache_lock:
             self._bytes_read += len(raw)
             self._bytes_decompressed += len(data)
             if len(data) <= self.cache_limit and key not in self._cache:
@@ -192,6 +257,11 @@ class ZReader:
                     self._cache_bytes -= len(old)
                     self._evictions += 1
         return data
+
+    @staticmethod
+    def _where(inode, ext: ZExtent) -> str:
+        return (f"inode {inode.nid}: {D.algorithm_name(ext.alg)} pcluster at byte {ext.pa} "
+                f"({ext.plen} bytes) for logical offset {ext.la}")
 
     def _read_pcluster(self, pa: int, plen: int) -> bytes:
         mapped = getattr(self.img, "read_mapped", None)     # multi-device aware, if the Image offers it
