@@ -122,7 +122,11 @@ class Image:
         if data is None:
             bs = self.block_size
             if in_mbox:
-                data = self.read(self.sb.metabox_nid, blk * bs, bs)
+                try:
+                    data = self.read(self.sb.metabox_nid, blk * bs, bs)
+                except CorruptedError as exc:   # metadata: the kernel reports EUCLEAN here, not read's EIO
+                    raise CorruptedError(str(exc)) from None
+                data = data.ljust(bs, b"\0")     # past the metabox's i_size the page cache holds zeros
             else:
                 data = self.read_raw(blk * bs, bs)
                 if len(data) < bs and self.size is not None:

@@ -6,7 +6,7 @@ size, nlink, mtime ns, rdev, st_ino), ``xattrs`` (listxattr names), ``x:<name>``
 (readdir), each a value or ``"E:<ERRNO>"``.  The kernel side runs in a child process
 (``kscan.py``) with a timeout; our side calls the Image API the way the VFS calls the
 kernel: paths are resolved with ``lookup`` (not the nids readdir shows), a directory
-reached a second time is ELOOP (the dcache keeps one alias per directory), and names
+found inside itself is ELOOP (the dcache keeps one alias per directory), and names
 are C strings (a name with a NUL shows up cut, a listxattr name with a NUL splits).
 
 ``mutations`` replays a seeded byte mutator, so a (seed, index) pair names a mutant.
@@ -63,20 +63,19 @@ def our_scan(data: bytes) -> dict | str:
     except ErofsMountError as exc:
         return "MOUNT " + _en(exc)
     out: dict[str, dict] = {}
-    stack: list[tuple[bytes, int, int | None]] = [(b"/", img.root_nid, None)]
-    dirs_seen: set[int] = set()
+    stack: list[tuple[bytes, int, int | None, tuple[int, ...]]] = [(b"/", img.root_nid, None, ())]
     while stack and len(out) < LIMIT:
-        rel, nid, parent = stack.pop()
+        rel, nid, parent, ancestors = stack.pop()
         r = out.setdefault(rel.decode("utf-8", "surrogateescape"), {})
         try:
             if parent is not None:
                 nid = img.lookup(parent, rel.rsplit(b"/", 1)[1])
             ino = img.inode(nid)
-            if stat.S_ISDIR(ino.mode):
-                if nid in dirs_seen:
-                    r["lstat"] = "E:ELOOP"
-                    continue
-                dirs_seen.add(nid)
+            if stat.S_ISDIR(ino.mode) and nid in ancestors:
+                # d_splice_alias moves a directory's one dentry to where it is found now, unless
+                # that would put it inside itself: ELOOP
+                r["lstat"] = "E:ELOOP"
+                continue
         except ErofsMountError as exc:
             r["lstat"] = _en(exc)
             continue
@@ -110,7 +109,7 @@ def our_scan(data: bytes) -> dict | str:
                 r["names"] = [c.hex() for c in cut]
                 for c in cut:
                     if c:   # a name starting with NUL reads as "": nothing to lstat
-                        stack.append(((rel if rel != b"/" else b"") + b"/" + c, 0, nid))
+                        stack.append(((rel if rel != b"/" else b"") + b"/" + c, 0, nid, ancestors + (nid,)))
             except ErofsMountError as exc:
                 r["names"] = _en(exc)
     return out
