@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 from ..errors import CorruptedError, ShortReadError, UnsupportedError
 from . import decompress as D
+from .zindex import (  # noqa: F401  (re-exported: the lcluster types and index flags)
+    Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LCLUSTER_TYPE_NONHEAD,
+    Z_EROFS_LCLUSTER_TYPE_PLAIN, Z_EROFS_LI_D0_CBLKCNT, Z_EROFS_LI_PARTIAL_REF, CompactPack, full_lcluster)
+from .zindex import LCluster as _LC
 
 EROFS_INODE_COMPRESSED_FULL = 1
 EROFS_INODE_COMPRESSED_COMPACT = 3
@@ -39,13 +43,6 @@ Z_EROFS_ADVISE_INTERLACED_PCLUSTER = 0x0010
 Z_EROFS_ADVISE_FRAGMENT_PCLUSTER = 0x0020
 Z_EROFS_FRAGMENT_INODE_BIT = 7
 
-Z_EROFS_LCLUSTER_TYPE_PLAIN = 0
-Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1
-Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2
-Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3
-Z_EROFS_LI_PARTIAL_REF = 1 << 15
-Z_EROFS_LI_D0_CBLKCNT = 1 << 11
-
 Z_EROFS_EXTENT_PLEN_PARTIAL = 1 << 27
 Z_EROFS_EXTENT_PLEN_FMT_BIT = 28
 Z_EROFS_EXTENT_PLEN_MASK = (D.Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1
@@ -56,7 +53,6 @@ ZEXT_MAPPED = 1     # pcluster at byte pa of the primary device
 ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
 ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
 
-_LCLUSTER_INDEX = struct.Struct("<HHI")
 _PA_CHUNK = 1024
 _EXTENT = struct.Struct("<IIIII")
 _LC_MEMO = 512      # decoded lclusters kept per inode
@@ -75,22 +71,6 @@ class ZExtent:
     fragmentoff: int = 0    # FRAGMENT: offset of byte `la` in the packed inode
 
 
-class _LC:
-    """One decoded lcluster (the kernel's z_erofs_maprecorder fields)."""
-    __slots__ = ("lcn", "type", "clusterofs", "pblk", "delta0", "delta1", "cblkcnt", "partialref", "nextpackoff")
-
-    def __init__(self, lcn: int) -> None:
-        self.lcn = lcn
-        self.type = 0
-        self.clusterofs = 0
-        self.pblk = 0
-        self.delta0 = 0
-        self.delta1 = 0
-        self.cblkcnt = 0
-        self.partialref = False
-        self.nextpackoff = 0
-
-
 class ZMap:
     """Extent mapper of one compressed inode; ``read_meta(pos, n)`` reads its metadata space."""
 
@@ -106,7 +86,7 @@ class ZMap:
         # decoded lclusters and compacted packs: pure functions of immutable metadata, so a
         # bounded memo changes no result (failures are never memoized and raise again)
         self._lcs: dict[int, _LC] = {}
-        self._packs: dict[int, tuple[list[int], list[int], int]] = {}
+        self._packs: dict[int, CompactPack] = {}
         self.header_pos = (inode.iloc + inode.inode_isize + inode.xattr_isize + 7) & ~7
         h = self._meta(self.header_pos, 8)
         self.all_fragments = False
@@ -197,23 +177,8 @@ class ZMap:
 
     def _load_full(self, lcn: int) -> _LC:
         pos = self.header_pos + 16 + lcn * 8
-        advise, clusterofs, u = _LCLUSTER_INDEX.unpack(self._meta(pos, 8))
-        m = _LC(lcn)
-        m.nextpackoff = pos + 8
-        m.type = advise & 3
-        if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-            m.clusterofs = 1 << self.lclusterbits
-            m.delta0, m.delta1 = u & 0xFFFF, u >> 16
-            if m.delta0 & Z_EROFS_LI_D0_CBLKCNT:
-                if not self.advise & (Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2):
-                    raise self._corrupt(f"CBLKCNT in lcluster {lcn} without big pclusters")
-                m.cblkcnt = m.delta0 & ~Z_EROFS_LI_D0_CBLKCNT
-                m.delta0 = 1
-        else:
-            m.partialref = bool(advise & Z_EROFS_LI_PARTIAL_REF)
-            m.clusterofs = clusterofs
-            m.pblk = u
-        return m
+        big = bool(self.advise & (Z_EROFS_ADVISE_BIG_PCLUSTER_1 | Z_EROFS_ADVISE_BIG_PCLUSTER_2))
+        return full_lcluster(self._meta(pos, 8), pos, lcn, self.lclusterbits, big, self.nid)
 
     def _load_compact(self, lcn: int) -> _LC:
         lcb = self.lclusterbits
@@ -235,87 +200,15 @@ class ZMap:
             raise UnsupportedError(f"inode {self.nid}: compacted_2b indexes with 2^{lcb}-byte lclusters")
         packsize = vcnt * amort
         start = pos - pos % packsize
-        i = (pos - start) // amort
-        los, types, base = self._pack(start, packsize, vcnt)
-
-        m = _LC(lcn)
-        m.nextpackoff = start + packsize
-        big = bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1)
-        lo, m.type = los[i], types[i]
-        if m.type == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-            m.clusterofs = 1 << lcb
-            # delta[1], the distance to the next HEAD lcluster (the kernel's lookahead), always
-            # computed: the decoded lcluster is memoized for both uses
-            d1, j = 0, i
-            while j < vcnt:
-                jlo, jtype = los[j], types[j]
-                if jtype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-                    break
-                d1 += 1
-                j += 1
-            else:   # the last lcluster of a pack stores its delta[1]
-                if not jlo & Z_EROFS_LI_D0_CBLKCNT:
-                    d1 += jlo - 1
-            m.delta1 = max(d1, 0)
-            if lo & Z_EROFS_LI_D0_CBLKCNT:
-                if not big:
-                    raise self._corrupt(f"CBLKCNT in lcluster {lcn} without big pclusters")
-                m.cblkcnt = lo & ~Z_EROFS_LI_D0_CBLKCNT
-                m.delta0 = 1
-            elif i + 1 != vcnt:
-                m.delta0 = lo
-            else:   # last of the pack: delta[0] comes from the previous one
-                plo, ptype = los[i - 1], types[i - 1]
-                if ptype != Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-                    plo = 0
-                elif plo & Z_EROFS_LI_D0_CBLKCNT:
-                    plo = 1
-                m.delta0 = plo + 1
-            return m
-        m.clusterofs = lo
-        # the pack stores one base block address: count the blocks of the pclusters before us
-        nblk = 0 if big else 1
-        j = i
-        while j > 0:
-            j -= 1
-            jlo, jtype = los[j], types[j]
-            if not big:
-                if jtype == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-                    j -= jlo
-                if j >= 0:
-                    nblk += 1
-            elif jtype == Z_EROFS_LCLUSTER_TYPE_NONHEAD:
-                if jlo & Z_EROFS_LI_D0_CBLKCNT:
-                    j -= 1
-                    nblk += jlo & ~Z_EROFS_LI_D0_CBLKCNT
-                elif jlo <= 1:
-                    raise self._corrupt(f"plain delta[0] {jlo} in a big-pcluster pack at lcluster {lcn}")
-                else:
-                    j -= jlo - 2
-            else:
-                nblk += 1
-        m.pblk = base + nblk
-        return m
-
-    def _pack(self, start: int, packsize: int, vcnt: int) -> tuple[list[int], list[int], int]:
-        """(lo values, lcluster types, base block address) of the compacted pack at ``start``."""
-        p = self._packs.get(start)
-        if p is None:
-            pack = self._meta(start, packsize)
-            encodebits = (packsize - 4) * 8 // vcnt
-            lobits = max(self.lclusterbits, 12)     # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
-            lomask = (1 << lobits) - 1
-            bits = int.from_bytes(pack[:-4], "little")
-            los, types = [], []
-            for j in range(vcnt):
-                v = bits >> (encodebits * j)
-                los.append(v & lomask)
-                types.append((v >> lobits) & 3)
-            p = (los, types, int.from_bytes(pack[-4:], "little"))
+        pack = self._packs.get(start)
+        if pack is None:
+            pack = CompactPack(self._meta(start, packsize), start, vcnt, lcb,
+                               bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1))
             if len(self._packs) >= _PACK_MEMO:
                 self._packs.clear()
-            self._packs[start] = p
-        return p
+            self._packs[start] = pack
+        return pack.lcluster((pos - start) // amort, lcn, lcb, bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1),
+                             self.nid)
 
     # ------------------------------------------------------------------ lcluster extents
     def _head_of(self, la: int) -> tuple[_LC, _LC]:

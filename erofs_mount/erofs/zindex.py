@@ -1,0 +1,155 @@
+"""Lcluster index records -> decoded lclusters (kernel ``fs/erofs/zmap.c``:
+``z_erofs_load_full_lcluster`` and ``z_erofs_load_compact_lcluster``).
+
+Pure and per record: ``zmap.ZMap`` finds the bytes, this module decodes them.
+
+A compacted pack (2 lclusters in 8 bytes, or 16 in 32 bytes) is decoded once into a
+``CompactPack``; the per-lcluster walks the kernel does inside a pack on every lookup (the
+backward block count of a HEAD's ``pblk``, the forward run of NONHEADs for ``delta[1]``)
+are tabulated for the whole pack by recurrences that visit the same positions in the same
+order, so every lcluster decodes to exactly what the walk would give, including the
+corruption the big-pcluster walk reports.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import CorruptedError
+
+Z_EROFS_LCLUSTER_TYPE_PLAIN = 0
+Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1
+Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2
+Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3
+Z_EROFS_LI_PARTIAL_REF = 1 << 15
+Z_EROFS_LI_D0_CBLKCNT = 1 << 11
+
+_LCLUSTER_INDEX = struct.Struct("<HHI")
+_NONHEAD = Z_EROFS_LCLUSTER_TYPE_NONHEAD
+_CBLK = Z_EROFS_LI_D0_CBLKCNT
+
+
+class LCluster:
+    """One decoded lcluster (the kernel's z_erofs_maprecorder fields)."""
+    __slots__ = ("lcn", "type", "clusterofs", "pblk", "delta0", "delta1", "cblkcnt", "partialref", "nextpackoff")
+
+    def __init__(self, lcn: int) -> None:
+        self.lcn = lcn
+        self.type = 0
+        self.clusterofs = 0
+        self.pblk = 0
+        self.delta0 = 0
+        self.delta1 = 0
+        self.cblkcnt = 0
+        self.partialref = False
+        self.nextpackoff = 0
+
+
+def full_lcluster(raw: bytes, pos: int, lcn: int, lclusterbits: int, big_pcluster: bool, nid: int) -> LCluster:
+    """An 8-byte ``z_erofs_lcluster_index`` (``raw``, read at byte ``pos``)."""
+    advise, clusterofs, u = _LCLUSTER_INDEX.unpack(raw)
+    m = LCluster(lcn)
+    m.nextpackoff = pos + 8
+    m.type = advise & 3
+    if m.type == _NONHEAD:
+        m.clusterofs = 1 << lclusterbits
+        m.delta0, m.delta1 = u & 0xFFFF, u >> 16
+        if m.delta0 & _CBLK:
+            if not big_pcluster:
+                raise CorruptedError(f"inode {nid}: CBLKCNT in lcluster {lcn} without big pclusters")
+            m.cblkcnt = m.delta0 & ~_CBLK
+            m.delta0 = 1
+    else:
+        m.partialref = bool(advise & Z_EROFS_LI_PARTIAL_REF)
+        m.clusterofs = clusterofs
+        m.pblk = u
+    return m
+
+
+class CompactPack:
+    """One decoded compacted pack: ``vcnt`` (lo, type) pairs and the pack's base block address.
+
+    ``blocks[i]`` is the block count the kernel's backward walk from lcluster ``i`` adds to
+    the base (``None`` where that walk meets a plain ``delta[0] <= 1`` in a big-pcluster pack:
+    EFSCORRUPTED); ``d1[i]`` is the lookahead ``delta[1]`` of a NONHEAD lcluster ``i``.
+    """
+    __slots__ = ("los", "types", "base", "end", "blocks", "d1")
+
+    def __init__(self, raw: bytes, start: int, vcnt: int, lclusterbits: int, big: bool) -> None:
+        packsize = len(raw)
+        self.end = start + packsize
+        encodebits = (packsize - 4) * 8 // vcnt
+        lobits = max(lclusterbits, 12)      # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
+        lomask = (1 << lobits) - 1
+        bits = int.from_bytes(raw[:-4], "little")
+        los = [(bits >> (encodebits * j)) & lomask for j in range(vcnt)]
+        types = [(bits >> (encodebits * j + lobits)) & 3 for j in range(vcnt)]
+        self.los, self.types = los, types
+        self.base = int.from_bytes(raw[-4:], "little")
+        # c[p]: what the backward walk counts once it has stepped onto position p (decreasing
+        # positions, so c[p] depends on smaller positions only)
+        c: list[int | None] = [0] * vcnt
+        for p in range(vcnt):
+            lo, t = los[p], types[p]
+            if not big:
+                q = p - lo if t == _NONHEAD else p
+                rest = c[q - 1] if q > 0 else 0
+                c[p] = None if rest is None else (q >= 0) + rest
+            elif t == _NONHEAD:
+                if lo & _CBLK:      # the CBLKCNT lcluster: its head is the one before it
+                    rest = c[p - 2] if p > 1 else 0
+                    c[p] = None if rest is None else (lo & ~_CBLK) + rest
+                elif lo <= 1:       # a big pcluster never has a plain delta[0] of 1
+                    c[p] = None
+                else:
+                    q = p - (lo - 2)
+                    c[p] = c[q - 1] if q > 0 else 0
+            else:
+                rest = c[p - 1] if p > 0 else 0
+                c[p] = None if rest is None else 1 + rest
+        first = 0 if big else 1
+        self.blocks = [first] + [None if x is None else first + x for x in c[:-1]]
+        # lookahead: the NONHEAD run from i; one reaching the pack's end adds the last
+        # lcluster's stored delta[1] - 1 (unless that one holds a CBLKCNT)
+        last = los[-1]
+        tail = 0 if last & _CBLK else last - 1
+        d1 = [0] * vcnt
+        run, to_end = 0, True
+        for p in range(vcnt - 1, -1, -1):
+            if types[p] == _NONHEAD:
+                run += 1
+            else:
+                run, to_end = 0, False
+            d1[p] = max(run + (tail if to_end else 0), 0)
+        self.d1 = d1
+
+    def lcluster(self, i: int, lcn: int, lclusterbits: int, big: bool, nid: int) -> LCluster:
+        los, types = self.los, self.types
+        m = LCluster(lcn)
+        m.nextpackoff = self.end
+        lo = los[i]
+        m.type = t = types[i]
+        if t == _NONHEAD:
+            m.clusterofs = 1 << lclusterbits
+            m.delta1 = self.d1[i]
+            if lo & _CBLK:
+                if not big:
+                    raise CorruptedError(f"inode {nid}: CBLKCNT in lcluster {lcn} without big pclusters")
+                m.cblkcnt = lo & ~_CBLK
+                m.delta0 = 1
+            elif i + 1 != len(los):
+                m.delta0 = lo
+            else:   # last of the pack: its lo is delta[1]; delta[0] comes from the one before
+                plo = los[i - 1]
+                if types[i - 1] != _NONHEAD:
+                    plo = 0
+                elif plo & _CBLK:
+                    plo = 1
+                m.delta0 = plo + 1
+            return m
+        m.clusterofs = lo
+        nblk = self.blocks[i]
+        if nblk is None:
+            raise CorruptedError(f"inode {nid}: plain delta[0] <= 1 in a big-pcluster pack at lcluster {lcn}")
+        m.pblk = self.base + nblk
+        return m
