@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from erofs_mount.backends.fuse import publish
 from erofs_mount.backends.fuse.mountinfo import find_mount
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +151,7 @@ class FuseMounts:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            publish.forget(mnt)  # the status document of a daemon killed here
 
 
 @pytest.fixture

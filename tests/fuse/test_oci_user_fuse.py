@@ -91,6 +91,7 @@ def session(user):
     for sub in ("mnt", "home"):
         os.chown(os.path.join(d, sub), user.pw_uid, user.pw_gid)
     runtime = f"/run/user/{user.pw_uid}"
+    made_parent = not os.path.exists("/run/user")
     made_runtime = not os.path.exists(runtime)
     if made_runtime:
         os.makedirs(runtime, mode=0o700)
@@ -112,6 +113,8 @@ def session(user):
         shutil.rmtree(d, ignore_errors=True)
         if made_runtime:
             shutil.rmtree(runtime, ignore_errors=True)
+        if made_parent:
+            shutil.rmtree("/run/user", ignore_errors=True)
 
 
 def _put(path: str, text: str, pw, mode: int = 0o600) -> None:

@@ -95,3 +95,14 @@ def test_where_documents_go():
         "/s/erofs-mount/fuse", "/run/user/7/erofs-mount/fuse"]
     if os.geteuid() == 0:
         assert publish.stats_dir() == publish.ROOT_DIR
+
+
+def test_a_new_daemon_prunes_documents_of_dead_unmounted_daemons(tmp_path):
+    d = str(tmp_path / "docs")
+    stale = publish.Publisher("/img", "/nowhere/mounted", object(), directory=d)
+    stale.base.update(pid=2**22 + 7, pid_start=1)  # no such process
+    stale.publish()
+    live = publish.Publisher("/img", "/also/not/mounted", object(), directory=d)
+    live.publish()  # this process: alive
+    publish.Publisher("/img", "/third", object(), directory=d)
+    assert not os.path.exists(stale.path) and os.path.exists(live.path)

@@ -131,6 +131,7 @@ class Publisher:
         self.base = base_document(source_text, mountpoint, source)
         self.source = source
         self._failed = False
+        prune(os.path.dirname(self.path))
 
     def publish(self) -> None:
         try:
@@ -161,6 +162,27 @@ def forget(mountpoint: str, directory: str | None = None) -> None:
     path = os.path.join(directory or stats_dir(), key(mountpoint))
     doc = read_json(path)
     if doc is not None and doc.get("mountpoint") == mountpoint and not daemon_alive(doc):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def prune(directory: str, mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Drop documents left by killed daemons whose mount is gone too (bounded: one directory listing)."""
+    from .mountinfo import parse_mountinfo
+
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(".json")][:10000]
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            mounted = {e.mountpoint for e in parse_mountinfo(f.read()) if e.fstype.startswith("fuse")}
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        doc = read_json(path)
+        if doc is None or doc.get("mountpoint") in mounted or daemon_alive(doc):
+            continue
         try:
             os.unlink(path)
         except OSError:
