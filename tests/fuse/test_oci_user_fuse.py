@@ -176,7 +176,7 @@ def _status(user, user_python, env) -> list[dict]:  # noqa: F811
     return json.loads(res.stdout)
 
 
-def _mount_check_unmount(user, user_python, session, env, ref, image, *, cache_dir, secret):  # noqa: F811
+def _mount_check_unmount(user, user_python, session, env, ref, image, *, cache_dir, secret, doc_dir):  # noqa: F811
     mnt = session["mnt"]
     res = _run(user, user_python, ["-m", "erofs_mount", "--mode", "fuse", "-o", "oci.layer=0,oci.insecure,oci.cache",
                                    ref, mnt], env, timeout=180)
@@ -198,16 +198,20 @@ def _mount_check_unmount(user, user_python, session, env, ref, image, *, cache_d
     assert e["pinned_ref"] == f"{ref}@{e['manifest_digest']}" and e["manifest_digest"].startswith("sha256:")
     assert e["platform"] and e["published"] and e["bytes_fetched"] > 0 and e["retries"] == 0
     assert e["cache_hit_ratio"] is not None and 0 <= e["cache_hit_ratio"] <= 1
-    # root sees the user's mount with the same figures (documents under /run/user/UID)
+    # root sees the user's mount; with the same figures when the document is under /run/user/UID
     from erofs_mount.backends.fuse import status as fuse_status
     mine = [x for x in fuse_status.status_entries() if x["mountpoint"] == mnt]
-    assert len(mine) == 1 and (mine[0]["digest"], mine[0]["alive"], mine[0]["uid"]) == (digest, True, user.pw_uid)
+    assert len(mine) == 1 and mine[0]["uid"] == user.pw_uid
+    if doc_dir == session["runtime"]:
+        assert (mine[0]["digest"], mine[0]["alive"], mine[0]["pid"]) == (digest, True, pids[0])
+    else:  # a state dir under a HOME that is not the account's: the mount without figures
+        assert (mine[0]["published"], mine[0]["source"]) == (False, ref)
     line = subprocess.run(["python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                            "from erofs_mount.backends.fuse.status import status_line, status_entries; "
                            "[print(status_line(x)) for x in status_entries()]", str(REPO)],
                           capture_output=True, text=True, timeout=60)
     # the published document: private, no secret
-    docs = [os.path.join(root, f) for root, _, files in os.walk(session["runtime"]) for f in files]
+    docs = [os.path.join(root, f) for root, _, files in os.walk(doc_dir) for f in files]
     assert len(docs) == 1, docs
     assert stat.S_IMODE(os.stat(docs[0]).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(docs[0])).st_mode) == 0o700
@@ -243,7 +247,7 @@ def test_user_mounts_with_docker_config_from_token_registry(user, user_python, s
     before = len(registries["issuer"].issued)
     line, digest = _mount_check_unmount(user, user_python, session, env, ref, image,
                                         cache_dir=os.path.join(session["home"], ".cache", "erofs-mount"),
-                                        secret="builder")
+                                        secret="builder", doc_dir=session["runtime"])
     assert any(subject == "bob" for subject, _ in registries["issuer"].issued[before:])
     # the printed line (root's `status`): ref, platform, digest, figures, pid and liveness
     mine = [x for x in line.splitlines() if session["mnt"] in x]
@@ -265,9 +269,9 @@ def test_user_mounts_with_credential_helper_from_htpasswd_registry(user, user_py
         os.chown(p, user.pw_uid, user.pw_gid)
     _put(os.path.join(home, ".docker", "config.json"), json.dumps({"credHelpers": {reg.host: "erofstest"}}), user)
     xdg_cache = os.path.join(home, "xdg-cache")
-    env = {"HOME": home, "XDG_RUNTIME_DIR": session["runtime"], "XDG_CACHE_HOME": xdg_cache,
-           "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
+    # no XDG_RUNTIME_DIR (no login session): the status document goes to the XDG state dir
+    env = {"HOME": home, "XDG_CACHE_HOME": xdg_cache, "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
     _mount_check_unmount(user, user_python, session, env, ref, image, cache_dir=os.path.join(xdg_cache, "erofs-mount"),
-                         secret=USERS["alice"])
+                         secret=USERS["alice"], doc_dir=os.path.join(home, ".local", "state", "erofs-mount", "fuse"))
     calls = open(os.path.join(bindir, "erofstest.calls")).read().split()
     assert calls and set(calls) == {reg.host}

@@ -7,7 +7,8 @@
 once the mounted filesystem answered a ``stat`` of its root; otherwise it
 prints the daemon's one-line error and returns 1.  The daemon ends when the
 mount goes away (``-u``, ``umount``, ``umount -l``, ``fusermount3 -u``) or on
-SIGTERM/SIGINT/SIGHUP, which unmount first.
+SIGTERM/SIGINT/SIGHUP, which unmount first.  While it serves, the daemon publishes a statistics
+document for ``erofs-mount status`` (``publish.Publisher``; read by ``status.status_entries``).
 
 The seam for sources: the operations take an ``Image``; ``open_image`` builds it
 from a source.  Today a source is a local file or block device (read with
