@@ -132,7 +132,10 @@ def run(action: str, arg, opts: MountOptions) -> int:
     if action == "disconnect":
         return nbd.disconnect(arg)
     if action == "status":
-        return nbd.status()
+        from .backends.fuse.status import status as fuse_status
+
+        rc = nbd.status()
+        return fuse_status() or rc
     if action == "supervise":
         return nbd.supervise(nbd_options(opts, bool(arg)))
     raise UsageError(f"unknown action {action}")

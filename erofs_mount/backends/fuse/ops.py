@@ -37,7 +37,7 @@ import trio
 
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
-from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError
+from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError, errno_of
 from .inline import WouldBlock, nowait, nowait_active
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,6 @@ class OpsConfig:
     threads: int = 8                # worker threads for reader calls
 
 
-def _errno_of(exc: BaseException) -> int:
-    if isinstance(exc, ErofsMountError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return errno.EIO
-
-
 def fuse_errors(fn):
     """Convert every exception of a handler into ``pyfuse3.FUSEError`` (once, by errno)."""
 
@@ -78,8 +70,8 @@ def fuse_errors(fn):
         except pyfuse3.FUSEError:
             raise
         except (ErofsMountError, OSError) as exc:
-            log.debug("%s%r: %s (%s)", fn.__name__, args[:2], exc, errno.errorcode.get(_errno_of(exc)))
-            raise pyfuse3.FUSEError(_errno_of(exc)) from None
+            log.debug("%s%r: %s (%s)", fn.__name__, args[:2], exc, errno.errorcode.get(errno_of(exc)))
+            raise pyfuse3.FUSEError(errno_of(exc)) from None
         except Exception:
             log.exception("%s%r failed unexpectedly", fn.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
