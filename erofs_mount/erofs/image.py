@@ -23,8 +23,8 @@ from .dirent import DirEntry, entries_from, lookup_blocks, parse_block
 from .inode import Inode, iloc, parse_inode
 from .map import EROFS_MAP_MAPPED, EROFS_MAP_META, map_blocks
 from .superblock import Superblock, parse_device_table, parse_superblock
-from .xattr import (POSIX_ACL_NAMES, filtered_out, name_filter, parse_prefix_table, posix_acl_value,
-                    read_xattrs)
+from .xattr import (POSIX_ACL_NAMES, XATTR_NAME_CAPS, capability_value, filtered_out, name_filter,
+                    parse_prefix_table, posix_acl_value, read_xattrs)
 
 ReadAt = Callable[[int, int], bytes]
 _HEAD_SIZE = 65536
@@ -416,6 +416,8 @@ class Image:
                     v = posix_acl_value(v, f"inode {nid} {name.decode()}")
                     if v is None:
                         break
+                elif name == XATTR_NAME_CAPS:
+                    v = capability_value(v, f"inode {nid}")
                 return v
         raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
 

@@ -118,6 +118,8 @@ def parse_inode(sb: Superblock, nid: int, raw: bytes) -> Inode:
         mtime = sb.epoch + mtime32
         mtime_nsec = sb.fixed_nsec
     xattr_isize = 12 + 4 * (icount - 1) if icount else 0
+    if size >= 1 << 63:   # i_size is a loff_t: the kernel refuses a negative one (erofs_read_inode)
+        raise CorruptedError(f"inode {nid}: negative i_size")
 
     fmt = stat.S_IFMT(mode)
     rdev = 0

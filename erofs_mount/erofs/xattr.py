@@ -227,3 +227,29 @@ def name_filter(inode: Inode, read_meta: ReadMeta) -> int:
     if inode.xattr_isize < L.XATTR_IBODY_HEADER.size:
         return 0
     return int.from_bytes(read_meta(inode.iloc + inode.inode_isize, 4, inode.in_metabox)[:4], "little")
+
+
+XATTR_NAME_CAPS = b"security.capability"
+_VFS_CAP_REVISION_2, _VFS_CAP_REVISION_3, _VFS_CAP_FLAGS_EFFECTIVE = 0x02000000, 0x03000000, 0x000001
+
+
+def capability_value(raw: bytes, where: str) -> bytes:
+    """security.capability as getxattr(2) returns it in the initial user namespace.
+
+    The capability LSM answers, not the filesystem (security/commoncap.c
+    ``cap_inode_getsecurity``): only a 20-byte v2 or a 24-byte v3 header is valid (the
+    revision compared with just the effective flag masked off), else EINVAL; a v3 whose
+    root id is 0 comes back as v2, an unmappable root id (-1) is EOVERFLOW.
+    """
+    magic = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    sansflags = magic & ~_VFS_CAP_FLAGS_EFFECTIVE
+    if len(raw) == 20 and sansflags == _VFS_CAP_REVISION_2:
+        return raw
+    if len(raw) == 24 and sansflags == _VFS_CAP_REVISION_3:
+        root = int.from_bytes(raw[20:24], "little")
+        if root == 0xFFFFFFFF:
+            raise CorruptedError(f"{where}: capability root id -1", errno=errno.EOVERFLOW)
+        if root:
+            return raw
+        return (_VFS_CAP_REVISION_2 | (magic & _VFS_CAP_FLAGS_EFFECTIVE)).to_bytes(4, "little") + raw[4:20]
+    raise CorruptedError(f"{where}: invalid security.capability ({len(raw)} bytes)", errno=errno.EINVAL)
