@@ -148,8 +148,29 @@ class ZReader:
     # ------------------------------------------------------------------ reading
     def _read(self, inode, pos: int, end: int) -> bytes:
         exts, err = self._map_range(inode, pos, end)
-        raws = self._prefetch(inode, exts) if len(exts) > 1 else None
+        # one cache pass for the whole request: the decoded pclusters we hold, the keys of the rest
+        found: list = [None] * len(exts)
+        wanted: list[int] = []
+        bs = self.block_size
+        with self._cache_lock:
+            cache = self._cache
+            for i, ext in enumerate(exts):
+                kind = ext.kind
+                if kind == ZEXT_HOLE or kind == ZEXT_FRAGMENT:
+                    continue
+                key = (kind, kind == ZEXT_META and inode.in_metabox, ext.pa, ext.plen, ext.alg, ext.llen,
+                       ext.la % bs if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0)
+                data = cache.get(key)
+                if data is not None:
+                    cache.move_to_end(key)
+                    self._hits += 1
+                    found[i] = data
+                else:
+                    found[i] = key
+                    wanted.append(i)
+        raws = self._prefetch(exts, wanted) if len(wanted) > 1 and not self._multi_device else None
         out = []
+        mine: dict[tuple, bytes] = {}   # decoded in this request and not kept in the cache
         for i, ext in enumerate(exts):
             stop = min(end, ext.la + ext.llen)
             skip, n = pos - ext.la, stop - pos
@@ -158,7 +179,18 @@ class ZReader:
             elif ext.kind == ZEXT_FRAGMENT:
                 data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
             else:
-                data = self._decoded(inode, ext, raws.get(i) if raws else None)
+                data = found[i]
+                if type(data) is tuple:     # not cached when we looked
+                    key = data
+                    data = mine.get(key) if mine else None
+                    if data is None:
+                        # a pcluster this request consumes whole is not kept: a sequential
+                        # reader never comes back for it, and keeping it only pushes out the
+                        # partly read ones (and costs memory bandwidth)
+                        whole = not skip and stop == ext.la + ext.llen
+                        data = self._decoded(inode, ext, key, raws.get(i) if raws else None, keep=not whole)
+                        if whole:
+                            mine[key] = data
                 if skip or stop - ext.la != len(data):
                     data = data[skip:stop - ext.la]
             if len(data) != n:
@@ -169,12 +201,7 @@ class ZReader:
             raise err
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _key(self, inode, ext: ZExtent) -> tuple:
-        interlace = ext.la % self.block_size if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0
-        in_mbox = ext.kind == ZEXT_META and inode.in_metabox
-        return (ext.kind, in_mbox, ext.pa, ext.plen, ext.alg, ext.llen, interlace)
-
-    def _prefetch(self, inode, exts: list[ZExtent]) -> dict[int, bytes]:
+    def _prefetch(self, exts: list[ZExtent], wanted: list[int]) -> dict[int, bytes]:
         """Raw bytes of uncached pclusters that lie back to back on the primary device, each run
         read with one ``read_mapped`` call: ``{index in exts: raw pcluster}``.
 
@@ -182,28 +209,28 @@ class ZReader:
         A short run read is dropped: the pclusters are then read one by one and the first
         unreadable one is reported as before.
         """
-        if self._multi_device:
-            return {}
-        cache = self._cache
-        with self._cache_lock:
-            cand = [(i, ext) for i, ext in enumerate(exts)
-                    if ext.kind == ZEXT_MAPPED and self._key(inode, ext) not in cache]
+        cand = [i for i in wanted if exts[i].kind == ZEXT_MAPPED]
         raws: dict[int, bytes] = {}
         k = 0
         while k < len(cand):
-            j, total = k + 1, cand[k][1].plen
-            while j < len(cand) and cand[j - 1][1].pa + cand[j - 1][1].plen == cand[j][1].pa \
-                    and total + cand[j][1].plen <= _PREFETCH_BYTES:
-                total += cand[j][1].plen
+            prev = exts[cand[k]]
+            j, total = k + 1, prev.plen
+            while j < len(cand):
+                ext = exts[cand[j]]
+                if prev.pa + prev.plen != ext.pa or total + ext.plen > _PREFETCH_BYTES:
+                    break
+                total += ext.plen
+                prev = ext
                 j += 1
             if j - k > 1:
-                first = cand[k][1].pa
+                first = exts[cand[k]].pa
                 try:
                     raw = self._read_pcluster(first, total)
                 except ErofsMountError:
                     raw = b""
                 if len(raw) == total:
-                    for i, ext in cand[k:j]:
+                    for i in cand[k:j]:
+                        ext = exts[i]
                         raws[i] = raw[ext.pa - first:ext.pa - first + ext.plen]
             k = j
         return raws
@@ -218,10 +245,10 @@ class ZReader:
                                  f"the packed inode (offset {off} + {n})")
         return data
 
-    def _decoded(self, inode, ext: ZExtent, raw: bytes | None = None) -> bytes:
-        key = self._key(inode, ext)
+    def _decoded(self, inode, ext: ZExtent, key: tuple, raw: bytes | None = None, keep: bool = True) -> bytes:
+        """Decode the pcluster of ``ext`` (not in the cache when the caller looked); ``keep``: cache it."""
         with self._cache_lock:
-            data = self._cache.get(key)
+            data = self._cache.get(key)     # the same pcluster earlier in this request, or another thread
             if data is not None:
                 self._cache.move_to_end(key)
                 self._hits += 1
@@ -249,7 +276,7 @@ class ZReader:
         with self._cache_lock:
             self._bytes_read += len(raw)
             self._bytes_decompressed += len(data)
-            if len(data) <= self.cache_limit and key not in self._cache:
+            if keep and len(data) <= self.cache_limit and key not in self._cache:
                 self._cache[key] = data
                 self._cache_bytes += len(data)
                 while self._cache_bytes > self.cache_limit:

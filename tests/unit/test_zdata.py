@@ -99,10 +99,26 @@ def test_cache_hits_misses_and_bounds():
     assert st["hits"] == 12        # 14 requests, each inside one extent
     zr.clear_cache()
     zr.cache_limit = 9500           # room for one decoded pcluster only
-    img.read(1, 0, 14000)
-    img.read(1, 0, 10)
+    assert img.read(1, 0, 14000) == TEXT[:14000]    # both extents consumed whole: decoded, not kept
     st = zr.stats()
-    assert st["cache_bytes"] <= 9500 and st["evictions"] >= 1 and st["misses"] == 5
+    assert (st["misses"], st["cache_entries"], st["bytes_decompressed"]) == (4, 0, 28000)
+    img.read(1, 0, 10)
+    img.read(1, 9000, 10)
+    assert img.read(1, 0, 10) == TEXT[:10]
+    st = zr.stats()
+    assert st["cache_bytes"] <= 9500 and st["evictions"] == 2 and st["misses"] == 7
+
+
+def test_extents_read_whole_are_not_kept_partly_read_ones_are():
+    # a request that covers an extent whole does not cache its pcluster (sequential readers never
+    # come back for it); the extents at the request's edges are kept for the neighbouring requests
+    img = two_extent_image()
+    zr = img.zreader
+    assert img.read(1, 0, 9000) == TEXT[:9000]
+    assert zr.stats()["cache_entries"] == 0
+    assert img.read(1, 100, 9000) == TEXT[100:9100]      # both partial: both kept
+    st = zr.stats()
+    assert st["cache_entries"] == 2 and st["misses"] == 3
 
 
 def test_garbage_pcluster_names_inode_and_offset():
