@@ -8,6 +8,12 @@ decoded pclusters.
     extent -> raw pcluster (primary device, or metadata space for inline tails)
            -> decompress.py -> cached decoded bytes -> the requested slice
 
+A read maps its whole range first (one lock hold), looks the decoded pclusters up once,
+reads the raw bytes of adjacent uncached pclusters with one device read, then decodes in
+logical order, so errors surface in the order a one-extent-at-a-time reader meets them.
+The LRU keeps the pclusters a request reads only in part (the edges a sequential reader
+returns to); one a request consumes whole is decoded and dropped.
+
 Fragments are read from the packed inode (``sb.packed_nid``) through ``Image.read``,
 hence through this same machinery (and its cache) when the packed inode is compressed.
 Every failure is a ``CorruptedError`` (EUCLEAN) or ``SourceError`` (EIO) naming the inode and
@@ -64,7 +70,8 @@ class ZReader:
         try:
             return self._read(inode, offset, end)
         except ErofsMountError:
-            self._errors += 1
+            with self._cache_lock:
+                self._errors += 1
             raise
         finally:
             self._tls.depth = depth

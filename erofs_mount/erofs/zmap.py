@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptedError, ShortReadError, UnsupportedError
 from . import decompress as D
@@ -59,8 +59,7 @@ _LC_MEMO = 512      # decoded lclusters kept per inode
 _PACK_MEMO = 64     # decoded compacted packs kept per inode
 
 
-@dataclass(frozen=True, slots=True)
-class ZExtent:
+class ZExtent(NamedTuple):      # a tuple: built once per extent on the hot path, cheaper than a dataclass
     la: int                 # logical start of the extent
     llen: int               # its full decoded length (never past i_size)
     kind: int               # ZEXT_*
