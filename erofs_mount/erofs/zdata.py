@@ -177,36 +177,71 @@ class ZReader:
                     wanted.append(i)
         raws = self._prefetch(exts, wanted) if len(wanted) > 1 and not self._multi_device else None
         out = []
-        mine: dict[tuple, bytes] = {}   # decoded in this request and not kept in the cache
-        for i, ext in enumerate(exts):
-            stop = min(end, ext.la + ext.llen)
-            skip, n = pos - ext.la, stop - pos
-            if ext.kind == ZEXT_HOLE:
-                data = bytes(n)
-            elif ext.kind == ZEXT_FRAGMENT:
-                data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
-            else:
-                data = found[i]
-                if type(data) is tuple:     # not cached when we looked
-                    key = data
-                    data = mine.get(key) if mine else None
-                    if data is None:
-                        # a pcluster this request consumes whole is not kept: a sequential
-                        # reader never comes back for it, and keeping it only pushes out the
-                        # partly read ones (and costs memory bandwidth)
-                        whole = not skip and stop == ext.la + ext.llen
-                        data = self._decoded(inode, ext, key, raws.get(i) if raws else None, keep=not whole)
-                        if whole:
+        mine: dict[tuple, bytes] = {}       # decoded in this request
+        keep: list[tuple[tuple, bytes]] = []
+        done = [0, 0, 0]                    # decodes, raw bytes, decoded bytes (accounted at the end)
+        try:
+            for i, ext in enumerate(exts):
+                stop = min(end, ext.la + ext.llen)
+                skip, n = pos - ext.la, stop - pos
+                if ext.kind == ZEXT_HOLE:
+                    data = bytes(n)
+                elif ext.kind == ZEXT_FRAGMENT:
+                    data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
+                else:
+                    data = found[i]
+                    if type(data) is tuple:     # not cached when we looked
+                        key = data
+                        data = mine.get(key)
+                        if data is None:
+                            # The LRU keeps only pclusters this request reads in part: a
+                            # sequential reader comes back for those (the request's edges),
+                            # never for one consumed whole, which would only push the edges
+                            # out (and cost memory bandwidth).
+                            partial = skip or stop != ext.la + ext.llen
+                            if partial:     # another thread may have decoded it meanwhile
+                                data = self._cached(key)
+                            if data is None:
+                                data = self._decode(inode, ext, raws.get(i) if raws else None, done)
+                                if partial:
+                                    keep.append((key, data))
                             mine[key] = data
-                if skip or stop - ext.la != len(data):
-                    data = data[skip:stop - ext.la]
-            if len(data) != n:
-                raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
-            out.append(data)
-            pos = stop
+                    if skip or stop - ext.la != len(data):
+                        data = data[skip:stop - ext.la]
+                if len(data) != n:
+                    raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
+                out.append(data)
+                pos = stop
+        finally:
+            if done[0] or keep:
+                self._account(done, keep)
         if err is not None:
             raise err
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _cached(self, key: tuple) -> bytes | None:
+        with self._cache_lock:
+            data = self._cache.get(key)
+            if data is not None:
+                self._cache.move_to_end(key)
+                self._hits += 1
+            return data
+
+    def _account(self, done: list[int], keep: list[tuple[tuple, bytes]]) -> None:
+        """Statistics of one request's decodes, and the decoded pclusters it keeps."""
+        with self._cache_lock:
+            self._misses += done[0]
+            self._bytes_read += done[1]
+            self._bytes_decompressed += done[2]
+            cache = self._cache
+            for key, data in keep:
+                if len(data) <= self.cache_limit and key not in cache:
+                    cache[key] = data
+                    self._cache_bytes += len(data)
+            while self._cache_bytes > self.cache_limit:
+                _, old = cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+                self._evictions += 1
 
     def _prefetch(self, exts: list[ZExtent], wanted: list[int]) -> dict[int, bytes]:
         """Raw bytes of uncached pclusters that lie back to back on the primary device, each run
@@ -252,15 +287,8 @@ class ZReader:
                                  f"the packed inode (offset {off} + {n})")
         return data
 
-    def _decoded(self, inode, ext: ZExtent, key: tuple, raw: bytes | None = None, keep: bool = True) -> bytes:
-        """Decode the pcluster of ``ext`` (not in the cache when the caller looked); ``keep``: cache it."""
-        with self._cache_lock:
-            data = self._cache.get(key)     # the same pcluster earlier in this request, or another thread
-            if data is not None:
-                self._cache.move_to_end(key)
-                self._hits += 1
-                return data
-            self._misses += 1
+    def _decode(self, inode, ext: ZExtent, raw: bytes | None, done: list[int]) -> bytes:
+        """The decoded pcluster of ``ext`` (``raw``: its bytes if already read); counts into ``done``."""
         if raw is None:
             if ext.kind == ZEXT_META:
                 raw = self.img.read_meta(ext.pa, ext.plen, inode.in_metabox)
@@ -270,6 +298,8 @@ class ZReader:
                 raise CorruptedError(self._where(inode, ext) + ": not a pcluster")
             if len(raw) != ext.plen:
                 raise ShortReadError(f"{self._where(inode, ext)}: only {len(raw)} bytes readable")
+        done[0] += 1
+        done[1] += len(raw)
         cfgs = self.cfgs
         try:
             data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
@@ -280,16 +310,7 @@ class ZReader:
             raise CorruptedError(f"{self._where(inode, ext)}: {type(exc).__name__}: {exc}") from None
         if len(data) != ext.llen:   # decompress() guarantees it; keep wrong bytes out regardless
             raise CorruptedError(f"{self._where(inode, ext)}: decoded {len(data)} bytes, expected {ext.llen}")
-        with self._cache_lock:
-            self._bytes_read += len(raw)
-            self._bytes_decompressed += len(data)
-            if keep and len(data) <= self.cache_limit and key not in self._cache:
-                self._cache[key] = data
-                self._cache_bytes += len(data)
-                while self._cache_bytes > self.cache_limit:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= len(old)
-                    self._evictions += 1
+        done[2] += len(data)
         return data
 
     @staticmethod
