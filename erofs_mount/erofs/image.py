@@ -408,6 +408,10 @@ class Image:
         POSIX ACLs decoded and re-encoded as the kernel does (xattr.posix_acl_value); a name the
         inode's name filter rules out is absent whatever the entries hold (xattr.filtered_out)."""
         items = self.xattr_items(nid)
+        if name.startswith(b"user.") and items and not (self.inode(nid).is_reg or self.inode(nid).is_dir):
+            # fs/xattr.c xattr_permission: user.* values exist only on regular files and directories;
+            # elsewhere the VFS answers ENODATA (listxattr still shows the names)
+            raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')} (user.* on a special file)")
         if items and filtered_out(self.sb, name_filter(self.inode(nid), self.read_meta), name):
             raise NoDataError(f"no xattr {name.decode('utf-8', 'replace')}")
         for n, v in items:

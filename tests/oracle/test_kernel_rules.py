@@ -79,3 +79,35 @@ def test_iloc_wraps_like_erofs_off_t():
     from erofs_mount.erofs.inode import iloc
     sb = _sb()
     assert iloc(sb, (1 << 60) + 5) == (5 * 32, False)
+
+
+def test_user_xattrs_of_special_files_read_as_absent(tmp_path):
+    """fs/xattr.c xattr_permission: user.* on a non-regular, non-directory inode is ENODATA (names still listed)."""
+    import gzip
+    from pathlib import Path
+
+    from erofs_mount.erofs.image import Image
+    from erofs_mount.errors import NoDataError
+    from tests.oracle import kmount
+
+    base = Path(__file__).resolve().parents[1] / "data" / "oracle" / "mutants" / "plain-4k.erofs.gz"
+    data = bytearray(gzip.open(base).read())
+    img = Image(lambda o, n: bytes(data[o:o + n]), size=len(data))
+    nid = img.resolve("/xattrs/shared-1")
+    ino = img.inode(nid)
+    struct.pack_into("<H", data, ino.iloc + 4, 0o140644)   # i_mode: a socket now
+    img = Image(lambda o, n: bytes(data[o:o + n]), size=len(data))
+    assert b"user.shared" in img.listxattr(nid)
+    with pytest.raises(NoDataError):
+        img.getxattr(nid, b"user.shared")
+    assert img.getxattr(nid, b"trusted.shared") == b"T" * 10
+    if not kmount.kernel_unavailable_reason():
+        import os
+        image = tmp_path / "sock.erofs"
+        image.write_bytes(bytes(data))
+        with kmount.kernel_mount(image, tmp_path / "mnt") as mnt:
+            p = os.path.join(mnt, "xattrs", "shared-1")
+            assert "user.shared" in os.listxattr(p, follow_symlinks=False)
+            with pytest.raises(OSError) as exc:
+                os.getxattr(p, "user.shared", follow_symlinks=False)
+            assert exc.value.errno == errno.ENODATA
