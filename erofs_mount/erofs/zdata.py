@@ -155,10 +155,23 @@ class ZReader:
     # ------------------------------------------------------------------ reading
     def _read(self, inode, pos: int, end: int) -> bytes:
         exts, err = self._map_range(inode, pos, end)
+        bs = self.block_size
+        if len(exts) == 1 and err is None:     # fast path: inside one extent whose pcluster we hold
+            ext = exts[0]
+            kind = ext.kind
+            if kind == ZEXT_MAPPED or kind == ZEXT_META:
+                key = (kind, kind == ZEXT_META and inode.in_metabox, ext.pa, ext.plen, ext.alg, ext.llen,
+                       ext.la % bs if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0)
+                data = self._cached(key)
+                if data is not None:
+                    data = data[pos - ext.la:end - ext.la]
+                    if len(data) == end - pos:
+                        return data
+                    raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {end - pos} bytes "
+                                         f"at logical offset {pos}")
         # one cache pass for the whole request: the decoded pclusters we hold, the keys of the rest
         found: list = [None] * len(exts)
         wanted: list[int] = []
-        bs = self.block_size
         with self._cache_lock:
             cache = self._cache
             for i, ext in enumerate(exts):
