@@ -1,5 +1,5 @@
-"""Lcluster index records -> decoded lclusters (kernel ``fs/erofs/zmap.c``:
-``z_erofs_load_full_lcluster`` and ``z_erofs_load_compact_lcluster``).
+"""Index records -> decoded lclusters (kernel ``fs/erofs/zmap.c``: ``z_erofs_load_full_lcluster``
+and ``z_erofs_load_compact_lcluster``) and 48-bit ``z_erofs_extent`` records.
 
 Pure and per record: ``zmap.ZMap`` finds the bytes, this module decodes them.
 
@@ -25,6 +25,7 @@ Z_EROFS_LI_PARTIAL_REF = 1 << 15
 Z_EROFS_LI_D0_CBLKCNT = 1 << 11
 
 _LCLUSTER_INDEX = struct.Struct("<HHI")
+_EXTENT = struct.Struct("<IIIII")
 _NONHEAD = Z_EROFS_LCLUSTER_TYPE_NONHEAD
 _CBLK = Z_EROFS_LI_D0_CBLKCNT
 
@@ -66,6 +67,14 @@ def full_lcluster(raw: bytes, pos: int, lcn: int, lclusterbits: int, big_pcluste
     return m
 
 
+def extent_record(raw: bytes) -> tuple[int, int, int]:
+    """(lstart, plen, pstart) of a 16-byte or (the first 20 bytes of) a 32-byte ``z_erofs_extent``."""
+    if len(raw) < 20:
+        raw += bytes(4)     # no lstart_hi in 16-byte records
+    plen, plo, phi, llo, lhi = _EXTENT.unpack(raw)
+    return llo | (lhi << 32), plen, plo | (phi << 32)
+
+
 class CompactPack:
     """One decoded compacted pack: ``vcnt`` (lo, type) pairs and the pack's base block address.
 
@@ -73,7 +82,7 @@ class CompactPack:
     the base (``None`` where that walk meets a plain ``delta[0] <= 1`` in a big-pcluster pack:
     EFSCORRUPTED); ``d1[i]`` is the lookahead ``delta[1]`` of a NONHEAD lcluster ``i``.
     """
-    __slots__ = ("los", "types", "base", "end", "blocks", "d1")
+    __slots__ = ("los", "types", "base", "end", "big", "blocks", "d1")
 
     def __init__(self, raw: bytes, start: int, vcnt: int, lclusterbits: int, big: bool) -> None:
         packsize = len(raw)
@@ -82,21 +91,29 @@ class CompactPack:
         lobits = max(lclusterbits, 12)      # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
         lomask = (1 << lobits) - 1
         bits = int.from_bytes(raw[:-4], "little")
-        los = [(bits >> (encodebits * j)) & lomask for j in range(vcnt)]
-        types = [(bits >> (encodebits * j + lobits)) & 3 for j in range(vcnt)]
-        self.los, self.types = los, types
+        self.los = [(bits >> (encodebits * j)) & lomask for j in range(vcnt)]
+        self.types = [(bits >> (encodebits * j + lobits)) & 3 for j in range(vcnt)]
         self.base = int.from_bytes(raw[-4:], "little")
+        self.big = big
+        self.blocks: list[int | None] | None = None     # tabulated on first use
+        self.d1: list[int] | None = None
+
+    def _blocks(self) -> list[int | None]:
+        los, types, vcnt = self.los, self.types, len(self.los)
         # c[p]: what the backward walk counts once it has stepped onto position p (decreasing
         # positions, so c[p] depends on smaller positions only)
         c: list[int | None] = [0] * vcnt
-        for p in range(vcnt):
-            lo, t = los[p], types[p]
-            if not big:
-                q = p - lo if t == _NONHEAD else p
-                rest = c[q - 1] if q > 0 else 0
-                c[p] = None if rest is None else (q >= 0) + rest
-            elif t == _NONHEAD:
-                if lo & _CBLK:      # the CBLKCNT lcluster: its head is the one before it
+        if not self.big:
+            for p in range(vcnt):
+                q = p - los[p] if types[p] == _NONHEAD else p
+                c[p] = (q >= 0) + (c[q - 1] if q > 0 else 0)
+        else:
+            for p in range(vcnt):
+                lo = los[p]
+                if types[p] != _NONHEAD:
+                    rest = c[p - 1] if p > 0 else 0
+                    c[p] = None if rest is None else 1 + rest
+                elif lo & _CBLK:    # the CBLKCNT lcluster: its head is the one before it
                     rest = c[p - 2] if p > 1 else 0
                     c[p] = None if rest is None else (lo & ~_CBLK) + rest
                 elif lo <= 1:       # a big pcluster never has a plain delta[0] of 1
@@ -104,24 +121,26 @@ class CompactPack:
                 else:
                     q = p - (lo - 2)
                     c[p] = c[q - 1] if q > 0 else 0
-            else:
-                rest = c[p - 1] if p > 0 else 0
-                c[p] = None if rest is None else 1 + rest
-        first = 0 if big else 1
-        self.blocks = [first] + [None if x is None else first + x for x in c[:-1]]
+        first = 0 if self.big else 1
+        self.blocks = blocks = [first] + [None if x is None else first + x for x in c[:-1]]
+        return blocks
+
+    def _d1(self) -> list[int]:
         # lookahead: the NONHEAD run from i; one reaching the pack's end adds the last
         # lcluster's stored delta[1] - 1 (unless that one holds a CBLKCNT)
+        los, types = self.los, self.types
         last = los[-1]
         tail = 0 if last & _CBLK else last - 1
-        d1 = [0] * vcnt
+        d1 = [0] * len(los)
         run, to_end = 0, True
-        for p in range(vcnt - 1, -1, -1):
+        for p in range(len(los) - 1, -1, -1):
             if types[p] == _NONHEAD:
                 run += 1
             else:
                 run, to_end = 0, False
             d1[p] = max(run + (tail if to_end else 0), 0)
         self.d1 = d1
+        return d1
 
     def lcluster(self, i: int, lcn: int, lclusterbits: int, big: bool, nid: int) -> LCluster:
         los, types = self.los, self.types
@@ -131,7 +150,7 @@ class CompactPack:
         m.type = t = types[i]
         if t == _NONHEAD:
             m.clusterofs = 1 << lclusterbits
-            m.delta1 = self.d1[i]
+            m.delta1 = (self.d1 or self._d1())[i]
             if lo & _CBLK:
                 if not big:
                     raise CorruptedError(f"inode {nid}: CBLKCNT in lcluster {lcn} without big pclusters")
@@ -148,7 +167,7 @@ class CompactPack:
                 m.delta0 = plo + 1
             return m
         m.clusterofs = lo
-        nblk = self.blocks[i]
+        nblk = (self.blocks or self._blocks())[i]
         if nblk is None:
             raise CorruptedError(f"inode {nid}: plain delta[0] <= 1 in a big-pcluster pack at lcluster {lcn}")
         m.pblk = self.base + nblk

@@ -28,7 +28,7 @@ from ..errors import CorruptedError, ShortReadError, UnsupportedError
 from . import decompress as D
 from .zindex import (  # noqa: F401  (re-exported: the lcluster types and index flags)
     Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LCLUSTER_TYPE_NONHEAD,
-    Z_EROFS_LCLUSTER_TYPE_PLAIN, Z_EROFS_LI_D0_CBLKCNT, Z_EROFS_LI_PARTIAL_REF, CompactPack, full_lcluster)
+    Z_EROFS_LCLUSTER_TYPE_PLAIN, Z_EROFS_LI_D0_CBLKCNT, Z_EROFS_LI_PARTIAL_REF, CompactPack, extent_record, full_lcluster)
 from .zindex import LCluster as _LC
 
 EROFS_INODE_COMPRESSED_FULL = 1
@@ -54,7 +54,6 @@ ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
 ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
 
 _PA_CHUNK = 1024
-_EXTENT = struct.Struct("<IIIII")
 _LC_MEMO = 512      # decoded lclusters kept per inode
 _PACK_MEMO = 64     # decoded compacted packs kept per inode
 
@@ -392,11 +391,4 @@ class ZMap:
 
     def _ext_record(self, i: int) -> tuple[int, int, int]:
         """(lstart, plen, pstart) of a 16/32-byte z_erofs_extent record."""
-        raw = self._meta(self.ext_pos + i * self.recsz, 16)
-        if self.recsz > 16:
-            raw += self._meta(self.ext_pos + i * self.recsz + 16, 4)
-        else:
-            raw += bytes(4)     # no lstart_hi in 16-byte records
-        plen, plo, phi, llo, lhi = _EXTENT.unpack(raw)
-        lstart = llo | (lhi << 32)
-        return lstart, plen, plo | (phi << 32)
+        return extent_record(self._meta(self.ext_pos + i * self.recsz, min(self.recsz, 20)))
