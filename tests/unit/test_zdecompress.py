@@ -62,6 +62,17 @@ def test_lz4_partial_decode_returns_a_prefix():
         assert D.decompress(D.Z_EROFS_COMPRESSION_LZ4, src, n, strict=False) == TEXT[:n]
 
 
+def test_lz4_partial_decode_of_a_block_much_larger_than_wanted_or_with_a_damaged_tail():
+    big = TEXT * 40     # decodes to far more than 4 * n + 64 KiB for small n: the Python decoder
+    comp = lz4.block.compress(big, store_size=False)
+    for n in (10, 5000, 200_000, len(big) - 3):
+        assert D.decompress(D.Z_EROFS_COMPRESSION_LZ4, comp, n, strict=False) == big[:n]
+    cut = comp[:len(comp) * 3 // 4]     # the tail of the block is gone: only a prefix decodes
+    assert D.decompress(D.Z_EROFS_COMPRESSION_LZ4, cut, 3000, strict=False) == big[:3000]
+    with pytest.raises(CorruptedError):
+        D.decompress(D.Z_EROFS_COMPRESSION_LZ4, cut, len(big), strict=False)
+
+
 def test_lz4_without_zero_padding_ignores_trailing_zeros():
     comp = lz4.block.compress(TEXT, store_size=False)
     src = comp + bytes(8192 - len(comp))   # legacy layout: data first, zeroed tail
