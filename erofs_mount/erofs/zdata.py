@@ -35,6 +35,7 @@ DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 _INCOMPAT_BIG_PCLUSTER = 0x2
 _MAX_NESTING = 4        # packed inode / metabox reads inside a read
 _PREFETCH_BYTES = 4 << 20   # raw bytes of adjacent pclusters fetched with one read
+_PREFETCH_MAX_PCLUSTER = 16 << 10   # bigger pclusters: copying them out of a run costs more than a read
 
 
 class ZReader:
@@ -257,14 +258,14 @@ class ZReader:
                 self._evictions += 1
 
     def _prefetch(self, exts: list[ZExtent], wanted: list[int]) -> dict[int, bytes]:
-        """Raw bytes of uncached pclusters that lie back to back on the primary device, each run
-        read with one ``read_mapped`` call: ``{index in exts: raw pcluster}``.
+        """Raw bytes of small uncached pclusters that lie back to back on the primary device, each
+        run read with one ``read_mapped`` call: ``{index in exts: raw pcluster}``.
 
         Only on single-device images (a run could cross a device's unified address range).
         A short run read is dropped: the pclusters are then read one by one and the first
         unreadable one is reported as before.
         """
-        cand = [i for i in wanted if exts[i].kind == ZEXT_MAPPED]
+        cand = [i for i in wanted if exts[i].kind == ZEXT_MAPPED and exts[i].plen <= _PREFETCH_MAX_PCLUSTER]
         raws: dict[int, bytes] = {}
         k = 0
         while k < len(cand):
