@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import build_image, timed
+
 WORK = Path(os.environ.get("BENCH_WORK", Path(__file__).parent / "work"))
 SOURCE = os.environ.get("BENCH_ZTREE_SOURCE", f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -36,23 +38,6 @@ def build_tree(target: Path) -> Path:
                     ignore=shutil.ignore_patterns("site-packages", "dist-packages"))
     tmp.rename(target)
     return target
-
-
-def build_image(tree: Path, image: Path, *opts: str) -> Path:
-    if not image.exists():
-        subprocess.run(["mkfs.erofs", "--quiet", *opts, str(image) + ".tmp", str(tree)], check=True)
-        os.rename(str(image) + ".tmp", image)
-    return image
-
-
-def timed(cmd: list[str], dest: Path) -> float:
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
-    shutil.rmtree(dest, ignore_errors=True)
-    return dt
 
 
 def regular_files(img) -> list[tuple[int, int]]:
