@@ -7,7 +7,6 @@ Mounts are always unmounted and their loop devices detached in teardown.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
