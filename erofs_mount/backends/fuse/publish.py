@@ -15,11 +15,13 @@ reused pid from ours).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
 from typing import Any
+
+from ...statefile import read_json  # noqa: F401 - re-exported for fuse.status
+from ...statefile import write_json as _write_json
 
 log = logging.getLogger("erofs_mount.fuse")
 
@@ -103,24 +105,7 @@ def snapshot(base: dict, source: Any) -> dict:
 
 
 def write_json(path: str, doc: dict) -> None:
-    """Atomically (temp file + rename), 0600, in a 0700 directory."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(doc, sort_keys=True).encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    _write_json(path, doc, make_dir=True)
 
 
 class Publisher:

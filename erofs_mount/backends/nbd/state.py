@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import errno as _errno
 import fcntl
-import json
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ...errors import ErofsMountError, NotFoundError
+from ...statefile import read_json, write_json
 from .recovery import Record, format_record, parse_record, record_path
 
 
@@ -82,27 +82,6 @@ def pid_path(identifier: str) -> str:
 
 def stats_path(identifier: str) -> str:
     return identifier + ".stats"
-
-
-def write_json(path: str, doc: dict) -> None:
-    """Atomically (temp file + rename, 0600); no fsync: a lost update only costs freshness."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(doc, sort_keys=True).encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
-def read_json(path: str) -> dict | None:
-    """The document, or None when absent or unreadable (a status display must not fail on it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 class PidLock:
