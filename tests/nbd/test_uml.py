@@ -18,7 +18,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_UML_TIMEOUT", "420"))
+GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_UML_TIMEOUT", "900"))  # the suite takes 2-6 min
 
 
 def uml_available() -> str | None:
