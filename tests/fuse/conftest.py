@@ -9,8 +9,10 @@ left for it is killed by pid, so nothing outlives the test.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -27,6 +29,24 @@ from erofs_mount.backends.fuse.mountinfo import find_mount
 REPO = Path(__file__).resolve().parents[2]
 CHECK_TREE = REPO.parent / "shared" / "corpus" / "check_tree.py"
 LIFECYCLE = ("-m", "erofs_mount.backends.fuse.lifecycle")
+
+
+@contextlib.contextmanager
+def system_user(name: str):
+    """A system user for unprivileged tests: created (and deleted afterwards) unless it exists."""
+    created = False
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True, timeout=60)
+        created = True
+        pw = pwd.getpwnam(name)
+    try:
+        yield pw
+    finally:
+        if created:
+            subprocess.run(["userdel", name], capture_output=True, timeout=60)
 
 
 def fuse_unavailable_reason() -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import stat
 import subprocess
@@ -25,7 +24,7 @@ from tests.oci._servers import (REGISTRY_BIN, USERS, Pusher, TokenIssuer, docker
                                 write_credential_helper, write_htpasswd)
 from erofs_mount.backends.fuse.mountinfo import find_mount
 
-from .conftest import REPO, find_pids, wait_for, zdata_available
+from .conftest import REPO, find_pids, system_user, wait_for, zdata_available
 from .test_unprivileged_fuse import _as_user, _skip_reason, dev_fuse_for_users, user_python  # noqa: F401
 
 USER = "erofs-oci-fuse-test"
@@ -38,19 +37,8 @@ def user():
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    created = False
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True, capture_output=True, timeout=60)
-        created = True
-        pw = pwd.getpwnam(USER)
-    try:
+    with system_user(USER) as pw:
         yield pw
-    finally:
-        if created:
-            subprocess.run(["userdel", USER], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

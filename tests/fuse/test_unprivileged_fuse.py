@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 from tests import corpuslib
 from erofs_mount.backends.fuse.mountinfo import find_mount
 
-from .conftest import (CHECK_TREE, LIFECYCLE, REPO, find_pids, fuse_unavailable_reason, have_check_tree, wait_for,
-                       zdata_available)
+from .conftest import (CHECK_TREE, LIFECYCLE, REPO, find_pids, fuse_unavailable_reason, have_check_tree, system_user,
+                       wait_for, zdata_available)
 
 USER = "erofs-fuse-test"
 
@@ -40,19 +39,8 @@ def user():
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    created = False
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True, capture_output=True, timeout=60)
-        created = True
-        pw = pwd.getpwnam(USER)
-    try:
+    with system_user(USER) as pw:
         yield pw
-    finally:
-        if created:
-            subprocess.run(["userdel", USER], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module", autouse=True)
