@@ -29,6 +29,7 @@ import time
 
 from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, NotFoundError, UsageError
+from ...status import ratio_text, size_text
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
 from .recovery import NBD_RUN_DIR, LocalRecord, record_path
@@ -191,8 +192,8 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> int:
 
 def status_entries() -> list[dict]:
     """Every NBD device erofs-mount serves: index, source, OCI ref/platform/pinned digest, daemon pid
-    and liveness, mount points, and the figures the daemon last published (``publish.summary``)."""
-    from .publish import summary
+    and liveness, mount points, and the figures the daemon last published (``status.summary``)."""
+    from ...status import summary
 
     out = []
     for index in sysfs.indexes():
@@ -227,9 +228,6 @@ def status_entries() -> list[dict]:
 
 
 def _status_line(e: dict) -> str:
-    def size(n: int) -> str:
-        return f"{n}({n / 2**20:.1f}MiB)"
-
     parts = [f"nbd{e['index']}", f"source={e['source']}"]
     if e["kind"] == "oci":
         parts += [f"platform={e['platform']}", f"digest={e['digest'] or '-'}"]
@@ -238,9 +236,9 @@ def _status_line(e: dict) -> str:
     parts += [f"pid={e['pid'] or '-'}", f"daemon={'alive' if e['alive'] else 'dead'}",
               f"mount={','.join(e['mountpoints']) or '-'}"]
     if e["published"]:
-        ratio = e["cache_hit_ratio"]
-        parts += [f"bytes_fetched={size(e['bytes_fetched'])}", f"bytes_fetched_total={size(e['bytes_fetched_total'])}",
-                  f"cache_hit_ratio={'-' if ratio is None else f'{ratio:.3f}'}", f"retries={e['retries']}",
+        parts += [f"bytes_fetched={size_text(e['bytes_fetched'])}",
+                  f"bytes_fetched_total={size_text(e['bytes_fetched_total'])}",
+                  f"cache_hit_ratio={ratio_text(e['cache_hit_ratio'])}", f"retries={e['retries']}",
                   f"retries_total={e['retries_total']}", f"daemons={e['daemons']}"]
     return " ".join(parts)
 
