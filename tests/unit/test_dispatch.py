@@ -41,3 +41,9 @@ def test_mode_specific_options_refused(tmp_path):
 def test_unmount_of_something_else(tmp_path):
     with pytest.raises(UsageError, match="not mounted"):
         dispatch.run("unmount", str(tmp_path), parse_options([]))
+
+
+def test_fuse_poll_window_option():
+    assert dispatch.fuse_options(parse_options(["poll_us=0"]), False).poll_us == 0
+    with pytest.raises(UsageError, match="poll_us"):
+        parse_options(["poll_us=-5"])

@@ -7,6 +7,9 @@ from typing import Iterable, Mapping
 
 from ...errors import UsageError
 
+DEFAULT_POLL_US = 50  # busypoll.py explains the figure (kept here: this module must not import trio)
+MAX_POLL_US = 10_000
+
 # mount(2) flags libfuse passes on to the kernel (lib/mount.c, mount_flags[]); ro is always added
 PASSED_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
                           "nodiratime", "diratime", "relatime", "norelatime", "strictatime",
@@ -32,6 +35,7 @@ class FuseOptions:
     foreground: bool = False
     debug: bool = False
     threads: int = 8                          # reader worker threads
+    poll_us: int = DEFAULT_POLL_US            # busy-poll window for the next request (busypoll.py); 0: off
     log_file: str | None = None               # None: daemon.log_path("fuse")
 
     @classmethod
@@ -45,11 +49,11 @@ class FuseOptions:
         for key in ("fsname", "subtype"):
             if key in fuse:
                 args[key] = fuse[key]
-        for key in ("uid", "gid", "max_read"):
+        for key in ("uid", "gid", "max_read", "poll_us"):
             if key in fuse:
                 args[key] = int(fuse[key])
         unknown = set(fuse) - {"allow_other", "allow_root", "default_permissions", "auto_unmount", "fsname",
-                               "subtype", "uid", "gid", "max_read"}
+                               "subtype", "uid", "gid", "max_read", "poll_us"}
         if unknown:
             raise UsageError(f"unknown FUSE option '{sorted(unknown)[0]}'")
         rest = []
@@ -66,6 +70,8 @@ class FuseOptions:
         """The option set handed to ``pyfuse3.init`` (libfuse mount + session options)."""
         if self.allow_other and self.allow_root:
             raise UsageError("allow_other and allow_root are mutually exclusive")
+        if not 0 <= self.poll_us <= MAX_POLL_US:
+            raise UsageError(f"poll_us={self.poll_us}: the polling window is 0 (off) to {MAX_POLL_US} microseconds")
         opts = {"ro", f"subtype={self.subtype}", f"fsname={_escape(self.fsname or source)}"}
         if self.resolved_default_permissions(is_root=is_root):
             opts.add("default_permissions")

@@ -62,6 +62,7 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     import pyfuse3
     import trio
 
+    from . import busypoll
     from .ops import ErofsOperations, OpsConfig
 
     is_root = os.geteuid() == 0
@@ -112,7 +113,14 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                 ready.ok()
 
             async def serve() -> None:
-                await pyfuse3.main()
+                poller = busypoll.install(opts.poll_us)
+                try:
+                    await pyfuse3.main()
+                finally:
+                    busypoll.uninstall()
+                    if poller is not None:
+                        log.info("busy polling (%d us): %d requests found while polling, %d waits slept",
+                                 opts.poll_us, poller.hits, poller.sleeps)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(signals)

@@ -1,0 +1,102 @@
+"""The adaptive polling window in front of pyfuse3's waits (backends/fuse/busypoll.py), on real pipes."""
+
+import os
+
+import pytest
+import trio
+
+from erofs_mount.backends.fuse import busypoll
+from erofs_mount.backends.fuse.config import FuseOptions
+from erofs_mount.errors import UsageError
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def test_ready_fd_is_found_while_polling(pipe):
+    r, w = pipe
+    p = busypoll.Poller(1000)
+
+    async def main():
+        os.write(w, b"x")
+        with trio.fail_after(5):
+            await p.wait_readable(r)
+
+    trio.run(main)
+    assert (p.hits, p.sleeps) == (1, 0)
+
+
+def test_idle_fd_backs_off_exponentially(pipe):
+    r, w = pipe
+    p = busypoll.Poller(20)
+
+    async def main():
+        # data arrives 50 ms after each wait starts: every poll misses, then the wait sleeps
+        for _ in range(4):
+            async with trio.open_nursery() as n:
+                async def later():
+                    await trio.sleep(0.05)
+                    os.write(w, b"x")
+                n.start_soon(later)
+                with trio.fail_after(5):
+                    await p.wait_readable(r)
+            os.read(r, 1)
+
+    trio.run(main)
+    # wait 1 polls and misses (skip 1), wait 2 skips, wait 3 polls and misses (skip 2), wait 4 skips
+    assert p.hits == 0 and p.sleeps == 4
+    assert p._backoff == 2 and p._skip == 1
+
+
+def test_backoff_is_capped_and_reset_by_a_quick_request(pipe):
+    r, w = pipe
+    p = busypoll.Poller(50_000)            # 50 ms window: a 0-delay write counts as "soon"
+    p._backoff, p._skip = busypoll.MAX_BACKOFF, 5
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, os.write, w, b"x")
+            with trio.fail_after(5):
+                await p.wait_readable(r)    # skipped polling, slept, woke quickly
+        os.read(r, 1)
+
+    trio.run(main)
+    assert p.sleeps == 1 and p._backoff == 0 and p._skip == 0
+    q = busypoll.Poller(10)
+    for _ in range(20):
+        q._backoff = min(busypoll.MAX_BACKOFF, max(1, 2 * q._backoff))
+    assert q._backoff == busypoll.MAX_BACKOFF
+
+
+def test_install_routes_pyfuse3_waits_and_uninstall_restores(monkeypatch):
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    monkeypatch.setattr(busypoll, "usable_cpus", lambda: 2)
+    poller = busypoll.install(50)
+    try:
+        assert poller is not None
+        assert pyfuse3.trio.lowlevel.wait_readable == poller.wait_readable
+        assert pyfuse3.trio.Lock is trio.Lock                       # everything else is trio's
+        assert pyfuse3.trio.lowlevel.current_task is trio.lowlevel.current_task
+    finally:
+        busypoll.uninstall()
+    assert pyfuse3.trio is trio
+
+
+def test_install_is_off_for_zero_window_and_one_cpu(monkeypatch):
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    assert busypoll.install(0) is None
+    monkeypatch.setattr(busypoll, "usable_cpus", lambda: 1)
+    assert busypoll.install(50) is None
+    assert pyfuse3.trio is trio
+
+
+def test_poll_us_option_is_bounded():
+    assert FuseOptions.from_strings([], {"poll_us": "0"}).poll_us == 0
+    assert FuseOptions().poll_us == busypoll.DEFAULT_POLL_US
+    with pytest.raises(UsageError, match="poll_us=20000"):
+        FuseOptions.from_strings([], {"poll_us": "20000"}).libfuse_options("img", is_root=True)
