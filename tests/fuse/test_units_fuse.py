@@ -101,5 +101,16 @@ def test_local_reader_nowait_and_read_around(tmp_path):
             except inline.WouldBlock:
                 pass                                            # (a filesystem without RWF_NOWAIT)
         assert not inline.nowait_active()
+        # clustered misses (a tree walk) prefetch what follows; an isolated miss does not
+        big = inline.LocalReader(type("S", (), {"size": 1 << 30, "fileno": lambda self: src.fd})())
+        assert big.prefetch_after_miss(100 * inline.READ_AROUND, 101 * inline.READ_AROUND) is None
+        assert big.prefetch_after_miss(103 * inline.READ_AROUND, 104 * inline.READ_AROUND) == (
+            104 * inline.READ_AROUND, inline.PREFETCH)
+        assert big.prefetch_after_miss(5000 * inline.READ_AROUND, 5001 * inline.READ_AROUND) is None
+        end = 1 << 30
+        assert big.prefetch_after_miss(end - 3 * inline.READ_AROUND, end - 2 * inline.READ_AROUND) is None
+        assert big.prefetch_after_miss(end - 2 * inline.READ_AROUND, end - inline.READ_AROUND) == (
+            end - inline.READ_AROUND, inline.READ_AROUND)                              # clamped to the size
+        assert big.prefetch_after_miss(end - inline.READ_AROUND, end) is None           # nothing after
     finally:
         os.close(src.fd)
