@@ -47,6 +47,16 @@ def nowait():
         _state.on = False
 
 
+def call_nowait(fn, *args):
+    """``fn(*args)`` inside ``nowait()`` (the same, without a context manager's cost per request)."""
+    state = _state
+    state.on = True
+    try:
+        return fn(*args)
+    finally:
+        state.on = False
+
+
 def nowait_active() -> bool:
     return getattr(_state, "on", False)
 

@@ -38,7 +38,7 @@ import trio
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
 from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError, errno_of
-from .inline import WouldBlock, nowait, nowait_active
+from .inline import WouldBlock, call_nowait, nowait_active
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class ErofsOperations(pyfuse3.Operations):
     async def _run(self, fn, *args):
         if self._inline:
             try:
-                with nowait():
-                    return fn(*args)
+                return call_nowait(fn, *args)
             except WouldBlock:
                 pass
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -263,7 +262,9 @@ class ErofsOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
-        attr = await self.getattr(inode, ctx)
+        attr = self._attrs.get(inode)       # known from lookup/readdir, as a rule
+        if attr is None:
+            attr = await self.getattr(inode, ctx)
         if stat.S_ISDIR(attr.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
@@ -294,7 +295,9 @@ class ErofsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     @fuse_errors
     async def opendir(self, inode, ctx):
-        attr = await self.getattr(inode, ctx)
+        attr = self._attrs.get(inode)
+        if attr is None:
+            attr = await self.getattr(inode, ctx)
         if not stat.S_ISDIR(attr.st_mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
