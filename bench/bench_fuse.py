@@ -133,9 +133,10 @@ class Mount:
         os.makedirs(self.mnt, exist_ok=True)
         if self.kind == "kernel":
             sh("mount", "-t", "erofs", "-o", "loop,ro", self.image, self.mnt)
-        elif self.kind == "ours":
+        elif self.kind in ("ours", "ours-nopoll"):
+            extra = ["-o", "poll_us=0"] if self.kind == "ours-nopoll" else []
             sh(PY, "-m", "erofs_mount.backends.fuse.lifecycle", "--log-file", os.path.join(
-                os.path.dirname(self.image), "fuse.log"), self.image, self.mnt, cwd=REPO)
+                os.path.dirname(self.image), "fuse.log"), *extra, self.image, self.mnt, cwd=REPO)
             pids = find_pids(self.mnt)
             self.pid = pids[0] if pids else None
         elif self.kind == "squashfuse":
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("uncompressed", "lz4hc"))
     p.add_argument("--workloads", default="big,lstat,readall")
     p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--no-poll-column", action="store_true",
+                   help="skip the extra run of our daemon with busy polling off (-o poll_us=0)")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_fuse: needs root (loop mounts, drop_caches)", file=sys.stderr)
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         targets = [("kernel", imgs[f"erofs-{comp}"]), ("ours", imgs[f"erofs-{comp}"]),
                    ("squashfuse", imgs[f"squashfs-{comp}"])]
+        if not a.no_poll_column:
+            targets.insert(2, ("ours-nopoll", imgs[f"erofs-{comp}"]))
         for wl in a.workloads.split(","):
             res = measure_round_robin(targets, mnt, wl, a.runs)
             for kind, _image in targets:
@@ -269,14 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"  peak RSS {rss:.0f} MB" if rss else ""), flush=True)
             rows.append((comp, wl, res))
     print()
-    print(f"{'image':12} {'workload':8} {'kernel s':>9} {'ours s':>8} {'ours/k':>7} {'squashfuse s':>13} "
-          f"{'sqfuse/k':>9} {'our RSS MB':>10}")
+    print(f"{'image':12} {'workload':8} {'kernel s':>9} {'ours s':>8} {'ours/k':>7} {'no-poll/k':>9} "
+          f"{'squashfuse s':>13} {'sqfuse/k':>9} {'our RSS MB':>10}")
     for comp, wl, res in rows:
         k, o, s = res["kernel"][0], res["ours"][0], res["squashfuse"][0]
+        nopoll = f"{k / res['ours-nopoll'][0]:9.2f}" if "ours-nopoll" in res else f"{'-':>9}"
         rss = res["ours"][1]
-        print(f"{comp:12} {wl:8} {k:9.3f} {o:8.3f} {k / o:7.2f} {s:13.3f} {k / s:9.2f} "
+        print(f"{comp:12} {wl:8} {k:9.3f} {o:8.3f} {k / o:7.2f} {nopoll} {s:13.3f} {k / s:9.2f} "
               f"{(f'{rss:.0f}' if rss else '-'):>10}")
-    print("(ratios: kernel time / time, medians of", a.runs, "cold-cache runs; higher is better, 1.0 = kernel)")
+    print("(ratios: kernel time / time, medians of", a.runs, "cold-cache runs; higher is better, 1.0 = kernel;"
+          " no-poll = our daemon with -o poll_us=0)")
     return 0
 
 
