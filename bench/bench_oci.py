@@ -304,7 +304,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--random-reads", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the sequential comparison")
     ap.add_argument("--work", default=str(HERE / "work" / "oci"))
+    ap.add_argument("--only", default="cat,seq,random,local",
+                    help="comma-separated parts to run: cat, seq, random, local (default: all)")
     args = ap.parse_args(argv)
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = parts - {"cat", "seq", "random", "local"}
+    if unknown:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     if REGISTRY_BIN is None or not any(os.access(os.path.join(d, "mkfs.erofs"), os.X_OK)
                                        for d in os.environ.get("PATH", "").split(":")):
         print("bench_oci: needs docker-registry and mkfs.erofs; skipped")
@@ -329,13 +335,16 @@ def main(argv: list[str]) -> int:
 
             async def run() -> None:
                 ref = f"{proxy_host}/bench/app:v1"
-                print("cat one 10 KB file (pure reader over the registry):")
-                for chunk in (MiB, 256 * KiB, 64 * KiB):
-                    await bench_cat(ref, chunk)
-                print("sequential read of the 100 MB file:")
-                await bench_seq(proxy_host, ref, digest, args.serial_mb, args.rounds)
-                print(f"{args.random_reads} random 4 KiB reads:")
-                await bench_random(ref, image.stat().st_size, args.random_reads)
+                if "cat" in parts:
+                    print("cat one 10 KB file (pure reader over the registry):")
+                    for chunk in (MiB, 256 * KiB, 64 * KiB):
+                        await bench_cat(ref, chunk)
+                if "seq" in parts:
+                    print("sequential read of the 100 MB file:")
+                    await bench_seq(proxy_host, ref, digest, args.serial_mb, args.rounds)
+                if "random" in parts:
+                    print(f"{args.random_reads} random 4 KiB reads:")
+                    await bench_random(ref, image.stat().st_size, args.random_reads)
 
             trio.run(run)
         finally:
@@ -343,8 +352,9 @@ def main(argv: list[str]) -> int:
             proxy_proc.wait(timeout=10)
     finally:
         reg.stop()
-    print("LocalSource:")
-    bench_local(image)
+    if "local" in parts:
+        print("LocalSource:")
+        bench_local(image)
     return 0
 
 

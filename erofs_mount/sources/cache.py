@@ -43,20 +43,24 @@ def runs(indexes: list[int], max_run: int) -> list[tuple[int, int]]:
 
 
 def assemble(chunks: dict[int, bytes], offset: int, length: int, chunk_size: int) -> bytes:
-    """Cut [offset, offset+length) out of the chunks that cover it."""
+    """Cut [offset, offset+length) out of the chunks that cover it (one copy: slices of
+    memoryviews, joined)."""
     if length == 0:
         return b""
     idx = chunk_range(offset, length, chunk_size)
     if len(idx) == 1:
+        chunk = chunks[idx[0]]
         start = offset - idx[0] * chunk_size
-        return bytes(chunks[idx[0]][start : start + length])
-    out = bytearray()
+        if start == 0 and length == len(chunk) and type(chunk) is bytes:
+            return chunk  # immutable: no copy at all
+        return bytes(memoryview(chunk)[start:start + length])
+    parts = []
     for i in idx:
         base = i * chunk_size
         lo = max(offset, base) - base
         hi = min(offset + length, base + chunk_size) - base
-        out += chunks[i][lo:hi]
-    return bytes(out)
+        parts.append(memoryview(chunks[i])[lo:hi])
+    return b"".join(parts)
 
 
 class ChunkCache:
@@ -84,6 +88,10 @@ class ChunkCache:
         self._data.move_to_end(index)
         self.hits += 1
         return data
+
+    def indexes(self):
+        """The cached chunk indexes (a view, LRU order)."""
+        return self._data.keys()
 
     def peek(self, index: int) -> bytes | None:
         """Like get() without touching LRU order or counters."""

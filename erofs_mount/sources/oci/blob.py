@@ -1,22 +1,22 @@
 """OciBlobSource: one registry blob, pinned by digest, read lazily in aligned chunks.
 
 Reads are split into ``chunk_size`` chunks kept in a byte-bounded LRU.  A chunk
-being fetched is registered in ``_inflight`` before the first await, so
-concurrent readers of it wait for the same GET (coalescing).  Consecutive
-missing chunks go out as one Range GET of at most ``max_request`` bytes, and
-every GET hands its chunks over one by one as the body streams in, so a read
-returns as soon as its own chunks are there.  A sequential reader grows a
-read-ahead window (``cache.ReadAhead``); the chunks past its read join the
-read's own GET, or queue (lowest offset first) for one of ``connections``
-read-ahead slots.  GETs run in trio system tasks owned by the source (no
-nursery is needed from the caller); ``aclose()`` cancels them.  With
-``oci.cache`` chunks also go to the persistent per-digest cache
-(``diskcache.py``), which is read before the network.
+being fetched is registered in ``_inflight`` (a ``stream.Fetch``) before the
+first await, so concurrent readers of it wait for the same GET (coalescing).
+A read's missing chunks go out at once as Range GETs of at most
+``max_request`` bytes (consecutive chunks in one GET), each handed over chunk
+by chunk as the body streams in.  A reader detected as sequential
+(``cache.ReadAhead``) gets read-ahead from ONE long streaming Range GET (a
+``stream.BlobStream``, with backpressure) instead of a GET per window; at most
+``connections`` such streams run at once.  A reader that needs a chunk its
+stream will only reach much later fetches it itself.  GETs run in trio system
+tasks owned by the source (no nursery is needed from the caller); ``aclose()``
+cancels them.  With ``oci.cache`` chunks also go to the persistent per-digest
+cache (``diskcache.py``), which is read before the network.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 
 import trio
@@ -29,17 +29,10 @@ from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_t
 from .options import OciOptions
 from .reference import Reference, parse_reference
 from .resolve import options_with, resolve
+from .stream import STOPPED, BlobStream, Fetch
 
 log = logging.getLogger("erofs_mount.sources.oci")
-
-
-class _Fetch:
-    __slots__ = ("event", "data", "error")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.data: bytes | bytearray | memoryview | None = None
-        self.error: BaseException | None = None
+PROMOTE_GAP = 4 << 20  # a chunk further than this ahead of its stream is fetched by its reader at once
 
 
 class OciBlobSource:
@@ -55,21 +48,22 @@ class OciBlobSource:
         self.layer_index = layer_index
         self.manifest_digest = manifest_digest
         self.options = options
-        self.chunk_size = options.chunk_size
-        self._nchunks = (size + self.chunk_size - 1) // self.chunk_size
-        self._max_run = max(1, options.max_request // self.chunk_size)
+        self.chunk_size = cs = options.chunk_size
+        self._nchunks = (size + cs - 1) // cs
+        self._max_run = max(1, options.max_request // cs)
+        self._promote_gap = max(2, PROMOTE_GAP // cs)
         self.cache = ChunkCache(options.memory_limit)
         self.disk: DiskCache | None = None  # persistent cache entry (attach_disk_cache)
         self._disk_verifying = False
-        self.readahead = ReadAhead(self.chunk_size, options.readahead)
-        self._inflight: dict[int, _Fetch] = {}
-        self._queue: list = []  # read-ahead runs waiting for a slot: (first, count, fetches), a heap
-        self._active = 0  # read-ahead runs under way
-        self._bg_scopes: set[trio.CancelScope] = set()  # read-ahead tasks
+        # read-ahead never outruns half the memory cache: what it brings must still be there when read
+        self.readahead = ReadAhead(cs, min(options.readahead, options.memory_limit // 2))
+        self._inflight: dict[int, Fetch] = {}
+        self._streams: list[BlobStream] = []  # running read-ahead streams, least recently used first
+        self._bg_scopes: set[trio.CancelScope] = set()  # GET tasks
         self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
         self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "fetch_failures": 0, "promoted": 0,
-                   "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
+                   "streams": 0, "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
 
     # -- public -------------------------------------------------------------------------
     async def read_at(self, offset: int, length: int) -> bytes:
@@ -87,13 +81,9 @@ class OciBlobSource:
             if data is not None:
                 have[i] = data
         window = self.readahead.observe(offset, length)
+        streamed = self._follow(idx, window) if window else ()
         if len(have) < len(idx):
-            have.update(await self._get(
-                [i for i in idx if i not in have],
-                prefetch=range(idx[-1] + 1, min(self._nchunks, idx[-1] + 1 + window)),
-            ))
-        elif window:
-            self._prefetch(range(idx[-1] + 1, min(self._nchunks, idx[-1] + 1 + window)))
+            have.update(await self._get([i for i in idx if i not in have], streamed))
         return assemble(have, offset, length, cs)
 
     def stats(self) -> dict:
@@ -103,20 +93,20 @@ class OciBlobSource:
             "bytes_fetched": c["bytes_fetched"], "requests": c["requests"], "retries": c["retries"],
             "failures": c["failures"], "token_requests": c["token_requests"], "redirects": c["redirects"],
             "range_ignored": c["range_ignored"], "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
-            "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions, **self._n,
+            "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions,
+            "streams_active": len(self._streams), **self._n,
         }
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        queued, self._queue = self._queue, []
-        for _, _, fetches in queued:
-            self._release(fetches)
+        for s in list(self._streams):
+            s.stop()
         for scope in list(self._bg_scopes):
             scope.cancel()
         with trio.CancelScope(shield=True):  # runs to the end even when the caller is cancelled
-            # let cancelled read-ahead tasks unwind before their connections are closed under them,
+            # let cancelled GET tasks unwind before their connections are closed under them,
             # and queued cache writes finish (bounded)
             with trio.move_on_after(10):
                 while self._bg_scopes or self._write_scopes:
@@ -143,81 +133,199 @@ class OciBlobSource:
         return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
 
     # -- fetching ---------------------------------------------------------------------------
-    async def _get(self, wanted: list[int], prefetch: range) -> dict[int, bytes]:
-        mine = [i for i in wanted if i not in self._inflight]
+    async def _get(self, wanted: list[int], streamed) -> dict[int, bytes]:
+        """The chunks *wanted* (none cached): coalesced with fetches under way, the rest fetched
+        now.  *streamed* are those this read just handed to a stream: its own, like the rest."""
+        inflight = self._inflight
+        mine = [i for i in wanted if i not in inflight]
         for i in mine:
-            self._inflight[i] = _Fetch()
-        fetches = {i: self._inflight[i] for i in wanted}
-        self._n["coalesced"] += len(wanted) - len(mine)
-        # the read's own chunks and the read-ahead after them go out together: a run that holds
-        # demand chunks is not queued behind read-ahead, and since every GET is delivered chunk by
-        # chunk this read returns as soon as its own chunks are in
-        self._spawn_runs(sorted(mine + self._plan_prefetch(prefetch)), demand=set(mine))
-        if self._queue and len(mine) < len(wanted):
-            self._promote(set(wanted) - set(mine))
+            inflight[i] = Fetch()
+        fetches = {i: inflight[i] for i in wanted}
+        own = set(mine).union(streamed)
+        self._n["coalesced"] += len(wanted) - len(own)
+        # a chunk its stream reaches only much later (a reader jumping ahead in the window, a slow
+        # stream): fetched now, the Fetch passing to that GET (whichever brings it first completes it)
+        for i in wanted:
+            owner = fetches[i].owner
+            if owner is not None and i - owner.next >= self._promote_gap:
+                fetches[i].owner = None
+                mine.append(i)
+                own.add(i)
+                self._n["promoted"] += 1
+        for first, count in runs(mine, self._max_run):
+            self._spawn_get([(i, fetches[i]) for i in range(first, first + count)])
         out: dict[int, bytes] = {}
         for i in wanted:
             f = fetches[i]
             await f.event.wait()
             if f.data is not None:
                 out[i] = f.data
-            elif i in mine:
+            elif i in own and f.error is not STOPPED:
                 raise _as_source_error(f.error, self)
-            else:  # someone else's fetch (e.g. a read-ahead) failed: try once ourselves
+            else:  # another reader's fetch failed, or a stream stopped: try once ourselves
                 out[i] = await self._fetch_one(i)
         return out
 
     async def _fetch_one(self, i: int) -> bytes:
         f = self._inflight.get(i)
         if f is None:
-            f = self._inflight[i] = _Fetch()
-            await self._fetch_run(i, 1)
+            f = self._inflight[i] = Fetch()
+            await self._fetch_run([(i, f)])
         else:
             await f.event.wait()
         if f.data is None:
             raise _as_source_error(f.error, self)
         return f.data
 
-    async def _fetch_run(self, first: int, count: int) -> None:
-        """Fetch chunks [first, first+count) (already registered in _inflight) in one GET, each
-        chunk handed to its waiters as soon as its bytes are in.
+    def _spawn_get(self, fetches: list) -> None:
+        scope = trio.CancelScope()
+        self._bg_scopes.add(scope)
+        trio.lowlevel.spawn_system_task(self._background_get, scope, fetches, name=f"fetch {fetches[0][0]}+{len(fetches)}")
 
-        Never raises an ordinary exception: the outcome goes to each chunk's _Fetch."""
+    async def _background_get(self, scope: trio.CancelScope, fetches: list) -> None:
+        try:
+            with scope:
+                if not self._closed:
+                    await self._fetch_run(fetches)
+        except BaseException as exc:  # a system task must never raise; readers see the Fetch
+            log.debug("fetch of chunks %d+%d ended: %r", fetches[0][0], len(fetches), exc)
+        finally:
+            self._bg_scopes.discard(scope)
+            self._release(fetches)
+
+    async def _fetch_run(self, fetches: list) -> None:
+        """Fetch consecutive chunks [(index, Fetch)] in one GET (or one disk read), each chunk
+        handed to its waiters as soon as its bytes are in.
+
+        Never raises an ordinary exception: the outcome goes to each chunk's Fetch."""
         cs = self.chunk_size
+        first, count = fetches[0][0], len(fetches)
         start, _ = chunk_extent(first, cs, self.size)
         _, end = chunk_extent(first + count - 1, cs, self.size)
-        fetches = {i: self._inflight[i] for i in range(first, first + count)}
-
-        def deliver(offset: int, data, from_disk: bool = False) -> None:
-            i = offset // cs
-            f = fetches[i]
-            self.cache.put(i, data)
-            f.data = data
-            if self._inflight.get(i) is f:
-                del self._inflight[i]
-            f.event.set()
-            if not from_disk and self.disk is not None and not self._closed:
-                self._spawn(self._disk_write, offset, data, name=f"cache write {offset}")
-
+        by_index = dict(fetches)
         try:
             data = await self._disk_read(start, end)
             if data is not None:
                 view = memoryview(data)
                 for k in range(count):
-                    deliver(start + k * cs, view[k * cs:(k + 1) * cs], True)
+                    self._complete(first + k, by_index[first + k], view[k * cs:(k + 1) * cs], from_disk=True)
                 self._n["disk_hits"] += count
             else:
-                await self.client.fetch_range(self.digest, start, end, piece=cs, deliver=deliver)
+                await self.client.fetch_range(self.digest, start, end, piece=cs,
+                                              deliver=lambda off, d: self._complete(off // cs, by_index[off // cs], d))
         except BaseException as exc:
-            for i, f in fetches.items():
-                if f.event.is_set():
-                    continue  # delivered before the failure
-                f.error = exc
-                if self._inflight.get(i) is f:
-                    del self._inflight[i]
-                f.event.set()
+            self._fail(fetches, exc)
             if not isinstance(exc, Exception):
                 raise
+
+    def _complete(self, i: int, f: Fetch, data, *, from_disk: bool = False) -> None:
+        """Chunk *i* arrived for Fetch *f* (maybe already completed by someone faster)."""
+        if f.event.is_set():
+            if i not in self.cache:
+                self.cache.put(i, data)
+            return
+        self.cache.put(i, data)
+        f.data = data
+        if self._inflight.get(i) is f:
+            del self._inflight[i]
+        f.event.set()
+        if not from_disk and self.disk is not None and not self._closed:
+            self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
+
+    def _fail(self, fetches: list, exc: BaseException) -> None:
+        """Fail what was not delivered: never leave a waiter hanging."""
+        failed = False
+        for i, f in fetches:
+            if f.event.is_set():
+                continue  # delivered before the failure
+            f.error = exc
+            if self._inflight.get(i) is f:
+                del self._inflight[i]
+            f.event.set()
+            failed = True
+        if failed and exc is not STOPPED:
+            self._n["fetch_failures"] += 1
+
+    def _release(self, fetches: list) -> None:
+        if any(not f.event.is_set() for _, f in fetches):  # cancelled before it ran (a closed source)
+            self._fail(fetches, SourceError(f"{self.ref}: fetch cancelled (source closed)"))
+
+    # -- read-ahead streams -------------------------------------------------------------------
+    def _follow(self, idx: range, window: int) -> list[int]:
+        """A sequential read of chunks *idx*: let the stream it follows run *window* chunks past
+        it, or start one at the first chunk of that window nobody has.  Returns the read's own
+        chunks the stream will bring."""
+        if self._closed:
+            return []
+        target = min(self._nchunks, idx[-1] + 1 + window)
+        stream = next((s for s in reversed(self._streams) if s.holds(idx[0])), None)  # the usual case
+        if stream is None:
+            have = lambda i: i in self._inflight or i in self.cache  # noqa: E731
+            first = next((i for i in range(idx[0], target) if not have(i)), None)
+            if first is None:
+                return []  # nothing to fetch yet
+            stream = next((s for s in reversed(self._streams) if s.follows(first, self._promote_gap)), None)
+            if stream is None:
+                stream = self._start_stream(first)
+                if stream is None:
+                    return []
+        if stream is not self._streams[-1]:  # most recently used last
+            self._streams.remove(stream)
+            self._streams.append(stream)
+        got = stream.advance(target)
+        own = [i for i in got if i <= idx[-1]]
+        self._n["prefetched_chunks"] += len(got) - len(own)
+        return own
+
+    def _start_stream(self, first: int) -> BlobStream | None:
+        if self._on_disk(first):
+            return None  # the persistent cache serves it
+        # the Range ends where chunks are already had (cached, under way, on disk): nothing is
+        # fetched twice; past them the reader's next read starts another stream
+        end = min((i for i in (*self.cache.indexes(), *self._inflight) if i > first), default=self._nchunks)
+        if self.disk is not None:  # (the persistent cache looked up a window ahead)
+            end = next((i for i in range(first + 1, min(end, first + 1 + self.readahead.max_chunks))
+                        if self._on_disk(i)), end)
+        for other in self._streams:
+            if other.first < first < other.end:
+                other.truncate(first)  # never two streams bringing the same chunks
+        s = BlobStream(self, first, end)
+        while len(self._streams) >= self.options.connections:
+            self._streams.pop(0).stop()  # the least recently used one
+        self._streams.append(s)
+        self._bg_scopes.add(s.scope)
+        self._n["streams"] += 1
+        trio.lowlevel.spawn_system_task(s.run, name=f"read-ahead stream {first}..{end}")
+        return s
+
+    def _on_disk(self, i: int) -> bool:
+        disk = self.disk
+        if disk is None:
+            return False
+        try:
+            return disk.has(*chunk_extent(i, self.chunk_size, self.size))
+        except OSError as exc:
+            self._disk_failed(exc)
+            return False
+
+    def _chunk_arrived(self, i: int, data, stream: BlobStream) -> None:
+        """A stream brought chunk *i*: complete whatever waits for it (its own Fetch, or an
+        ordinary GET it overtook), else just cache it."""
+        f = self._inflight.get(i)
+        if f is not None:
+            self._complete(i, f, data)
+        elif i not in self.cache:
+            self.cache.put(i, data)
+            if self.disk is not None and not self._closed:
+                self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
+
+    def _stream_ended(self, stream: BlobStream, error: BaseException) -> None:
+        if stream in self._streams:
+            self._streams.remove(stream)
+        self._bg_scopes.discard(stream.scope)
+        owed = [(i, f) for i in range(stream.next, stream.limit)
+                if (f := self._inflight.get(i)) is not None and f.owner is stream]
+        self._fail(owed, error)
 
     # -- persistent cache -----------------------------------------------------------------
     async def attach_disk_cache(self, root: str, limit: int) -> None:
@@ -284,98 +392,6 @@ class OciBlobSource:
             log.debug("background task ended: %r", exc)
         finally:
             self._write_scopes.discard(scope)
-
-    def _prefetch(self, chunks: range) -> None:
-        self._spawn_runs(self._plan_prefetch(chunks), demand=set())
-
-    def _plan_prefetch(self, chunks: range) -> list[int]:
-        """Register (not fetch) the read-ahead chunks worth asking for now."""
-        if not chunks or self._closed:
-            return []
-        # Batch: while the chunk right after the read is already on its way, wait until a
-        # worthwhile run (half a window, at most one request) is missing before asking, so
-        # read-ahead goes out in large GETs rather than one chunk at a time.
-        batch = min(self._max_run, max(1, len(chunks) // 2))
-        have = lambda i: i in self._inflight or i in self.cache  # noqa: E731
-        if have(chunks.start):
-            # steady state: the missing chunks are a tail of the window; count it from the end
-            # (cheap) before scanning the whole window on every read
-            tail = 0
-            for i in reversed(chunks):
-                if have(i) or tail >= batch:
-                    break
-                tail += 1
-            if tail < batch:
-                return []
-        todo = [i for i in chunks if not have(i)]
-        if not todo or (todo[0] != chunks.start and len(todo) < batch):
-            return []
-        for i in todo:
-            self._inflight[i] = _Fetch()
-        self._n["prefetched_chunks"] += len(todo)
-        return todo
-
-    def _spawn_runs(self, chunks: list[int], *, demand: set[int]) -> None:
-        """One background GET per run of consecutive registered chunks.  Runs holding demand
-        chunks start at once; read-ahead runs queue, lowest offset first, for one of the
-        ``connections`` read-ahead slots (so the chunk a reader waits for next is never stuck
-        behind read-ahead further out)."""
-        for first, count in runs(chunks, self._max_run):
-            fetches = [(i, self._inflight[i]) for i in range(first, first + count)]
-            if any(i in demand for i in range(first, first + count)):
-                trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, False,
-                                                name=f"fetch {first}+{count}")
-            else:
-                heapq.heappush(self._queue, (first, count, fetches))
-        self._pump()
-
-    def _promote(self, chunks: set[int]) -> None:
-        """A reader waits for chunks whose read-ahead run is still queued: start it now."""
-        urgent = [e for e in self._queue if any(e[0] <= i < e[0] + e[1] for i in chunks)]
-        if not urgent:
-            return
-        self._queue = [e for e in self._queue if e not in urgent]
-        heapq.heapify(self._queue)
-        self._n["promoted"] += len(urgent)
-        for first, count, fetches in urgent:
-            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, False,
-                                            name=f"fetch {first}+{count}")
-
-    def _pump(self) -> None:
-        while self._queue and self._active < self.options.connections and not self._closed:
-            first, count, fetches = heapq.heappop(self._queue)
-            self._active += 1
-            trio.lowlevel.spawn_system_task(self._background_run, first, count, fetches, True,
-                                            name=f"read-ahead {first}+{count}")
-
-    async def _background_run(self, first: int, count: int, fetches: list, readahead: bool) -> None:
-        scope = trio.CancelScope()
-        self._bg_scopes.add(scope)
-        try:
-            with scope:
-                if self._closed:
-                    return
-                await self._fetch_run(first, count)
-        except BaseException as exc:  # a system task must never raise; readers refetch on demand
-            log.debug("fetch of chunks %d+%d ended: %r", first, count, exc)
-        finally:
-            self._bg_scopes.discard(scope)
-            if readahead:  # it held a read-ahead slot
-                self._active -= 1
-                self._pump()
-            self._release(fetches)
-
-    def _release(self, fetches: list) -> None:
-        """Fail what was never delivered (a closed source): never leave a waiter hanging."""
-        for i, f in fetches:
-            if not f.event.is_set():
-                f.error = SourceError(f"{self.ref}: fetch cancelled (source closed)")
-                if self._inflight.get(i) is f:
-                    del self._inflight[i]
-                f.event.set()
-        if any(f.error is not None for _, f in fetches):
-            self._n["fetch_failures"] += 1
-
 
 def _as_source_error(exc: BaseException | None, src: "OciBlobSource") -> SourceError:
     if isinstance(exc, SourceError):

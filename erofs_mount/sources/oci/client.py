@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import ssl
 import time
@@ -47,6 +48,30 @@ class _Retry(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = 0.0 if immediate else retry_after
+
+
+class _Budget:
+    """Time bounds of one ``_with_retries`` call: ``scope`` bounds the current attempt, and
+    ``retry_time`` counts from ``start``.  A paced stream moves ``start`` on: past the time it
+    waited for its reader (``paused``), which is not time the registry spent failing, and to
+    every piece that arrived (``progress``): its bound is on time without progress."""
+
+    __slots__ = ("start", "total", "scope")
+
+    def __init__(self, start: float, total: float) -> None:
+        self.start = start
+        self.total = total
+        self.scope = trio.CancelScope()
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.total
+
+    def paused(self, seconds: float) -> None:
+        self.start += seconds
+
+    def progress(self, now: float) -> None:
+        self.start = max(self.start, now)
 
 
 def _origin(url: httpx.URL) -> tuple:
@@ -200,7 +225,7 @@ class RegistryClient:
         if creds is not None and not creds.identity_token:
             headers["Authorization"] = creds.basic_header()
 
-        async def attempt() -> Token:
+        async def attempt(_budget: _Budget) -> Token:
             if creds is not None and creds.identity_token:  # OAuth2 refresh-token grant (token.md)
                 data = {"grant_type": "refresh_token", "refresh_token": creds.password, "service": service or "",
                         "scope": scope, "client_id": "erofs-mount"}
@@ -232,31 +257,38 @@ class RegistryClient:
         if resp.status_code in RETRY_STATUS:
             raise _Retry(f"HTTP {resp.status_code}", parse_retry_after(resp.headers.get("retry-after"), time.time()))
 
-    async def _with_retries(self, what: str, attempt: Callable[[], Awaitable[T]], *, size_hint: int = 0) -> T:
-        start = trio.current_time()
-        deadline = start + self.policy.total
+    async def _with_retries(self, what: str, attempt: Callable[["_Budget"], Awaitable[T]], *,
+                            size_hint: int = 0) -> T:
+        """Run ``attempt(budget)`` until it returns, retrying per the policy.
+
+        Each attempt is bounded by ``budget.scope`` (the stall timeout plus the time *size_hint*
+        bytes take at ``_MIN_RATE``); all of them by ``retry_time``.  A paced stream moves both
+        deadlines while it waits for its reader (``_Budget.paused``)."""
+        budget = _Budget(trio.current_time(), self.policy.total)
         n = 0
         while True:
             n += 1
-            limit = min(self.options.timeout * 2 + size_hint / _MIN_RATE, deadline - trio.current_time())
-            reason: str
+            now = trio.current_time()
+            limit = min(self.options.timeout * 2 + size_hint / _MIN_RATE, budget.deadline - now)
+            reason: str | None = None
             retry_after: float | None = None
             if limit <= 0:
                 reason = "out of time"
             else:
+                budget.scope = trio.CancelScope(deadline=now + limit)
                 try:
-                    with trio.fail_after(limit):
-                        return await attempt()
+                    with budget.scope:
+                        return await attempt(budget)
                 except _Retry as exc:
                     reason, retry_after = exc.reason, exc.retry_after
-                except trio.TooSlowError:
-                    reason = f"no complete answer within {limit:.1f} s"
                 except httpx.TransportError as exc:
                     if _is_cert_error(exc):
                         raise NetworkError(f"registry {self.ref.registry}: TLS certificate not trusted ({exc});"
                                            " give the CA with -o oci.cafile=") from None
                     reason = f"{type(exc).__name__}: {exc or 'connection error'}"
-            elapsed = trio.current_time() - start
+                if reason is None:  # the attempt's scope ran out
+                    reason = f"no complete answer within {limit:.1f} s"
+            elapsed = trio.current_time() - budget.start
             delay = self.policy.delay(n, retry_after, elapsed)
             if delay is None:
                 self.counters["failures"] += 1
@@ -280,7 +312,7 @@ class RegistryClient:
         url = self.base_url.join(f"/v2/{self.ref.repository}/manifests/{reference}")
         what = f"manifest {self.ref.repository}:{reference}" if ":" not in reference else f"manifest {reference}"
 
-        async def attempt() -> tuple[bytes, str, str]:
+        async def attempt(_budget: _Budget) -> tuple[bytes, str, str]:
             resp = await self.http.get(url, headers={"Accept": ACCEPT}, auth=self.auth, follow_redirects=True)
             self.counters["requests"] += 1
             self._check(resp, what)
@@ -302,24 +334,32 @@ class RegistryClient:
         return body, ctype, digest
 
     async def fetch_range(self, digest: str, start: int, end: int, *, piece: int | None = None,
-                          deliver: Callable[[int, bytearray], None] | None = None) -> bytearray | None:
+                          deliver: Callable[[int, bytes], None] | None = None,
+                          pace: Callable[[int], Awaitable[None]] | None = None) -> bytes | None:
         """The bytes [start, end) of blob *digest* (the caller clamps to its size).
 
         With *deliver*, the range is handed over as it streams in, in consecutive pieces of
         *piece* bytes (the last one may be shorter) by ``deliver(offset, data)``, and None is
         returned; a retry after a failure mid-body asks only for what was not delivered yet.
-        Without it the whole range is returned."""
+        Without it the whole range is returned.
+
+        With *pace* (a long stream), ``await pace(next_offset)`` follows every delivery and may
+        wait for the consumer: the socket is not read meanwhile (TCP flow control holds the
+        server back).  The attempt's bound is then per piece (the stall timeout plus a piece at
+        ``_MIN_RATE``, renewed by each one) and ``retry_time`` counts time without progress;
+        the time spent in *pace* counts against neither.  ``retries`` still bounds the attempts."""
         if not 0 <= start < end:
             raise ValueError(f"bad range {start}-{end}")
         if deliver is None:
-            parts: list[bytearray] = []
-            await self.fetch_range(digest, start, end, piece=end - start, deliver=lambda _o, d: parts.append(d))
-            return parts[0]
+            out: list[bytes] = []
+            await self.fetch_range(digest, start, end, piece=end - start, deliver=lambda _o, d: out.append(d))
+            return out[0]
         piece = piece or (end - start)
         registry_url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
         pos = start  # the first byte not delivered yet
+        progress_limit = self.options.timeout * 2 + piece / _MIN_RATE
 
-        async def attempt() -> None:
+        async def attempt(budget: _Budget) -> None:
             nonlocal pos
             url = self._blob_urls.get(digest, registry_url)
             cached = url is not registry_url
@@ -327,7 +367,7 @@ class RegistryClient:
             try:
                 req = self.http.build_request("GET", url, headers=headers)
                 resp = await self.http.send(req, auth=self.auth, follow_redirects=True, stream=True)
-            except (httpx.TransportError, trio.TooSlowError):
+            except httpx.TransportError:
                 if cached:
                     self._blob_urls.pop(digest, None)
                 raise
@@ -350,28 +390,40 @@ class RegistryClient:
                 else:  # the Range was ignored: skip to our bytes in the full body
                     self.counters["range_ignored"] += 1
                     skip = pos
-                # each piece is filled in place: one copy from the socket buffers, none later
-                cur = bytearray(min(piece, end - pos))
-                filled = 0
+                # a piece is the received buffers joined: one copy, in C (none when one buffer is a piece)
+                parts: list = []
+                filled, want = 0, min(piece, end - pos)
                 async for data in resp.aiter_raw():
                     self.counters["bytes_fetched"] += len(data)
-                    view = memoryview(data)
                     if skip:
-                        if len(view) <= skip:
-                            skip -= len(view)
+                        if len(data) <= skip:
+                            skip -= len(data)
                             continue
-                        view, skip = view[skip:], 0
-                    while view and pos < end:
-                        k = min(len(view), len(cur) - filled)
-                        cur[filled:filled + k] = view[:k]
-                        filled += k
-                        view = view[k:]
-                        if filled == len(cur):
-                            deliver(pos, cur)
-                            pos += len(cur)
-                            if pos < end:
-                                cur, filled = bytearray(min(piece, end - pos)), 0
-                    if view and resp.status_code == 206:
+                        data, skip = memoryview(data)[skip:], 0
+                    while data and pos < end:
+                        k = want - filled
+                        if len(data) <= k:
+                            parts.append(data)
+                            filled += len(data)
+                            data = b""
+                        else:
+                            view = memoryview(data)
+                            parts.append(view[:k])
+                            filled, data = want, view[k:]
+                        if filled == want:
+                            one = parts[0]
+                            deliver(pos, one if len(parts) == 1 and type(one) is bytes else b"".join(parts))
+                            pos += want
+                            parts, filled, want = [], 0, min(piece, end - pos)
+                            if pace is not None:
+                                t0 = trio.current_time()
+                                budget.progress(t0)
+                                budget.scope.deadline = math.inf  # the reader's time, not the registry's
+                                await pace(pos)
+                                now = trio.current_time()
+                                budget.paused(now - t0)
+                                budget.scope.deadline = now + progress_limit
+                    if data and resp.status_code == 206:
                         raise _Retry(f"more bytes than the {end - start}-byte range asked for")
                     if pos >= end and resp.status_code == 200:
                         break  # the rest of a whole-blob answer is not ours (the connection is dropped)
@@ -383,7 +435,8 @@ class RegistryClient:
             finally:
                 await resp.aclose()
 
-        await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt, size_hint=end - start)
+        await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt,
+                                 size_hint=piece if pace is not None else end - start)
         return None
 
     async def aclose(self) -> None:
