@@ -93,6 +93,14 @@ class ChunkCache:
         """The cached chunk indexes (a view, LRU order)."""
         return self._data.keys()
 
+    def discard(self, index: int) -> bool:
+        """Drop one chunk (not counted as an eviction); was it there?"""
+        old = self._data.pop(index, None)
+        if old is None:
+            return False
+        self.used -= len(old)
+        return True
+
     def peek(self, index: int) -> bytes | None:
         """Like get() without touching LRU order or counters."""
         return self._data.get(index)

@@ -150,7 +150,9 @@ async def test_sequential_readahead_and_random(world):
     try:
         assert await read_all(src, 32 * KiB) == big
         s = src.stats()
-        assert s["prefetched_chunks"] > 0 and s["cache_hits"] > 0 and s["cache_evictions"] > 0
+        assert s["prefetched_chunks"] > 0 and s["cache_hits"] > 0 and s["streams"] >= 1
+        # what the stream brought left the cache behind the reader: no eviction was needed
+        assert s["dropped_behind"] > 0 and s["cache_bytes"] <= 4 * MiB
         rng = random.Random(3)
         for _ in range(100):
             off, n = rng.randrange(src.size), rng.randrange(1, 300 * KiB)

@@ -63,7 +63,7 @@ class OciBlobSource:
         self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
         self._n = {"reads": 0, "coalesced": 0, "prefetched_chunks": 0, "fetch_failures": 0, "promoted": 0,
-                   "streams": 0, "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
+                   "streams": 0, "dropped_behind": 0, "disk_hits": 0, "disk_bytes_written": 0, "disk_errors": 0}
 
     # -- public -------------------------------------------------------------------------
     async def read_at(self, offset: int, length: int) -> bytes:
@@ -259,7 +259,9 @@ class OciBlobSource:
             return []
         target = min(self._nchunks, idx[-1] + 1 + window)
         stream = next((s for s in reversed(self._streams) if s.holds(idx[0])), None)  # the usual case
-        if stream is None:
+        if stream is not None:
+            self._n["dropped_behind"] += stream.drop_behind(idx[0])
+        else:
             have = lambda i: i in self._inflight or i in self.cache  # noqa: E731
             first = next((i for i in range(idx[0], target) if not have(i)), None)
             if first is None:
@@ -287,7 +289,7 @@ class OciBlobSource:
             end = next((i for i in range(first + 1, min(end, first + 1 + self.readahead.max_chunks))
                         if self._on_disk(i)), end)
         for other in self._streams:
-            if other.first < first < other.end:
+            if other.next <= first < other.end:
                 other.truncate(first)  # never two streams bringing the same chunks
         s = BlobStream(self, first, end)
         while len(self._streams) >= self.options.connections:

@@ -12,6 +12,12 @@ the socket; TCP flow control then holds the server back, and the bytes
 fetched past what the reader used stay bounded by the window.  Every
 continuing read moves the limit on.
 
+Drop-behind: a chunk the stream brought leaves the cache once its reader is
+two chunks past it: a sequential reader does not come back (re-reads are
+served by the kernel's page cache above us), and a long stream must neither
+flush the chunks random readers need (metadata) nor make the cache grow
+through fresh memory.
+
 A stream ends at its Range's end, when ``aclose()`` cancels it, when it is the
 least recently used one and another is needed (at most ``connections``), or
 when its reader left it: paused for ``timeout`` seconds with no read moving it
@@ -64,6 +70,7 @@ class BlobStream:
         self.end = end  # chunk index where it stops (moved back when another stream starts there)
         self.range_end = end  # chunk index past the Range asked for
         self.limit = first  # chunks below this may be fetched now; the stream pauses there
+        self.behind = first  # chunks below this were dropped behind the reader
         self.scope = trio.CancelScope()
         self.active = True
         self._wake = trio.Event()
@@ -73,14 +80,25 @@ class BlobStream:
 
     def holds(self, chunk: int) -> bool:
         """Is *chunk* within what this stream was already let fetch (its reader continuing)?"""
-        return self.active and self.first <= chunk <= self.limit and chunk < self.end
+        return self.active and self.behind <= chunk <= self.limit and chunk < self.end
 
     def follows(self, chunk: int, gap: int) -> bool:
         """Will this stream bring *chunk* soon (at most *gap* chunks from where it is)?"""
-        return self.active and self.first <= chunk < self.end and chunk - self.next < gap
+        return self.active and self.first <= chunk < self.end and 0 <= chunk - self.next < gap
+
+    def drop_behind(self, chunk: int) -> int:
+        """The reader is at *chunk*: what the stream brought more than one chunk before it leaves
+        the cache (the reader does not come back: the kernel's page cache above serves re-reads;
+        the one chunk of lag absorbs slightly reordered reads).  Returns the chunks dropped."""
+        upto = min(chunk - 1, self.next)
+        n = 0
+        for i in range(self.behind, upto):
+            n += self.src.cache.discard(i)
+        self.behind = max(self.behind, upto)
+        return n
 
     def truncate(self, chunk: int) -> None:
-        """Another stream takes over from *chunk* (past this one's limit): stop there."""
+        """Another stream takes over from *chunk* (one this one has not reached): stop there."""
         self.end = min(self.end, chunk)
         if self.next >= self.end:
             self.stop()
