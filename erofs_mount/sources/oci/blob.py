@@ -29,7 +29,7 @@ from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_t
 from .options import OciOptions
 from .reference import Reference, parse_reference
 from .resolve import options_with, resolve
-from .stream import STOPPED, BlobStream, Fetch
+from .stream import STOPPED, Fetch, Streams
 
 log = logging.getLogger("erofs_mount.sources.oci")
 PROMOTE_GAP = 4 << 20  # a chunk further than this ahead of its stream is fetched by its reader at once
@@ -51,14 +51,13 @@ class OciBlobSource:
         self.chunk_size = cs = options.chunk_size
         self._nchunks = (size + cs - 1) // cs
         self._max_run = max(1, options.max_request // cs)
-        self._promote_gap = max(2, PROMOTE_GAP // cs)
         self.cache = ChunkCache(options.memory_limit)
         self.disk: DiskCache | None = None  # persistent cache entry (attach_disk_cache)
         self._disk_verifying = False
         # read-ahead never outruns half the memory cache: what it brings must still be there when read
         self.readahead = ReadAhead(cs, min(options.readahead, options.memory_limit // 2))
         self._inflight: dict[int, Fetch] = {}
-        self._streams: list[BlobStream] = []  # running read-ahead streams, least recently used first
+        self._streams = Streams(self, max(2, PROMOTE_GAP // cs))  # running read-ahead streams
         self._bg_scopes: set[trio.CancelScope] = set()  # GET tasks
         self._write_scopes: set[trio.CancelScope] = set()  # persistent cache writes
         self._closed = False
@@ -81,7 +80,7 @@ class OciBlobSource:
             if data is not None:
                 have[i] = data
         window = self.readahead.observe(offset, length)
-        streamed = self._follow(idx, window) if window else ()
+        streamed = self._streams.follow(idx, window) if window else ()
         if len(have) < len(idx):
             have.update(await self._get([i for i in idx if i not in have], streamed))
         return assemble(have, offset, length, cs)
@@ -101,8 +100,7 @@ class OciBlobSource:
         if self._closed:
             return
         self._closed = True
-        for s in list(self._streams):
-            s.stop()
+        self._streams.stop_all()
         for scope in list(self._bg_scopes):
             scope.cancel()
         with trio.CancelScope(shield=True):  # runs to the end even when the caller is cancelled
@@ -147,7 +145,7 @@ class OciBlobSource:
         # stream): fetched now, the Fetch passing to that GET (whichever brings it first completes it)
         for i in wanted:
             owner = fetches[i].owner
-            if owner is not None and i - owner.next >= self._promote_gap:
+            if owner is not None and i - owner.next >= self._streams.gap:
                 fetches[i].owner = None
                 mine.append(i)
                 own.add(i)
@@ -250,55 +248,12 @@ class OciBlobSource:
         if any(not f.event.is_set() for _, f in fetches):  # cancelled before it ran (a closed source)
             self._fail(fetches, SourceError(f"{self.ref}: fetch cancelled (source closed)"))
 
-    # -- read-ahead streams -------------------------------------------------------------------
-    def _follow(self, idx: range, window: int) -> list[int]:
-        """A sequential read of chunks *idx*: let the stream it follows run *window* chunks past
-        it, or start one at the first chunk of that window nobody has.  Returns the read's own
-        chunks the stream will bring."""
-        if self._closed:
-            return []
-        target = min(self._nchunks, idx[-1] + 1 + window)
-        stream = next((s for s in reversed(self._streams) if s.holds(idx[0])), None)  # the usual case
-        if stream is not None:
-            self._n["dropped_behind"] += stream.drop_behind(idx[0])
-        else:
-            have = lambda i: i in self._inflight or i in self.cache  # noqa: E731
-            first = next((i for i in range(idx[0], target) if not have(i)), None)
-            if first is None:
-                return []  # nothing to fetch yet
-            stream = next((s for s in reversed(self._streams) if s.follows(first, self._promote_gap)), None)
-            if stream is None:
-                stream = self._start_stream(first)
-                if stream is None:
-                    return []
-        if stream is not self._streams[-1]:  # most recently used last
-            self._streams.remove(stream)
-            self._streams.append(stream)
-        got = stream.advance(target)
-        own = [i for i in got if i <= idx[-1]]
-        self._n["prefetched_chunks"] += len(got) - len(own)
-        return own
-
-    def _start_stream(self, first: int) -> BlobStream | None:
-        if self._on_disk(first):
-            return None  # the persistent cache serves it
-        # the Range ends where chunks are already had (cached, under way, on disk): nothing is
-        # fetched twice; past them the reader's next read starts another stream
-        end = min((i for i in (*self.cache.indexes(), *self._inflight) if i > first), default=self._nchunks)
-        if self.disk is not None:  # (the persistent cache looked up a window ahead)
-            end = next((i for i in range(first + 1, min(end, first + 1 + self.readahead.max_chunks))
-                        if self._on_disk(i)), end)
-        for other in self._streams:
-            if other.next <= first < other.end:
-                other.truncate(first)  # never two streams bringing the same chunks
-        s = BlobStream(self, first, end)
-        while len(self._streams) >= self.options.connections:
-            self._streams.pop(0).stop()  # the least recently used one
-        self._streams.append(s)
-        self._bg_scopes.add(s.scope)
-        self._n["streams"] += 1
-        trio.lowlevel.spawn_system_task(s.run, name=f"read-ahead stream {first}..{end}")
-        return s
+    def _keep(self, i: int, data) -> None:
+        """Chunk *i* arrived that nobody waits for (a stream passing by): cache it."""
+        if i not in self.cache:
+            self.cache.put(i, data)
+            if self.disk is not None and not self._closed:
+                self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
 
     def _on_disk(self, i: int) -> bool:
         disk = self.disk
@@ -309,25 +264,6 @@ class OciBlobSource:
         except OSError as exc:
             self._disk_failed(exc)
             return False
-
-    def _chunk_arrived(self, i: int, data, stream: BlobStream) -> None:
-        """A stream brought chunk *i*: complete whatever waits for it (its own Fetch, or an
-        ordinary GET it overtook), else just cache it."""
-        f = self._inflight.get(i)
-        if f is not None:
-            self._complete(i, f, data)
-        elif i not in self.cache:
-            self.cache.put(i, data)
-            if self.disk is not None and not self._closed:
-                self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
-
-    def _stream_ended(self, stream: BlobStream, error: BaseException) -> None:
-        if stream in self._streams:
-            self._streams.remove(stream)
-        self._bg_scopes.discard(stream.scope)
-        owed = [(i, f) for i in range(stream.next, stream.limit)
-                if (f := self._inflight.get(i)) is not None and f.owner is stream]
-        self._fail(owed, error)
 
     # -- persistent cache -----------------------------------------------------------------
     async def attach_disk_cache(self, root: str, limit: int) -> None:

@@ -62,9 +62,98 @@ class Fetch:
         self.owner = owner
 
 
-class BlobStream:
-    def __init__(self, src: "OciBlobSource", first: int, end: int) -> None:
+class Streams:
+    """The read-ahead streams of one source (at most ``connections``), least recently used first.
+
+    *gap* (chunks): a read follows a stream that will reach its first missing chunk within
+    that many chunks; a reader waiting for a chunk further ahead fetches it itself."""
+
+    def __init__(self, src: "OciBlobSource", gap: int) -> None:
         self.src = src
+        self.gap = gap
+        self._all: list[BlobStream] = []
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def follow(self, idx: range, window: int) -> list[int]:
+        """A sequential read of chunks *idx*: let the stream it follows run *window* chunks past
+        it, or start one at the first chunk of that window nobody has.  Returns the read's own
+        chunks the stream will bring."""
+        src = self.src
+        if src._closed:
+            return []
+        target = min(src._nchunks, idx[-1] + 1 + window)
+        stream = next((s for s in reversed(self._all) if s.holds(idx[0])), None)  # the usual case
+        if stream is not None:
+            src._n["dropped_behind"] += stream.drop_behind(idx[0])
+        else:
+            have = lambda i: i in src._inflight or i in src.cache  # noqa: E731
+            first = next((i for i in range(idx[0], target) if not have(i)), None)
+            if first is None:
+                return []  # nothing to fetch yet
+            stream = next((s for s in reversed(self._all) if s.follows(first, self.gap)), None)
+            if stream is None:
+                stream = self._start(first)
+                if stream is None:
+                    return []
+        if stream is not self._all[-1]:  # most recently used last
+            self._all.remove(stream)
+            self._all.append(stream)
+        got = stream.advance(target)
+        own = [i for i in got if i <= idx[-1]]
+        src._n["prefetched_chunks"] += len(got) - len(own)
+        return own
+
+    def _start(self, first: int) -> "BlobStream | None":
+        src = self.src
+        if src._on_disk(first):
+            return None  # the persistent cache serves it
+        # the Range ends where chunks are already had (cached, under way, on disk): nothing is
+        # fetched twice; past them the reader's next read starts another stream
+        end = min((i for i in (*src.cache.indexes(), *src._inflight) if i > first), default=src._nchunks)
+        if src.disk is not None:  # (the persistent cache looked up a window ahead)
+            end = next((i for i in range(first + 1, min(end, first + 1 + src.readahead.max_chunks))
+                        if src._on_disk(i)), end)
+        for other in self._all:
+            if other.next <= first < other.end:
+                other.truncate(first)  # never two streams bringing the same chunks
+        s = BlobStream(self, first, end)
+        while len(self._all) >= src.options.connections:
+            self._all.pop(0).stop()  # the least recently used one
+        self._all.append(s)
+        src._bg_scopes.add(s.scope)
+        src._n["streams"] += 1
+        trio.lowlevel.spawn_system_task(s.run, name=f"read-ahead stream {first}..{end}")
+        return s
+
+    def stop_all(self) -> None:
+        for s in list(self._all):
+            s.stop()
+
+    def arrived(self, i: int, data) -> None:
+        """A stream brought chunk *i*: complete whatever waits for it (its own Fetch, or an
+        ordinary GET it overtook), else just cache it."""
+        f = self.src._inflight.get(i)
+        if f is not None:
+            self.src._complete(i, f, data)
+        else:
+            self.src._keep(i, data)
+
+    def ended(self, stream: "BlobStream", error: BaseException) -> None:
+        src = self.src
+        if stream in self._all:
+            self._all.remove(stream)
+        src._bg_scopes.discard(stream.scope)
+        owed = [(i, f) for i in range(stream.next, stream.limit)
+                if (f := src._inflight.get(i)) is not None and f.owner is stream]
+        src._fail(owed, error)
+
+
+class BlobStream:
+    def __init__(self, group: Streams, first: int, end: int) -> None:
+        self.group = group
+        self.src = group.src
         self.first = first  # chunk the stream started at
         self.next = first  # next chunk to arrive
         self.end = end  # chunk index where it stops (moved back when another stream starts there)
@@ -143,12 +232,12 @@ class BlobStream:
             log.debug("%r ended: %r", self, exc)
         finally:
             self.active = False
-            src._stream_ended(self, error)
+            self.group.ended(self, error)
 
     def _deliver(self, offset: int, data: bytearray) -> None:
         i = offset // self.src.chunk_size
         self.next = i + 1
-        self.src._chunk_arrived(i, data, self)
+        self.group.arrived(i, data)
 
     async def _pace(self, offset: int) -> None:
         """Called after every chunk: wait while the stream is at its limit (backpressure)."""
