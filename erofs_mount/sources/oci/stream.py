@@ -65,8 +65,8 @@ class Fetch:
 class Streams:
     """The read-ahead streams of one source (at most ``connections``), least recently used first.
 
-    *gap* (chunks): a read follows a stream that will reach its first missing chunk within
-    that many chunks; a reader waiting for a chunk further ahead fetches it itself."""
+    *gap* (chunks): a reader waiting for a chunk further than this ahead of the stream
+    bringing it fetches it itself (``OciBlobSource._get``)."""
 
     def __init__(self, src: "OciBlobSource", gap: int) -> None:
         self.src = src
@@ -92,7 +92,8 @@ class Streams:
             first = next((i for i in range(idx[0], target) if not have(i)), None)
             if first is None:
                 return []  # nothing to fetch yet
-            stream = next((s for s in reversed(self._all) if s.follows(first, self.gap)), None)
+            # (everything from the read to *first* is had: a stream that reaches *first* next serves it)
+            stream = next((s for s in reversed(self._all) if s.follows(first)), None)
             if stream is None:
                 stream = self._start(first)
                 if stream is None:
@@ -171,9 +172,9 @@ class BlobStream:
         """Is *chunk* within what this stream was already let fetch (its reader continuing)?"""
         return self.active and self.behind <= chunk <= self.limit and chunk < self.end
 
-    def follows(self, chunk: int, gap: int) -> bool:
-        """Will this stream bring *chunk* soon (at most *gap* chunks from where it is)?"""
-        return self.active and self.first <= chunk < self.end and 0 <= chunk - self.next < gap
+    def follows(self, chunk: int) -> bool:
+        """Is *chunk* next in line for this stream, nothing unasked-for before it?"""
+        return self.active and self.next <= chunk <= self.limit and chunk < self.end
 
     def drop_behind(self, chunk: int) -> int:
         """The reader is at *chunk*: what the stream brought more than one chunk before it leaves
