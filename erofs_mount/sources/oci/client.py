@@ -11,6 +11,9 @@
   stalls, bounded in attempts and in time; then ``NetworkError`` (EIO).
 - blob redirects are followed (httpx drops Authorization across origins) and
   the target is reused for later ranges until it fails.
+- blob ranges are delivered piece by piece as they stream in; a long paced
+  stream (read-ahead) waits for its consumer between pieces without reading the
+  socket, bounded by time without progress rather than by its length.
 """
 
 from __future__ import annotations
@@ -51,10 +54,8 @@ class _Retry(Exception):
 
 
 class _Budget:
-    """Time bounds of one ``_with_retries`` call: ``scope`` bounds the current attempt, and
-    ``retry_time`` counts from ``start``.  A paced stream moves ``start`` on: past the time it
-    waited for its reader (``paused``), which is not time the registry spent failing, and to
-    every piece that arrived (``progress``): its bound is on time without progress."""
+    """Time bounds of one ``_with_retries`` call: ``scope`` bounds the current attempt and
+    ``retry_time`` counts from ``start``."""
 
     __slots__ = ("start", "total", "scope")
 
@@ -67,11 +68,16 @@ class _Budget:
     def deadline(self) -> float:
         return self.start + self.total
 
-    def paused(self, seconds: float) -> None:
-        self.start += seconds
-
-    def progress(self, now: float) -> None:
-        self.start = max(self.start, now)
+    async def consumer(self, waiting: Awaitable[None], stall: float) -> None:
+        """A paced stream after a piece arrived: await *waiting* (its reader) unbounded, then
+        give the attempt *stall* seconds for the next piece; ``retry_time`` restarts (time
+        spent waiting for the reader is not the registry failing; the bound is on time
+        without progress)."""
+        self.scope.deadline = math.inf
+        await waiting
+        now = trio.current_time()
+        self.start = now
+        self.scope.deadline = now + stall
 
 
 def _origin(url: httpx.URL) -> tuple:
@@ -262,8 +268,8 @@ class RegistryClient:
         """Run ``attempt(budget)`` until it returns, retrying per the policy.
 
         Each attempt is bounded by ``budget.scope`` (the stall timeout plus the time *size_hint*
-        bytes take at ``_MIN_RATE``); all of them by ``retry_time``.  A paced stream moves both
-        deadlines while it waits for its reader (``_Budget.paused``)."""
+        bytes take at ``_MIN_RATE``), all of them by ``retry_time`` from ``budget.start``, which
+        a paced stream moves on (``_Budget.consumer``)."""
         budget = _Budget(trio.current_time(), self.policy.total)
         n = 0
         while True:
@@ -416,13 +422,7 @@ class RegistryClient:
                             pos += want
                             parts, filled, want = [], 0, min(piece, end - pos)
                             if pace is not None:
-                                t0 = trio.current_time()
-                                budget.progress(t0)
-                                budget.scope.deadline = math.inf  # the reader's time, not the registry's
-                                await pace(pos)
-                                now = trio.current_time()
-                                budget.paused(now - t0)
-                                budget.scope.deadline = now + progress_limit
+                                await budget.consumer(pace(pos), progress_limit)
                     if data and resp.status_code == 206:
                         raise _Retry(f"more bytes than the {end - start}-byte range asked for")
                     if pos >= end and resp.status_code == 200:
