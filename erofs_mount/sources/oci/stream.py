@@ -13,10 +13,12 @@ fetched past what the reader used stay bounded by the window.  Every
 continuing read moves the limit on.
 
 Drop-behind: a chunk the stream brought leaves the cache once its reader is
-two chunks past it: a sequential reader does not come back (re-reads are
+``DROP_LAG`` past it: a sequential reader does not come back (re-reads are
 served by the kernel's page cache above us), and a long stream must neither
 flush the chunks random readers need (metadata) nor make the cache grow
-through fresh memory.
+through fresh memory.  Those chunks are remembered as passed: another
+reader's read-ahead window does not fetch them again (a read that needs one
+does, and gets a stream if it goes on).
 
 A stream ends at its Range's end, when ``aclose()`` cancels it, when it is the
 least recently used one and another is needed (at most ``connections``), or
@@ -31,6 +33,7 @@ was its own).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .blob import OciBlobSource
 
 log = logging.getLogger("erofs_mount.sources.oci")
+PASSED_KEPT = 64  # dropped-behind ranges of ended streams remembered
+DROP_LAG = 1 << 20  # what a stream brought stays cached this far (at least a chunk) behind its reader
 
 
 # the error of chunks a stream owed when it ended without failing (superseded, idle, closed):
@@ -71,7 +76,14 @@ class Streams:
     def __init__(self, src: "OciBlobSource", gap: int) -> None:
         self.src = src
         self.gap = gap
+        self.lag = max(1, DROP_LAG // src.chunk_size)  # chunks
         self._all: list[BlobStream] = []
+        self._passed: deque[tuple[int, int]] = deque(maxlen=PASSED_KEPT)  # chunks ended streams dropped
+
+    def passed(self, i: int) -> bool:
+        """Did a stream bring chunk *i* to a reader and drop it behind (recently)?"""
+        return (any(s.first <= i < s.behind for s in self._all)
+                or any(lo <= i < hi for lo, hi in self._passed))
 
     def __len__(self) -> int:
         return len(self._all)
@@ -89,7 +101,9 @@ class Streams:
             src._n["dropped_behind"] += stream.drop_behind(idx[0])
         else:
             have = lambda i: i in src._inflight or i in src.cache  # noqa: E731
-            first = next((i for i in range(idx[0], target) if not have(i)), None)
+            first = next((i for i in idx if not have(i)), None)  # the read's own first
+            if first is None:  # read-ahead only: not what a stream already brought and dropped
+                first = next((i for i in range(idx[-1] + 1, target) if not have(i) and not self.passed(i)), None)
             if first is None:
                 return []  # nothing to fetch yet
             # (everything from the read to *first* is had: a stream that reaches *first* next serves it)
@@ -145,6 +159,8 @@ class Streams:
         src = self.src
         if stream in self._all:
             self._all.remove(stream)
+        if stream.behind > stream.first:
+            self._passed.append((stream.first, stream.behind))
         src._bg_scopes.discard(stream.scope)
         owed = [(i, f) for i in range(stream.next, stream.limit)
                 if (f := src._inflight.get(i)) is not None and f.owner is stream]
@@ -177,10 +193,10 @@ class BlobStream:
         return self.active and self.next <= chunk <= self.limit and chunk < self.end
 
     def drop_behind(self, chunk: int) -> int:
-        """The reader is at *chunk*: what the stream brought more than one chunk before it leaves
-        the cache (the reader does not come back: the kernel's page cache above serves re-reads;
-        the one chunk of lag absorbs slightly reordered reads).  Returns the chunks dropped."""
-        upto = min(chunk - 1, self.next)
+        """The reader is at *chunk*: what the stream brought more than ``DROP_LAG`` before it
+        leaves the cache (the lag absorbs reordered reads and a reader stepping back a little,
+        e.g. to metadata between file data).  Returns the chunks dropped."""
+        upto = min(chunk - self.group.lag, self.next)
         n = 0
         for i in range(self.behind, upto):
             n += self.src.cache.discard(i)
