@@ -9,7 +9,9 @@ by chunk as the body streams in.  A reader detected as sequential
 (``cache.ReadAhead``) gets read-ahead from ONE long streaming Range GET (a
 ``stream.BlobStream``, with backpressure) instead of a GET per window; at most
 ``connections`` such streams run at once.  A reader that needs a chunk its
-stream will only reach much later fetches it itself.  GETs run in trio system
+stream will only reach much later fetches it itself; chunks a stream brought
+leave the LRU once its reader is well past them (drop-behind: a long read
+neither flushes other readers' chunks nor grows the cache).  GETs run in trio system
 tasks owned by the source (no nursery is needed from the caller); ``aclose()``
 cancels them.  With ``oci.cache`` chunks also go to the persistent per-digest
 cache (``diskcache.py``), which is read before the network.

@@ -75,12 +75,12 @@ class OciOptions:
     memory_limit: int = 256 * MiB  # the in-memory chunk LRU
     cache: str | None = None  # persistent cache root; "" = the default (/var/cache/… or XDG); None = off
     cache_limit: int = 4 * GiB  # bound of everything under the persistent cache root
-    readahead: int = 32 * MiB  # largest sequential read-ahead window
-    max_request: int = 16 * MiB  # largest single Range GET (delivered chunk by chunk as it streams)
-    connections: int = 8  # concurrent GETs per source
+    readahead: int = 32 * MiB  # largest sequential read-ahead window (capped at half of memory_limit)
+    max_request: int = 16 * MiB  # largest Range GET for a read's own chunks (a read-ahead stream asks for the rest)
+    connections: int = 8  # read-ahead streams per source (one long paced GET each); a read's own GETs go out at once
     retries: int = 6  # attempts per GET beyond the first
     retry_time: float = 60.0  # give up on a GET after this many seconds overall
-    timeout: float = 20.0  # per-request connect/stall timeout
+    timeout: float = 20.0  # per-request connect/stall timeout; a read-ahead stream left idle this long ends
 
     @classmethod
     def from_mount_options(cls, opts: dict[str, str | None]) -> "OciOptions":
