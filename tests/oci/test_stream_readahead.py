@@ -269,3 +269,33 @@ async def test_persistent_cache_is_not_refetched_by_a_stream(world, tmp_path):
             assert s["disk_hits"] > 0 and s["bytes_fetched"] <= len(big) - cached + CS
         finally:
             await src.aclose()
+
+
+async def test_what_a_stream_dropped_is_not_prefetched_again(world, proxy):
+    """Chunks a stream brought and dropped behind its reader are not fetched again by another
+    reader's read-ahead (a new stream stops where they start); a reader coming back into them
+    reads the right bytes and gets a stream again."""
+    big = world.blobs["big"]
+    with trio.fail_after(HARD_LIMIT):
+        src = await open_big(proxy.host, readahead=MiB)
+        try:
+            await read_seq(src, big, MiB, 4 * MiB, CS)  # reader A: chunks 16..63
+            lag = DROP_LAG // CS
+            # chunk 16 came with A's first read; the stream brought 17.., dropped 17 .. 63-lag
+            assert src.stats()["dropped_behind"] == 63 - lag - 17
+            # reader B inside one cached chunk just before: its window reaches the dropped chunks
+            n0 = len(proxy.log)
+            b_off = 10 * CS
+            for off in range(b_off, b_off + CS, 8 * KiB):
+                assert await src.read_at(off, 8 * KiB) == big[off:off + 8 * KiB]
+            await wait_until(lambda: len(blob_gets(proxy, n0)) >= 2, "B's read-ahead stream asks")
+            gets = blob_gets(proxy, n0)
+            assert gets[0] == f"bytes={b_off}-{b_off + CS - 1}"  # B's own chunk
+            assert gets[1:] == [f"bytes={11 * CS}-{16 * CS - 1}"]  # read-ahead up to the dropped chunks only
+            # a reader coming back into them: right bytes, streamed again
+            await read_seq(src, big, 20 * CS, 30 * CS, CS)
+            gets = blob_gets(proxy, n0)
+            assert any(r.startswith(f"bytes={21 * CS}-") or r.startswith(f"bytes={20 * CS}-") for r in gets[2:])
+            assert src.stats()["streams"] >= 3
+        finally:
+            await src.aclose()

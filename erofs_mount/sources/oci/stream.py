@@ -80,10 +80,15 @@ class Streams:
         self._all: list[BlobStream] = []
         self._passed: deque[tuple[int, int]] = deque(maxlen=PASSED_KEPT)  # chunks ended streams dropped
 
+    def _passed_ranges(self):
+        yield from self._passed
+        for s in self._all:
+            if s.behind > s.first:
+                yield s.first, s.behind
+
     def passed(self, i: int) -> bool:
         """Did a stream bring chunk *i* to a reader and drop it behind (recently)?"""
-        return (any(s.first <= i < s.behind for s in self._all)
-                or any(lo <= i < hi for lo, hi in self._passed))
+        return any(lo <= i < hi for lo, hi in self._passed_ranges())
 
     def __len__(self) -> int:
         return len(self._all)
@@ -127,6 +132,8 @@ class Streams:
         # the Range ends where chunks are already had (cached, under way, on disk): nothing is
         # fetched twice; past them the reader's next read starts another stream
         end = min((i for i in (*src.cache.indexes(), *src._inflight) if i > first), default=src._nchunks)
+        if not self.passed(first):  # nor what streams dropped behind (unless a reader came back into it)
+            end = min([end, *(lo for lo, _ in self._passed_ranges() if lo > first)])
         if src.disk is not None:  # (the persistent cache looked up a window ahead)
             end = next((i for i in range(first + 1, min(end, first + 1 + src.readahead.max_chunks))
                         if src._on_disk(i)), end)
