@@ -247,6 +247,8 @@ class TokenIssuer:
     service: str = "erofs-mount-test"
     issuer: str = "erofs-mount-test-issuer"
     issued: list = field(default_factory=list)
+    refresh_tokens: dict = field(default_factory=dict)  # OAuth2 refresh token -> subject (docker's identitytoken)
+    oauth_issued: list = field(default_factory=list)    # tokens from the refresh-token grant (POST)
 
     def start(self) -> "TokenIssuer":
         import jwt  # noqa: F401 (fail early if absent)
@@ -273,6 +275,9 @@ class TokenIssuer:
             def do_GET(self):
                 issuer._handle(self)
 
+            def do_POST(self):
+                issuer._handle_post(self)
+
         self.server = _Server(("127.0.0.1", 0), H).start()
         return self
 
@@ -284,9 +289,19 @@ class TokenIssuer:
         return {"token": {"realm": self.realm, "service": self.service, "issuer": self.issuer,
                           "rootcertbundle": str(self.cert_path)}}
 
-    def _handle(self, h: _Handler) -> None:
-        import jwt
+    def _handle_post(self, h: _Handler) -> None:
+        """The OAuth2 token endpoint (distribution docs/spec/auth/oauth.md): refresh-token grant only."""
+        url = httpx.URL(h.path)
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0)).decode()
+        form = httpx.QueryParams(body)
+        if url.path != "/token" or form.get("grant_type") != "refresh_token":
+            return h.reply(400, b'{"error":"unsupported_grant_type"}', {"Content-Type": "application/json"})
+        subject = self.refresh_tokens.get(form.get("refresh_token", ""))
+        if subject is None or not form.get("client_id"):
+            return h.reply(401, b'{"error":"invalid_grant"}', {"Content-Type": "application/json"})
+        self._issue(h, subject, form.get_list("scope"), form.get("service") or self.service, oauth=True)
 
+    def _handle(self, h: _Handler) -> None:
         url = httpx.URL(h.path)
         if url.path != "/token":
             return h.reply(404)
@@ -299,21 +314,29 @@ class TokenIssuer:
             subject = user
         elif not self.anonymous:
             return h.reply(401, b"{}", {"WWW-Authenticate": 'Basic realm="token"'})
+        self._issue(h, subject, url.params.get_list("scope"), url.params.get("service", self.service))
+
+    def _issue(self, h: _Handler, subject: str, scopes: list, service: str, *, oauth: bool = False) -> None:
+        import jwt
+
         access = []
-        for scope in url.params.get_list("scope"):
+        for scope in scopes:
             parts = scope.split(":")
             if len(parts) >= 3 and parts[0] == "repository":
                 access.append({"type": "repository", "name": ":".join(parts[1:-1]), "actions": ["pull"]})
         now = int(time.time())
-        claims = {"iss": self.issuer, "sub": subject, "aud": url.params.get("service", self.service),
+        claims = {"iss": self.issuer, "sub": subject, "aud": service,
                   # the registry allows 60 s of leeway: make the token die `ttl` seconds from now
                   "exp": now + int(self.ttl) - 60, "nbf": now - 5, "iat": now, "jti": uuid.uuid4().hex,
                   "access": access}
         token = jwt.encode(claims, self._key_pem, algorithm="ES256", headers={"kid": self._kid})
-        self.issued.append((subject, url.params.get_list("scope")))
+        (self.oauth_issued if oauth else self.issued).append((subject, scopes))
         reported = int(self.ttl) if self.reported_ttl is None else self.reported_ttl
-        body = json.dumps({"token": token, "access_token": token, "expires_in": reported,
-                           "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}).encode()
+        doc = {"access_token": token, "expires_in": reported,
+               "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        if not oauth:
+            doc["token"] = token     # the GET endpoint answers both names; OAuth2 only access_token
+        body = json.dumps(doc).encode()
         h.reply(200, body, {"Content-Type": "application/json"})
 
     def stop(self) -> None:
