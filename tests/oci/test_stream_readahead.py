@@ -256,9 +256,14 @@ async def test_persistent_cache_is_not_refetched_by_a_stream(world, tmp_path):
     big = world.blobs["big"]
     opts = dict(cache=str(tmp_path / "cache"), cache_limit=64 * MiB)
     with trio.fail_after(HARD_LIMIT):
-        src = await open_big(world.registry.host, **opts)
+        src = await open_big(world.registry.host, readahead=MiB, **opts)
         try:
-            await read_seq(src, big, 2 * MiB, 4 * MiB, CS)  # a stream fills [2, 4) MiB (+ its window)
+            await read_seq(src, big, 2 * MiB, 4 * MiB, 40 * KiB)  # a stream fills [2, 4) MiB (+ its window)
+            assert src.stats()["streams_active"] == 1  # paused a window ahead, a socket read held
+            # everything counted as fetched ends up in the persistent cache (a piece the paused
+            # stream holds is counted once used or dropped)
+            await wait_until(lambda: src.stats()["disk_bytes_written"] >= src.stats()["bytes_fetched"],
+                             "the persistent cache catches up")
         finally:
             await src.aclose()
         cached = src.stats()["disk_bytes_written"]
@@ -297,5 +302,26 @@ async def test_what_a_stream_dropped_is_not_prefetched_again(world, proxy):
             gets = blob_gets(proxy, n0)
             assert any(r.startswith(f"bytes={21 * CS}-") or r.startswith(f"bytes={20 * CS}-") for r in gets[2:])
             assert src.stats()["streams"] >= 3
+        finally:
+            await src.aclose()
+
+
+async def test_another_reader_inside_the_window_drops_nothing_unread(world, proxy):
+    """Found under the kernel (NBD): reader A's growing window let its stream run far ahead; an
+    unrelated read inside that window must not be taken for A and drop what A has not read yet."""
+    big = world.blobs["big"]
+    with trio.fail_after(HARD_LIMIT):
+        src = await open_big(proxy.host, readahead=4 * MiB)
+        try:
+            for off in range(0, 5 * 8 * KiB, 8 * KiB):  # reader A in chunk 0: its window grows to 64 chunks
+                assert await src.read_at(off, 8 * KiB) == big[off:off + 8 * KiB]
+            await wait_until(lambda: all(i in src.cache for i in range(1, 40)), "the stream fills A's window")
+            requests = src.stats()["requests"]
+            for off in range(30 * CS, 30 * CS + 3 * 8 * KiB, 8 * KiB):  # reader X, sequential, inside the window
+                assert await src.read_at(off, 8 * KiB) == big[off:off + 8 * KiB]
+            assert src.stats()["dropped_behind"] == 0
+            await read_seq(src, big, 5 * 8 * KiB, 20 * CS, CS)  # A goes on: all from the cache
+            s = src.stats()
+            assert s["requests"] == requests and s["bytes_fetched"] <= len(big)
         finally:
             await src.aclose()

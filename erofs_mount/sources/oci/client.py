@@ -378,6 +378,7 @@ class RegistryClient:
                     self._blob_urls.pop(digest, None)
                 raise
             self.counters["requests"] += 1
+            received = counted = 0  # body bytes in, and those already counted in bytes_fetched
             try:
                 if resp.history and not cached:
                     self.counters["redirects"] += 1
@@ -400,7 +401,7 @@ class RegistryClient:
                 parts: list = []
                 filled, want = 0, min(piece, end - pos)
                 async for data in resp.aiter_raw():
-                    self.counters["bytes_fetched"] += len(data)
+                    received += len(data)
                     if skip:
                         if len(data) <= skip:
                             skip -= len(data)
@@ -420,6 +421,8 @@ class RegistryClient:
                             one = parts[0]
                             deliver(pos, one if len(parts) == 1 and type(one) is bytes else b"".join(parts))
                             pos += want
+                            counted += want
+                            self.counters["bytes_fetched"] += want
                             parts, filled, want = [], 0, min(piece, end - pos)
                             if pace is not None:
                                 await budget.consumer(pace(pos), progress_limit)
@@ -433,6 +436,9 @@ class RegistryClient:
                         self._blob_urls.pop(digest, None)
                     raise _Retry(f"truncated body: {pos - start} of {end - start} bytes")
             finally:
+                # bytes are counted as delivered; the rest (a piece held while a stream waits, then
+                # dropped; a 200's bytes before ours; a broken piece) when the attempt ends
+                self.counters["bytes_fetched"] += received - counted
                 await resp.aclose()
 
         await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt,

@@ -12,8 +12,8 @@ the socket; TCP flow control then holds the server back, and the bytes
 fetched past what the reader used stay bounded by the window.  Every
 continuing read moves the limit on.
 
-Drop-behind: a chunk the stream brought leaves the cache once its reader is
-``DROP_LAG`` past it: a sequential reader does not come back (re-reads are
+Drop-behind: a chunk the stream brought and its reader read leaves the cache
+once the reader is ``DROP_LAG`` past it: a sequential reader does not come back (re-reads are
 served by the kernel's page cache above us), and a long stream must neither
 flush the chunks random readers need (metadata) nor make the cache grow
 through fresh memory.  Those chunks are remembered as passed: another
@@ -32,6 +32,7 @@ was its own).
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .blob import OciBlobSource
 
 log = logging.getLogger("erofs_mount.sources.oci")
-PASSED_KEPT = 64  # dropped-behind ranges of ended streams remembered
+PASSED_KEPT = 64  # dropped-behind chunk ranges remembered (most recent)
 DROP_LAG = 1 << 20  # what a stream brought stays cached this far (at least a chunk) behind its reader
 
 
@@ -78,17 +79,18 @@ class Streams:
         self.gap = gap
         self.lag = max(1, DROP_LAG // src.chunk_size)  # chunks
         self._all: list[BlobStream] = []
-        self._passed: deque[tuple[int, int]] = deque(maxlen=PASSED_KEPT)  # chunks ended streams dropped
-
-    def _passed_ranges(self):
-        yield from self._passed
-        for s in self._all:
-            if s.behind > s.first:
-                yield s.first, s.behind
+        self._dropped: deque[list[int]] = deque(maxlen=PASSED_KEPT)  # [lo, hi) chunk ranges dropped behind
 
     def passed(self, i: int) -> bool:
-        """Did a stream bring chunk *i* to a reader and drop it behind (recently)?"""
-        return any(lo <= i < hi for lo, hi in self._passed_ranges())
+        """Did a stream bring chunk *i* to its reader and drop it behind (recently)?"""
+        return any(lo <= i < hi for lo, hi in self._dropped)
+
+    def note_dropped(self, i: int) -> None:
+        last = self._dropped[-1] if self._dropped else None
+        if last is not None and last[1] == i:
+            last[1] = i + 1  # the usual case: a reader going forward
+        elif last is None or not last[0] <= i < last[1]:
+            self._dropped.append([i, i + 1])
 
     def __len__(self) -> int:
         return len(self._all)
@@ -101,12 +103,13 @@ class Streams:
         if src._closed:
             return []
         target = min(src._nchunks, idx[-1] + 1 + window)
+        have = lambda i: i in src._inflight or i in src.cache  # noqa: E731
+        own = next((i for i in idx if not have(i)), None)  # the read's own first missing chunk
         stream = next((s for s in reversed(self._all) if s.holds(idx[0])), None)  # the usual case
-        if stream is not None:
-            src._n["dropped_behind"] += stream.drop_behind(idx[0])
-        else:
-            have = lambda i: i in src._inflight or i in src.cache  # noqa: E731
-            first = next((i for i in idx if not have(i)), None)  # the read's own first
+        if stream is not None and own is not None and own < stream.next:
+            stream = None  # a reader back where the stream dropped (or the cache evicted): a stream of its own
+        if stream is None:
+            first = own
             if first is None:  # read-ahead only: not what a stream already brought and dropped
                 first = next((i for i in range(idx[-1] + 1, target) if not have(i) and not self.passed(i)), None)
             if first is None:
@@ -120,6 +123,7 @@ class Streams:
         if stream is not self._all[-1]:  # most recently used last
             self._all.remove(stream)
             self._all.append(stream)
+        src._n["dropped_behind"] += stream.read_through(idx)
         got = stream.advance(target)
         own = [i for i in got if i <= idx[-1]]
         src._n["prefetched_chunks"] += len(got) - len(own)
@@ -133,7 +137,7 @@ class Streams:
         # fetched twice; past them the reader's next read starts another stream
         end = min((i for i in (*src.cache.indexes(), *src._inflight) if i > first), default=src._nchunks)
         if not self.passed(first):  # nor what streams dropped behind (unless a reader came back into it)
-            end = min([end, *(lo for lo, _ in self._passed_ranges() if lo > first)])
+            end = min([end, *(lo for lo, _ in self._dropped if lo > first)])
         if src.disk is not None:  # (the persistent cache looked up a window ahead)
             end = next((i for i in range(first + 1, min(end, first + 1 + src.readahead.max_chunks))
                         if src._on_disk(i)), end)
@@ -166,8 +170,6 @@ class Streams:
         src = self.src
         if stream in self._all:
             self._all.remove(stream)
-        if stream.behind > stream.first:
-            self._passed.append((stream.first, stream.behind))
         src._bg_scopes.discard(stream.scope)
         owed = [(i, f) for i in range(stream.next, stream.limit)
                 if (f := src._inflight.get(i)) is not None and f.owner is stream]
@@ -183,7 +185,7 @@ class BlobStream:
         self.end = end  # chunk index where it stops (moved back when another stream starts there)
         self.range_end = end  # chunk index past the Range asked for
         self.limit = first  # chunks below this may be fetched now; the stream pauses there
-        self.behind = first  # chunks below this were dropped behind the reader
+        self._read: list[int] = []  # a heap of the chunks its reader read (to drop behind it)
         self.scope = trio.CancelScope()
         self.active = True
         self._wake = trio.Event()
@@ -193,21 +195,27 @@ class BlobStream:
 
     def holds(self, chunk: int) -> bool:
         """Is *chunk* within what this stream was already let fetch (its reader continuing)?"""
-        return self.active and self.behind <= chunk <= self.limit and chunk < self.end
+        return self.active and self.first <= chunk <= self.limit and chunk < self.end
 
     def follows(self, chunk: int) -> bool:
         """Is *chunk* next in line for this stream, nothing unasked-for before it?"""
         return self.active and self.next <= chunk <= self.limit and chunk < self.end
 
-    def drop_behind(self, chunk: int) -> int:
-        """The reader is at *chunk*: what the stream brought more than ``DROP_LAG`` before it
-        leaves the cache (the lag absorbs reordered reads and a reader stepping back a little,
-        e.g. to metadata between file data).  Returns the chunks dropped."""
-        upto = min(chunk - self.group.lag, self.next)
-        n = 0
-        for i in range(self.behind, upto):
-            n += self.src.cache.discard(i)
-        self.behind = max(self.behind, upto)
+    def read_through(self, idx: range) -> int:
+        """Its reader read chunks *idx*: those it read more than ``DROP_LAG`` before leave the
+        cache (only chunks this stream brought AND its reader read: another reader's chunks
+        inside the window stay; the lag absorbs reordered reads and a reader stepping back a
+        little, e.g. to metadata between file data).  Returns the chunks dropped."""
+        for i in idx:
+            if self.first <= i < self.end:
+                heapq.heappush(self._read, i)
+        keep_from = idx[0] - self.group.lag
+        cache, n = self.src.cache, 0
+        while self._read and self._read[0] < keep_from:
+            i = heapq.heappop(self._read)
+            if cache.discard(i):
+                self.group.note_dropped(i)
+                n += 1
         return n
 
     def truncate(self, chunk: int) -> None:
