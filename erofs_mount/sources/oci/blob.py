@@ -91,7 +91,8 @@ class OciBlobSource:
         c = self.client.counters
         return {
             "size": self.size, "digest": self.digest, "chunk_size": self.chunk_size,
-            "bytes_fetched": c["bytes_fetched"], "requests": c["requests"], "retries": c["retries"],
+            "bytes_fetched": c["bytes_fetched"], "bytes_discarded": c["bytes_discarded"],
+            "requests": c["requests"], "retries": c["retries"],
             "failures": c["failures"], "token_requests": c["token_requests"], "redirects": c["redirects"],
             "range_ignored": c["range_ignored"], "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
             "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions,
@@ -137,11 +138,15 @@ class OciBlobSource:
         """The chunks *wanted* (none cached): coalesced with fetches under way, the rest fetched
         now.  *streamed* are those this read just handed to a stream: its own, like the rest."""
         inflight = self._inflight
+        own = set(streamed)
+        for i in wanted:  # never two copies of a chunk: a stream passing there brings it, or stops there
+            if i not in inflight:
+                own.update(self._streams.claim(i))
         mine = [i for i in wanted if i not in inflight]
         for i in mine:
             inflight[i] = Fetch()
         fetches = {i: inflight[i] for i in wanted}
-        own = set(mine).union(streamed)
+        own.update(mine)
         self._n["coalesced"] += len(wanted) - len(own)
         # a chunk its stream reaches only much later (a reader jumping ahead in the window, a slow
         # stream): fetched now, the Fetch passing to that GET (whichever brings it first completes it)

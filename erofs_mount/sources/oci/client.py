@@ -436,9 +436,10 @@ class RegistryClient:
                         self._blob_urls.pop(digest, None)
                     raise _Retry(f"truncated body: {pos - start} of {end - start} bytes")
             finally:
-                # bytes are counted as delivered; the rest (a piece held while a stream waits, then
-                # dropped; a 200's bytes before ours; a broken piece) when the attempt ends
-                self.counters["bytes_fetched"] += received - counted
+                # bytes_fetched counts what was delivered; bytes_discarded what was received and
+                # never delivered (the piece a stopped stream held, a 200's bytes before ours, the
+                # piece a broken body cut): counted when the attempt ends
+                self.counters["bytes_discarded"] += received - counted
                 await resp.aclose()
 
         await self._with_retries(f"blob {digest[:19]} bytes={start}-{end - 1}", attempt,

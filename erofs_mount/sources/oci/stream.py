@@ -71,8 +71,8 @@ class Fetch:
 class Streams:
     """The read-ahead streams of one source (at most ``connections``), least recently used first.
 
-    *gap* (chunks): a reader waiting for a chunk further than this ahead of the stream
-    bringing it fetches it itself (``OciBlobSource._get``)."""
+    *gap* (chunks): a reader waits for a stream to bring a chunk at most this far ahead of
+    it; further ahead it fetches the chunk itself (``claim``, ``OciBlobSource._get``)."""
 
     def __init__(self, src: "OciBlobSource", gap: int) -> None:
         self.src = src
@@ -80,6 +80,20 @@ class Streams:
         self.lag = max(1, DROP_LAG // src.chunk_size)  # chunks
         self._all: list[BlobStream] = []
         self._dropped: deque[list[int]] = deque(maxlen=PASSED_KEPT)  # [lo, hi) chunk ranges dropped behind
+
+    def claim(self, i: int) -> list[int]:
+        """A read needs chunk *i*, which nobody fetches.  A stream already let fetch it (and
+        near it) brings it: returns [i], registered to that stream.  A stream that would only
+        reach it later stops there instead (the reader's own GET brings it; no chunk is fetched
+        twice).  Else []."""
+        for s in self._all:
+            if s.active and s.next <= i < s.end:
+                if i < s.limit and i - s.next < self.gap:
+                    self.src._inflight[i] = Fetch(s)
+                    return [i]
+                if i >= s.limit:
+                    s.truncate(i)
+        return []
 
     def passed(self, i: int) -> bool:
         """Did a stream bring chunk *i* to its reader and drop it behind (recently)?"""
