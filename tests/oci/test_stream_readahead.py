@@ -327,3 +327,19 @@ async def test_another_reader_inside_the_window_drops_nothing_unread(world, prox
             assert s["requests"] == requests and s["bytes_fetched"] <= len(big)
         finally:
             await src.aclose()
+
+
+def test_assemble_and_discard_pure():
+    """(Pure) assemble cuts across chunks in one copy and hands a whole immutable chunk back as is;
+    discard frees a chunk's bytes without counting an eviction."""
+    from erofs_mount.sources.cache import ChunkCache, assemble
+
+    chunks = {0: b"a" * 8, 1: bytearray(b"b" * 8), 2: memoryview(b"c" * 8)}
+    assert assemble(chunks, 6, 12, 8) == b"aa" + b"b" * 8 + b"cc"
+    assert assemble(chunks, 0, 8, 8) is chunks[0]  # no copy at all
+    assert assemble(chunks, 9, 3, 8) == b"bbb" and type(assemble(chunks, 8, 8, 8)) is bytes
+    c = ChunkCache(24)
+    for i in range(3):
+        c.put(i, b"x" * 8)
+    assert c.discard(1) and not c.discard(1) and c.used == 16 and c.evictions == 0
+    assert list(c.indexes()) == [0, 2]
