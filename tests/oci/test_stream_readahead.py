@@ -329,7 +329,7 @@ async def test_another_reader_inside_the_window_drops_nothing_unread(world, prox
             await src.aclose()
 
 
-def test_assemble_and_discard_pure():
+async def test_assemble_and_discard_pure():
     """(Pure) assemble cuts across chunks in one copy and hands a whole immutable chunk back as is;
     discard frees a chunk's bytes without counting an eviction."""
     from erofs_mount.sources.cache import ChunkCache, assemble
