@@ -12,13 +12,19 @@ the socket; TCP flow control then holds the server back, and the bytes
 fetched past what the reader used stay bounded by the window.  Every
 continuing read moves the limit on.
 
+Never two copies of a chunk: a stream's Range ends at the first chunk already
+had; a read needing a chunk the stream is already let fetch waits for it; one
+the stream would reach only later is fetched by the read and the stream stops
+there.  (Stopping drops the part of a socket read past the last whole chunk:
+``bytes_discarded``.)
+
 Drop-behind: a chunk the stream brought and its reader read leaves the cache
-once the reader is ``DROP_LAG`` past it: a sequential reader does not come back (re-reads are
-served by the kernel's page cache above us), and a long stream must neither
-flush the chunks random readers need (metadata) nor make the cache grow
-through fresh memory.  Those chunks are remembered as passed: another
-reader's read-ahead window does not fetch them again (a read that needs one
-does, and gets a stream if it goes on).
+once the reader is ``DROP_LAG`` past it: a sequential reader does not come
+back (re-reads are served by the kernel's page cache above us), and a long
+stream must neither flush the chunks random readers need (metadata) nor make
+the cache grow through fresh memory.  Those chunks are remembered as passed:
+another reader's read-ahead window does not fetch them again (a read that
+needs one does, and gets a stream if it goes on).
 
 A stream ends at its Range's end, when ``aclose()`` cancels it, when it is the
 least recently used one and another is needed (at most ``connections``), or
