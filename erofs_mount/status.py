@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["summary", "size_text", "ratio_text"]
+__all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text"]
+
+# the integer statistics of a block source (OciBlobSource.stats(), LocalSource.stats()) that a daemon
+# publishes for `erofs-mount status`; bytes_fetched + bytes_discarded = bytes that came off the network
+SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "retries", "failures",
+                    "token_requests", "cache_hits", "cache_misses", "disk_hits", "disk_bytes_written",
+                    "disk_errors", "reads", "coalesced", "prefetched_chunks", "fetch_failures", "streams",
+                    "streams_active", "dropped_behind", "chunk_size")
 
 
 def _int(value: Any) -> int:

@@ -22,14 +22,13 @@ from typing import Any
 
 from ...statefile import read_json  # noqa: F401 - re-exported for fuse.status
 from ...statefile import write_json as _write_json
+from ...status import SOURCE_STAT_KEYS
 
 log = logging.getLogger("erofs_mount.fuse")
 
 STATS_INTERVAL = 1.0
 ROOT_DIR = "/run/erofs-mount/fuse"
-_SOURCE_KEYS = ("size", "bytes_fetched", "requests", "retries", "failures", "token_requests", "cache_hits",
-                "cache_misses", "disk_hits", "disk_bytes_written", "disk_errors", "reads", "coalesced",
-                "prefetched_chunks", "fetch_failures", "chunk_size", "bytes_read")
+_SOURCE_KEYS = SOURCE_STAT_KEYS + ("bytes_read",)
 
 
 def user_dirs(env: dict, home: str, uid: int) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from ...status import SOURCE_STAT_KEYS
 from ...status import summary  # noqa: F401 - moved to erofs_mount/status.py (shared with FUSE)
 from . import state
 from .recovery import LocalRecord, Record, describe
@@ -33,9 +34,7 @@ from .server import ServerStats, serve_nbd
 log = logging.getLogger("erofs_mount.nbd")
 
 STATS_INTERVAL = 1.0
-_SOURCE_KEYS = ("size", "bytes_fetched", "requests", "retries", "failures", "token_requests", "cache_hits",
-                "cache_misses", "disk_hits", "disk_bytes_written", "disk_errors", "reads", "coalesced",
-                "prefetched_chunks", "fetch_failures", "chunk_size")
+_SOURCE_KEYS = SOURCE_STAT_KEYS
 _SERVER_KEYS = ("requests", "reads", "bytes_read", "read_errors", "refused")
 
 
