@@ -1,12 +1,10 @@
 """Registry HTTP client (async, httpx on trio): auth, manifests, blob ranges, retries.
 
-- ``RegistryAuth`` is an ``httpx.Auth`` whose ``async_auth_flow`` (the shape of
-  httpx ``_auth.py`` ``DigestAuth``) answers 401 challenges: Basic with the
+- 401 challenges are answered through ``transport.RegistryAuth``: Basic with the
   credentials, Bearer by fetching a token from the challenge's realm (with the
-  credentials as Basic, or anonymously) for its service and scope.  Tokens are
-  cached per (realm, service, scope), used until their ``expires_in`` runs out
-  and refreshed on a 401.  It only ever decorates requests to the registry's
-  own origin, so nothing leaks to a redirect target.
+  credentials as Basic, an identity token as an OAuth2 refresh-token grant, or
+  anonymously) for its service and scope.  Tokens are cached per (realm,
+  service, scope), used until their ``expires_in`` runs out and refreshed on a 401.
 - every request is retried by ``RetryPolicy`` on 5xx/429/resets/truncation/
   stalls, bounded in attempts and in time; then ``NetworkError`` (EIO).
 - blob redirects are followed (httpx drops Authorization across origins) and
@@ -32,11 +30,12 @@ import trio
 from ... import __version__
 from ...errors import AuthError, NetworkError, RegistryError, UsageError
 from ..retry import RETRY_STATUS, RetryPolicy, parse_retry_after
-from .auth import Challenge, Credentials, Token, TokenCache, parse_token_response, parse_www_authenticate, pick_challenge, pull_scope
+from .auth import Challenge, Credentials, Token, TokenCache, parse_token_response, pull_scope
 from .credentials import find_credentials
 from .manifest import ACCEPT, verify_digest, sha256_digest
 from .options import OciOptions
 from .reference import Reference
+from .transport import RegistryAuth, is_cert_error, make_ssl_context
 
 log = logging.getLogger("erofs_mount.sources.oci")
 T = TypeVar("T")
@@ -78,60 +77,6 @@ class _Budget:
         now = trio.current_time()
         self.start = now
         self.scope.deadline = now + stall
-
-
-def _origin(url: httpx.URL) -> tuple:
-    return (url.scheme, url.host, url.port)
-
-
-def _is_cert_error(exc: BaseException) -> bool:
-    """Is an ssl certificate verification failure anywhere in the exception chain?"""
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 16:
-        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
-    """System CAs (not certifi) plus oci.cafile."""
-    ctx = ssl.create_default_context()
-    if cafile:
-        try:
-            ctx.load_verify_locations(cafile=cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"oci.cafile={cafile}: {exc}") from None
-    return ctx
-
-
-class RegistryAuth(httpx.Auth):
-    def __init__(self, client: "RegistryClient") -> None:
-        self.client = client
-
-    async def async_auth_flow(self, request: httpx.Request):
-        c = self.client
-        if _origin(request.url) != _origin(c.base_url):
-            yield request  # a redirect target we reuse: never send our credentials there
-            return
-        sent = await c.current_authorization()
-        if sent is not None:
-            request.headers["Authorization"] = sent
-        response = yield request
-        if response.status_code != 401:
-            return
-        challenge = pick_challenge(parse_www_authenticate(response.headers.get_list("www-authenticate")))
-        if challenge is None:
-            return
-        header = await c.answer_challenge(challenge, sent)
-        if header is None:
-            return
-        request.headers["Authorization"] = header
-        yield request
-
-    def sync_auth_flow(self, request):  # pragma: no cover - the client is async only
-        raise RuntimeError("RegistryAuth is async only")
 
 
 class RegistryClient:
@@ -288,7 +233,7 @@ class RegistryClient:
                 except _Retry as exc:
                     reason, retry_after = exc.reason, exc.retry_after
                 except httpx.TransportError as exc:
-                    if _is_cert_error(exc):
+                    if is_cert_error(exc):
                         raise NetworkError(f"registry {self.ref.registry}: TLS certificate not trusted ({exc});"
                                            " give the CA with -o oci.cafile=") from None
                     reason = f"{type(exc).__name__}: {exc or 'connection error'}"
