@@ -32,6 +32,7 @@ from .options import OciOptions
 from .reference import Reference, parse_reference
 from .resolve import options_with, resolve
 from .stream import STOPPED, Fetch, Streams
+from .zstdsource import ZstdSeekableSource, is_zstd_layer, open_zstd_layer
 
 log = logging.getLogger("erofs_mount.sources.oci")
 PROMOTE_GAP = 4 << 20  # a chunk further than this ahead of its stream is fetched by its reader at once
@@ -353,12 +354,13 @@ async def open_oci_source(
     platform: str | None = None,
     env: dict | None = None,
     check_magic: bool = True,
-) -> OciBlobSource:
+) -> OciBlobSource | ZstdSeekableSource:
     """Resolve *ref* once, pin the blob digest and return a source reading it.
 
     *layer*/*blob*/*platform* override the same fields of *options*; *env*
     replaces ``os.environ`` for credential look-ups; ``check_magic=False``
-    skips the superblock check (extra devices of a multi-device image)."""
+    skips the superblock check (extra devices of a multi-device image).  A ``+zstd`` layer
+    is served decompressed through its zstd seek table (``zstdsource.py``)."""
     options = options_with(options, layer=layer, blob=blob, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
@@ -374,10 +376,12 @@ async def open_oci_source(
         )
         if options.cache is not None:
             await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
-        if check_magic:
-            what = f"{ref} layer {index} ({desc.digest})"
-            if desc.size < EROFS_SUPER_OFFSET + 4:
-                raise NotErofsError(f"{what}: {desc.size} bytes, too small to be an EROFS image")
+        what = f"{ref} layer {index} ({desc.digest})"
+        if is_zstd_layer(desc.media_type):  # random access through its seek table, or refused
+            src = await open_zstd_layer(src, what)
+        if check_magic:  # on the decompressed bytes of a +zstd layer
+            if src.size < EROFS_SUPER_OFFSET + 4:
+                raise NotErofsError(f"{what}: {src.size} bytes, too small to be an EROFS image")
             check_erofs_magic(await src.read_at(0, EROFS_SUPER_OFFSET + 4), what)
         return src
     except BaseException:
