@@ -12,9 +12,11 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 
-from erofs_mount.errors import CorruptedError, UnsupportedError
+from erofs_mount.errors import CorruptedError, SourceError, UnsupportedError
+from erofs_mount.sources.oci import zseek
 from erofs_mount.sources.oci.blob import open_oci_source
 from erofs_mount.sources.oci.options import OciOptions
 from erofs_mount.sources.oci.zstdsource import ZstdSeekableSource
@@ -171,7 +173,7 @@ async def test_corrupted_seek_table(zworld, name, match):
 
 @pytest.mark.trio
 async def test_checksum_mismatch_fails_that_frame_only(zworld):
-    ref, image, entries = zworld["badsum"]
+    ref, image, _ = zworld["badsum"]
     bad = zworld["bad_frame"]
     src = await open_oci_source(ref, options=INSECURE)
     try:
@@ -213,3 +215,89 @@ def test_cli_refusals_one_line(zworld, name, message):
     r = run_cli("ls", *oci(), ref, "/", timeout=120)
     err = r.stderr.decode()
     assert r.returncode != 0 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+
+class GatedSource:
+    """A fake inner source (in-memory blob) whose reads wait for a gate: the cancellation and
+    failure paths of the decode coalescing made deterministic.  The registry tests above cover
+    the real OciBlobSource."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.size, self.options = blob, len(blob), OciOptions()
+        self.ref, self.digest, self.media_type = "test/gated", "sha256:" + "0" * 64, MT
+        self.gate, self.reads, self.fail = trio.Event(), 0, None
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.blob[offset:offset + length]
+
+    async def aclose(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"size": self.size}
+
+
+def gated(image: bytes) -> tuple[ZstdSeekableSource, GatedSource]:
+    blob, _ = seekable(image)
+    n = zseek.table_size(blob[-9:], len(blob))
+    inner = GatedSource(blob)
+    return ZstdSeekableSource(inner, zseek.parse_seek_table(blob[-n:], len(blob))), inner
+
+
+@pytest.mark.trio
+async def test_cancelled_owner_leaves_no_waiter_hanging(world):
+    image = world.blobs["A"]
+    src, inner = gated(image)
+    off, n = 10 * FRAME + 17, 4 * FRAME   # frames 10..14
+    got = []
+
+    async def second():
+        got.append(await src.read_at(off, n))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            first = trio.CancelScope()
+
+            async def first_reader():
+                with first:
+                    await src.read_at(off, n)
+
+            nursery.start_soon(first_reader)
+            await trio.testing.wait_all_tasks_blocked()   # the first reader owns the 5 decodes, at the gate
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()   # the second waits for them
+            assert src.stats()["frames_coalesced"] == 5 and inner.reads == 1
+            first.cancel()
+            await trio.testing.wait_all_tasks_blocked()   # the second took them over: its own read, at the gate
+            assert inner.reads == 2 and not got
+            inner.gate.set()
+    assert got == [image[off:off + n]] and src.stats()["frames_decoded"] == 5
+
+
+@pytest.mark.trio
+async def test_failed_fetch_fails_every_waiter(world):
+    src, inner = gated(world.blobs["A"])
+    inner.fail = SourceError("test/gated: registry gone")
+    errors = []
+
+    async def reader(off):
+        try:
+            await src.read_at(off, 2 * FRAME)
+        except SourceError as exc:
+            errors.append(exc)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for off in (0, FRAME // 2, FRAME):
+                nursery.start_soon(reader, off)
+            await trio.testing.wait_all_tasks_blocked()
+            inner.gate.set()
+    assert len(errors) == 3 and all("registry gone" in str(e) for e in errors)
+    assert not src._inflight   # nothing left registered: a later read tries again
+    inner.fail = None
+    assert await src.read_at(0, 10) == world.blobs["A"][:10]

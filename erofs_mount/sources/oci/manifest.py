@@ -233,7 +233,7 @@ def check_layer_media_type(desc: Descriptor) -> None:
     access needs is known only from its tail (``zstdsource.open_zstd_layer`` refuses
     it otherwise); any other ``+suffix`` is refused."""
     mt = desc.media_type
-    base, plus, suffix = mt.partition("+")
+    _, plus, suffix = mt.partition("+")
     if not is_erofs_media_type(mt):
         raise UnsupportedError(
             f"layer {desc.digest} has media type {mt!r}, not an EROFS image"

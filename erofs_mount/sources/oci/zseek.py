@@ -115,7 +115,7 @@ def parse_seek_table(table: bytes, blob_size: int) -> SeekTable:
         raise CorruptedError(f"corrupted seek table: skippable frame magic {magic:#010x}, expected {SKIPPABLE_MAGIC:#010x}")
     if fsize != total - SKIPPABLE_HEADER_SIZE:
         raise CorruptedError(f"corrupted seek table: skippable frame size {fsize}, expected {total - SKIPPABLE_HEADER_SIZE}")
-    nframes, desc, _ = _FOOTER.unpack_from(table, total - FOOTER_SIZE)
+    _, desc, _ = _FOOTER.unpack_from(table, total - FOOTER_SIZE)
     has_sum = bool(desc & CHECKSUM_FLAG)
     entries = memoryview(table)[SKIPPABLE_HEADER_SIZE:total - FOOTER_SIZE]
     fmt = "<III" if has_sum else "<II"

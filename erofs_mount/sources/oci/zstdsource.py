@@ -35,7 +35,7 @@ class _OwnerGone(Exception):
 
 
 class _Decode:
-    __slots__ = ("event", "data", "error")
+    __slots__ = ("data", "error", "event")
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -144,7 +144,7 @@ class ZstdSeekableSource:
             raw = await self._inner.read_at(c0, c1 - c0)
             if len(raw) != c1 - c0:
                 raise SourceError(f"{self._inner.ref}: short read of frames {run[0]}..{run[-1]}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any failure goes to the waiters of these frames
             for i in run:
                 self._settle(i, decodes[i], exc)
             return
