@@ -21,6 +21,7 @@ more and only the first ``out_len`` bytes are returned.
 from __future__ import annotations
 
 import lzma
+import threading
 import zlib
 
 import lz4.block
@@ -201,16 +202,21 @@ def _deflate(src: bytes, out_len: int, strict: bool) -> bytes:
 
 # ---------------------------------------------------------------------------- ZSTD
 
-_zstd_dctx: dict[int, zstandard.ZstdDecompressor] = {}
+# one ZstdDecompressor per window size AND per thread: python-zstandard's decompressors must not be used by
+# two threads at once (the FUSE daemon decodes in worker threads; shared ones gave silently wrong bytes)
+_zstd_tls = threading.local()
 
 
 def _zstd(src: bytes, out_len: int, strict: bool) -> bytes:
     src = strip_zero_padding(src)
     # bound the window a (damaged) frame header may ask for: at most the decoded extent
     wlog = max(20, (max(out_len, 1) - 1).bit_length())
-    dctx = _zstd_dctx.get(wlog)
+    cache = getattr(_zstd_tls, "dctx", None)
+    if cache is None:
+        cache = _zstd_tls.dctx = {}
+    dctx = cache.get(wlog)
     if dctx is None:
-        dctx = _zstd_dctx.setdefault(wlog, zstandard.ZstdDecompressor(max_window_size=1 << wlog))
+        dctx = cache[wlog] = zstandard.ZstdDecompressor(max_window_size=1 << wlog)
     chunks = []
     got = 0
     try:

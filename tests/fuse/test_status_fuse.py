@@ -45,6 +45,8 @@ def test_local_mount_status_through_sigkill_and_unmount(fuse):
     # a killed daemon: the mount stays (dead), status says so
     os.kill(pids[0], signal.SIGKILL)
     assert wait_for(lambda: not find_pids(mnt), timeout=10)
+    # (a process in the middle of exiting still shows its start time for a moment)
+    assert wait_for(lambda: _mine(mnt)[0]["alive"] is False, timeout=10)
     [e] = _mine(mnt)
     assert (e["pid"], e["alive"]) == (pids[0], False)
     # -u cleans the mount and the dead daemon's document

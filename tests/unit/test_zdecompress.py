@@ -232,3 +232,38 @@ def test_cfgs_invalid_records(alg, rec):
 def test_cfgs_past_the_end_of_the_image():
     with pytest.raises(CorruptedError):
         parse_compr_cfgs(0x3, 0b1, 128, 12, lambda p, n: b"")
+
+
+def test_zstd_decodes_from_many_threads_at_once():
+    # the FUSE daemon decodes pclusters in worker threads; python-zstandard decompressors are not
+    # thread-safe, so each thread must use its own (a shared one returned wrong bytes, silently)
+    import threading
+
+    rng = random.Random(7)
+    cctx = zstandard.ZstdCompressor(level=3)
+    cases = []
+    for i in range(24):
+        n = rng.randrange(20_000, 130_000)
+        data = bytes(rng.getrandbits(3) for _ in range(n))   # compressible, different per case
+        cases.append((cctx.compress(data), data))
+    wrong: list = []
+
+    def worker(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(150):
+            raw, data = cases[r.randrange(len(cases))]
+            try:
+                out = D.decompress(D.Z_EROFS_COMPRESSION_ZSTD, raw, len(data), strict=True)
+            except ErofsMountError as exc:
+                wrong.append(exc)
+                continue
+            if out != data:
+                wrong.append(len(data))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert wrong == []

@@ -65,7 +65,7 @@ def process_start(pid: int) -> int | None:
             fields = f.read().rsplit(b") ", 1)[1].split()
     except (OSError, IndexError):
         return None
-    if fields[0] == b"Z":
+    if fields[0] in (b"Z", b"X"):  # zombie or dead: not a daemon any more
         return None
     try:
         return int(fields[19])
