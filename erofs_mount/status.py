@@ -16,7 +16,9 @@ __all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text"]
 SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "retries", "failures",
                     "token_requests", "cache_hits", "cache_misses", "disk_hits", "disk_bytes_written",
                     "disk_errors", "reads", "coalesced", "prefetched_chunks", "fetch_failures", "streams",
-                    "streams_active", "dropped_behind", "chunk_size")
+                    "streams_active", "dropped_behind", "chunk_size",
+                    # +zstd layers (sources/oci/zstdsource.py)
+                    "compressed_size", "frames_decoded", "bytes_decompressed", "frame_errors")
 
 
 def _int(value: Any) -> int:
