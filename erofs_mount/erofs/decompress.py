@@ -21,13 +21,12 @@ more and only the first ``out_len`` bytes are returned.
 from __future__ import annotations
 
 import lzma
-import threading
 import zlib
 
 import lz4.block
-import zstandard
 
 from ..errors import CorruptedError, UnsupportedError
+from ..zstdframe import decode_exact
 
 Z_EROFS_COMPRESSION_LZ4 = 0
 Z_EROFS_COMPRESSION_LZMA = 1
@@ -202,40 +201,12 @@ def _deflate(src: bytes, out_len: int, strict: bool) -> bytes:
 
 # ---------------------------------------------------------------------------- ZSTD
 
-# one ZstdDecompressor per window size AND per thread: python-zstandard's decompressors must not be used by
-# two threads at once (the FUSE daemon decodes in worker threads; shared ones gave silently wrong bytes)
-_zstd_tls = threading.local()
-
-
 def _zstd(src: bytes, out_len: int, strict: bool) -> bytes:
-    src = strip_zero_padding(src)
-    # bound the window a (damaged) frame header may ask for: at most the decoded extent
-    wlog = max(20, (max(out_len, 1) - 1).bit_length())
-    cache = getattr(_zstd_tls, "dctx", None)
-    if cache is None:
-        cache = _zstd_tls.dctx = {}
-    dctx = cache.get(wlog)
-    if dctx is None:
-        dctx = cache[wlog] = zstandard.ZstdDecompressor(max_window_size=1 << wlog)
-    chunks = []
-    got = 0
     try:
-        with dctx.stream_reader(src, read_across_frames=False) as reader:
-            for _ in range(out_len + 2):   # each round makes progress or ends
-                if got >= out_len:
-                    break
-                chunk = reader.read(out_len - got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
-            extra = reader.read(1) if strict and got == out_len else b""
-    except zstandard.ZstdError as exc:
-        raise CorruptedError(f"zstd: {exc}") from None
-    if got != out_len or extra:
-        more = " or more" if extra else ""
-        raise CorruptedError(f"zstd: pcluster decodes to {got}{more} bytes, expected {out_len}")
-    return b"".join(chunks)
+        return decode_exact(strip_zero_padding(src), out_len, strict=strict)
+    except CorruptedError as exc:
+        msg = str(exc)
+        raise CorruptedError(msg if msg.startswith("zstd:") else f"zstd: pcluster {msg}") from None
 
 
 # ---------------------------------------------------------------------------- uncompressed

@@ -11,7 +11,7 @@ PURE = [
     "erofs_mount.erofs.decompress", "erofs_mount.erofs.zmap", "erofs_mount.erofs.xattr", "erofs_mount.tools",
     "erofs_mount.backends.nbd.proto", "erofs_mount.backends.nbd.recovery",
     "erofs_mount.sources.oci.reference", "erofs_mount.sources.oci.manifest", "erofs_mount.sources.oci.auth",
-    "erofs_mount.sources.oci.zseek", "erofs_mount.status",
+    "erofs_mount.sources.oci.zseek", "erofs_mount.status", "erofs_mount.zstdframe",
 ]
 
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import bisect
 import struct
-import threading
 from dataclasses import dataclass
 
-import zstandard
-
 from ...errors import CorruptedError, UnsupportedError
+from ...zstdframe import decode_exact
 
 SKIPPABLE_MAGIC = 0x184D2A5E        # the seek table's skippable frame (spec: this exact value)
 SEEKABLE_MAGIC = 0x8F92EAB1
@@ -142,40 +140,17 @@ def parse_seek_table(table: bytes, blob_size: int) -> SeekTable:
 
 # ------------------------------------------------------------------------------- decoding
 
-# a ZstdDecompressor must never be used by two threads at once (frames are decoded in
-# worker threads): one cache of decompressors per thread
-_local = threading.local()
-
-
 def decode_frame(raw: bytes, dsize: int, checksum: int | None) -> bytes:
     """Decompress one frame of the table to exactly *dsize* bytes and check its checksum.
 
     Raises CorruptedError (errno EIO) on any mismatch; never decodes more than dsize + 1 bytes."""
     if len(raw) < 4 or int.from_bytes(raw[:4], "little") != ZSTD_FRAME_MAGIC:
         raise CorruptedError("not a zstd frame")
-    wlog = max(20, (max(dsize, 1) - 1).bit_length())   # bound the window a damaged header may ask for
-    cache = getattr(_local, "dctx", None)
-    if cache is None:
-        cache = _local.dctx = {}
-    dctx = cache.get(wlog)
-    if dctx is None:
-        dctx = cache[wlog] = zstandard.ZstdDecompressor(max_window_size=1 << wlog)
-    parts, got = [], 0
     try:
-        with dctx.stream_reader(raw, read_across_frames=False) as reader:
-            for _ in range(dsize + 2):   # each round makes progress or ends
-                chunk = reader.read(dsize + 1 - got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-                if got > dsize:
-                    break
-    except zstandard.ZstdError as exc:
-        raise CorruptedError(f"zstd: {exc}") from None
-    if got != dsize:
-        raise CorruptedError(f"frame decodes to {got}{' or more' if got > dsize else ''} bytes, the seek table says {dsize}")
-    out = b"".join(parts)
+        out = decode_exact(raw, dsize, strict=True)
+    except CorruptedError as exc:
+        msg = str(exc)
+        raise CorruptedError(msg if msg.startswith("zstd:") else f"frame {msg} (the seek table's size)") from None
     if checksum is not None and xxh64(out) & 0xFFFFFFFF != checksum:
         raise CorruptedError("frame fails its seek table checksum (XXH64)")
     return out
