@@ -59,9 +59,12 @@ def check_name(name: bytes, dir_nid: int) -> None:
         raise CorruptedError(f"directory nid {dir_nid}: invalid entry name {name!r}")
 
 
-def entries_from(block: bytes, dir_nid: int, block_pos: int, start_off: int) -> list[DirEntry]:
-    """Entries of one block whose record offset is >= ``start_off`` (rounded up to a record)."""
-    recs = parse_block(block, dir_nid, block_pos)
+def entries_from(block: bytes, dir_nid: int, block_pos: int, start_off: int,
+                 recs: list[tuple[bytes, int, int]] | None = None) -> list[DirEntry]:
+    """Entries of one block whose record offset is >= ``start_off`` (rounded up to a record);
+    ``recs``: the block's ``parse_block`` records if the caller already has them."""
+    if recs is None:
+        recs = parse_block(block, dir_nid, block_pos)
     first = -(-start_off // L.DIRENT.size)
     out = []
     for i in range(first, len(recs)):

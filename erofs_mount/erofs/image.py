@@ -323,8 +323,8 @@ class Image:
         blk, off = divmod(max(pos, 0), bs)
         nblocks = -(-inode.size // bs)
         while blk < nblocks:
-            data, _ = self._dir_block(inode, blk)
-            yield from entries_from(data, nid, blk * bs, off)
+            data, recs = self._dir_block(inode, blk)
+            yield from entries_from(data, nid, blk * bs, off, recs)
             blk += 1
             off = 0
         if inode.dot_omitted and pos <= inode.size:
