@@ -29,10 +29,10 @@ def _decompressor(out_len: int) -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def decode_exact(src: bytes, out_len: int, *, strict: bool) -> bytes:
+def decode_exact(src: bytes, out_len: int, *, strict: bool, what: str = "frame") -> bytes:
     """The first ``out_len`` bytes the zstd frame in ``src`` decodes to; with ``strict`` it must decode
     to exactly that many.  Never decodes more than ``out_len + 1`` bytes.  ``CorruptedError`` (EIO)
-    names what went wrong ("zstd: ..." or "decodes to N bytes, expected M")."""
+    names what went wrong ("zstd: <libzstd's error>" or "zstd: <what> decodes to N bytes, expected M")."""
     chunks = []
     got = 0
     extra = b""
@@ -51,5 +51,5 @@ def decode_exact(src: bytes, out_len: int, *, strict: bool) -> bytes:
     except zstandard.ZstdError as exc:
         raise CorruptedError(f"zstd: {exc}") from None
     if got != out_len or extra:
-        raise CorruptedError(f"decodes to {got}{' or more' if extra else ''} bytes, expected {out_len}")
+        raise CorruptedError(f"zstd: {what} decodes to {got}{' or more' if extra else ''} bytes, expected {out_len}")
     return b"".join(chunks)

@@ -202,11 +202,7 @@ def _deflate(src: bytes, out_len: int, strict: bool) -> bytes:
 # ---------------------------------------------------------------------------- ZSTD
 
 def _zstd(src: bytes, out_len: int, strict: bool) -> bytes:
-    try:
-        return decode_exact(strip_zero_padding(src), out_len, strict=strict)
-    except CorruptedError as exc:
-        msg = str(exc)
-        raise CorruptedError(msg if msg.startswith("zstd:") else f"zstd: pcluster {msg}") from None
+    return decode_exact(strip_zero_padding(src), out_len, strict=strict, what="pcluster")
 
 
 # ---------------------------------------------------------------------------- uncompressed

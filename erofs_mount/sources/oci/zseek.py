@@ -146,11 +146,7 @@ def decode_frame(raw: bytes, dsize: int, checksum: int | None) -> bytes:
     Raises CorruptedError (errno EIO) on any mismatch; never decodes more than dsize + 1 bytes."""
     if len(raw) < 4 or int.from_bytes(raw[:4], "little") != ZSTD_FRAME_MAGIC:
         raise CorruptedError("not a zstd frame")
-    try:
-        out = decode_exact(raw, dsize, strict=True)
-    except CorruptedError as exc:
-        msg = str(exc)
-        raise CorruptedError(msg if msg.startswith("zstd:") else f"frame {msg} (the seek table's size)") from None
+    out = decode_exact(raw, dsize, strict=True, what="frame (seek table size)")
     if checksum is not None and xxh64(out) & 0xFFFFFFFF != checksum:
         raise CorruptedError("frame fails its seek table checksum (XXH64)")
     return out
