@@ -141,6 +141,9 @@ class Image:
     def read_meta(self, pos: int, length: int, in_metabox: bool = False) -> bytes:
         """Metadata bytes: the primary device, or the metabox inode's data."""
         bs = self.block_size
+        blk, off = divmod(pos, bs)
+        if 0 < length <= bs - off:     # within one block: the common case (an inode, an index)
+            return self._read_meta_block(blk, in_metabox)[off:off + length]
         out = []
         while length > 0:
             blk, off = divmod(pos, bs)
@@ -224,13 +227,14 @@ class Image:
             ino = self._inodes.get(nid)
         if ino is not None:
             return ino
-        pos, in_mbox = iloc(self.sb, nid)
+        loc = iloc(self.sb, nid)
+        pos, in_mbox = loc
         if not in_mbox and self.size is not None and pos + L.INODE_COMPACT.size > self.size:
             raise CorruptedError(f"nid {nid} out of range (inode at byte {pos}, image is {self.size} bytes)")
         raw = self.read_meta(pos, L.INODE_EXTENDED.size, in_mbox)
         if len(raw) < L.INODE_COMPACT.size:
             raise ShortReadError(f"nid {nid}: inode at byte {pos} is past the end of the image")
-        ino = parse_inode(self.sb, nid, raw)
+        ino = parse_inode(self.sb, nid, raw, loc)
         with self._lock:
             self._inodes.put(nid, ino)
         return ino

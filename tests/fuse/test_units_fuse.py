@@ -114,3 +114,51 @@ def test_local_reader_nowait_and_read_around(tmp_path):
         assert big.prefetch_after_miss(end - inline.READ_AROUND, end) is None           # nothing after
     finally:
         os.close(src.fd)
+
+
+@pytest.mark.parametrize("room", [1, 3, 1000])
+def test_readdir_resumes_exactly_and_the_end_costs_no_reader_call(monkeypatch, room):
+    """readdir as the kernel drives it (reply buffer of ``room`` entries, resume at the last cookie):
+    every entry once, in the reader's order; the final call at the end position is answered empty
+    without another reader call."""
+    trio = pytest.importorskip("trio")
+    img = corpuslib.image("plain-inline-4k")
+    image, opened = open_image(str(img.path), [])
+    try:
+        ops = ErofsOperations(image)
+
+        def reply(token, name, attr, next_id):
+            if len(token) >= room:
+                return False
+            token.append((name, attr.st_ino, next_id))
+            return True
+
+        monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+        batches = []
+        real_batch = ops._dir_batch
+        monkeypatch.setattr(ops, "_dir_batch", lambda nid, pos: batches.append(pos) or real_batch(nid, pos))
+
+        async def listing(ino):
+            out, pos, calls = [], 0, 0
+            while calls < 10_000:
+                calls += 1
+                token = []
+                await ops.readdir(ino, pos, token)
+                if not token:
+                    return out
+                out += token
+                pos = token[-1][2]
+            raise AssertionError("readdir never ended")
+
+        subdirs = [e.nid for e in image.iterdir(image.root_nid) if e.file_type == 2 and e.name not in (b".", b"..")]
+        assert subdirs
+        for nid in (image.root_nid, subdirs[0]):
+            want = [(e.name, ops.ino_of(e.nid), e.next_pos) for e in image.iterdir(nid)]
+            got = trio.run(listing, ops.ino_of(nid))
+            assert got == want
+            batches.clear()
+            assert trio.run(listing, ops.ino_of(nid)) == want   # a second listing: same, and
+            assert all(pos != want[-1][2] for pos in batches)    # the end position asked no reader call
+    finally:
+        for src in opened:
+            src.close()

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 TIMEOUT = 86400.0          # the image never changes: cache names and attributes for a day
 READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
+DIR_ENDS = 4096            # directories whose end position is remembered
 _DOTS = (b".", b"..")
 _INO_HIGH = (1 << 64) - 1    # nids 0 and 1 live at the top of the inode number space
 _NID_MASK = (1 << 63) - 1    # EROFS_DIRENT_NID_MASK: bit 63 flags a nid inside the metabox
@@ -105,6 +106,9 @@ class ErofsOperations(pyfuse3.Operations):
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
         # directory nid -> (parent nid, name) where it was first met; root has no parent
         self._dir_parent: dict[int, tuple[int | None, bytes]] = {self.root_nid: (None, b"")}
+        # directory nid -> the position after its last entry: the kernel asks once more from there
+        # (an empty reply is its end of directory), which then needs no reader call
+        self._dir_end: dict[int, int] = {}
 
     # ------------------------------------------------------------------ helpers
     def ino_of(self, nid: int) -> int:
@@ -341,9 +345,12 @@ class ErofsOperations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         dir_nid = self.nid_of(fh)
         pos = start_id
+        if self._dir_end.get(dir_nid) == pos:
+            return
         while True:
             batch = await self._run(self._dir_batch, dir_nid, pos)
             if not batch:
+                self._at_end(dir_nid, pos)
                 return
             for name, nid, attr, err, ftype, next_pos in batch:
                 if attr is None and not err:  # "." or "..": no lookup count, the kernel ignores attrs
@@ -371,6 +378,15 @@ class ErofsOperations(pyfuse3.Operations):
                 else:
                     self._lookups[attr.st_ino] = self._lookups.get(attr.st_ino, 0) + 1
                 pos = next_pos
+            if len(batch) < READDIR_BATCH:  # _dir_batch stops short only at the end of the directory
+                self._at_end(dir_nid, pos)
+                return
+
+    def _at_end(self, dir_nid: int, pos: int) -> None:
+        ends = self._dir_end
+        if len(ends) >= DIR_ENDS:
+            ends.clear()
+        ends[dir_nid] = pos
 
     @fuse_errors
     async def releasedir(self, fh):
