@@ -135,22 +135,21 @@ class ZReader:
         with self._lock:
             zm, recent = self._zmap(inode)
             try:
-                while pos < end:
-                    for ext in recent:
-                        if ext.la <= pos < ext.la + ext.llen:
-                            break
-                    else:
-                        ext = zm.map(pos)
-                        recent.insert(0, ext)
-                        del recent[4:]
-                    if not ext.la <= pos < ext.la + ext.llen:   # ZMap guarantees this; never loop on it
-                        raise CorruptedError(f"inode {inode.nid}: empty extent at logical offset {pos}")
-                    exts.append(ext)
-                    pos = ext.la + ext.llen
+                for ext in recent:      # the extent a sequential reader left off in
+                    if ext.la <= pos < ext.la + ext.llen:
+                        exts.append(ext)
+                        pos = ext.la + ext.llen
+                        break
+                if pos < end:
+                    zm.map_run(pos, end, exts)
             except ErofsMountError as exc:
                 if not exts:
                     raise
                 return exts, exc
+            finally:
+                if exts and exts[-1] not in recent:
+                    recent.insert(0, exts[-1])
+                    del recent[4:]
         return exts, None
 
     # ------------------------------------------------------------------ reading

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..errors import CorruptedError, ShortReadError, UnsupportedError
+from ..errors import CorruptedError, ErofsMountError, ShortReadError, UnsupportedError
 from . import decompress as D
 from .zindex import (  # noqa: F401  (re-exported: the lcluster types and index flags)
     Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LCLUSTER_TYPE_NONHEAD,
@@ -179,6 +179,11 @@ class ZMap:
         return full_lcluster(self._meta(pos, 8), pos, lcn, self.lclusterbits, big, self.nid)
 
     def _load_compact(self, lcn: int) -> _LC:
+        pack, i = self._pack_at(lcn)
+        return pack.lcluster(i, lcn, self.lclusterbits, bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1), self.nid)
+
+    def _pack_at(self, lcn: int) -> tuple[CompactPack, int]:
+        """The decoded compacted pack holding lcluster ``lcn``, and its position in the pack."""
         lcb = self.lclusterbits
         pos, rel, amort = self._c_ebase, lcn, 4
         if lcn >= self._c4_initial:
@@ -205,8 +210,7 @@ class ZMap:
             if len(self._packs) >= _PACK_MEMO:
                 self._packs.clear()
             self._packs[start] = pack
-        return pack.lcluster((pos - start) // amort, lcn, lcb, bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1),
-                             self.nid)
+        return pack, (pos - start) // amort
 
     # ------------------------------------------------------------------ lcluster extents
     def _head_of(self, la: int) -> tuple[_LC, _LC]:
@@ -306,6 +310,120 @@ class ZMap:
             if not self.available_algs >> alg & 1:
                 raise self._corrupt(f"inconsistent algorithm {D.algorithm_name(alg)}", la)
         return self._checked(ZExtent(m_la, llen, kind, pa, plen, alg, head.partialref), la)
+
+    def map_run(self, la: int, end: int, out: list[ZExtent]) -> None:
+        """Append the extents covering ``[la, end)`` to ``out`` in order: exactly what ``map`` gives at
+        ``la`` and then at each extent's end.  A failure is raised as ``map`` raises it, with the
+        extents before it already appended."""
+        end = min(end, self.size)
+        fast = self.layout == EROFS_INODE_COMPRESSED_COMPACT and not self.all_fragments and self.extents < 0
+        first = True
+        while la < end:
+            if fast and not first:
+                la = self._run_compact(la, end, out)
+                if la >= end:
+                    return
+            first = False
+            ext = self.map(la)
+            if not ext.la <= la < ext.la + ext.llen:    # map() guarantees it; never loop on it
+                raise CorruptedError(f"inode {self.nid}: empty extent at logical offset {la}")
+            out.append(ext)
+            la = ext.la + ext.llen
+
+    def _run_compact(self, la: int, end: int, out: list[ZExtent]) -> int:
+        """``map_run`` on compacted indexes while every extent is the plain case, walking the packs'
+        decoded lists instead of making an ``LCluster`` per step; returns where it stopped.
+
+        From an extent's first byte (a HEAD lcluster whose clusterofs is that byte's offset) ``map``
+        finds its head without looking back, walks forward like ``_extent_end`` and takes the block
+        count like ``_compressed_blocks``.  This loop visits the same lclusters in the same order and
+        stops, appending nothing for that extent, wherever ``map`` would raise or do more (a tail
+        pcluster, a lookback, any corruption check), so ``map`` then gives that extent or its error.
+        """
+        lcb = self.lclusterbits
+        lcmask = (1 << lcb) - 1
+        size = self.size
+        bbits = self.blkszbits
+        big = bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1)     # compact: both heads agree
+        tail = self.tail_headlcn if self.idata_size or self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER else -1
+        alg1, alg2 = self.algs
+        avail = self.available_algs
+        plain_alg = D.Z_EROFS_COMPRESSION_INTERLACED if self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER \
+            else D.Z_EROFS_COMPRESSION_SHIFTED
+        maxd = D.Z_EROFS_PCLUSTER_MAX_DSIZE
+        maxp = D.Z_EROFS_PCLUSTER_MAX_SIZE
+        NONHEAD, HEAD2, CBLK = Z_EROFS_LCLUSTER_TYPE_NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LI_D0_CBLKCNT
+        first = last = -1       # lclusters [first, last) of the current pack
+        los = types = None
+        pack = None
+        append = out.append
+        try:
+            while la < end:
+                h = la >> lcb
+                if not first <= h < last:
+                    pack, i = self._pack_at(h)
+                    first, last = h - i, h - i + len(pack.los)
+                    los, types = pack.los, pack.types
+                i = h - first
+                t = types[i]
+                if t == NONHEAD or los[i] != la & lcmask or h == tail:
+                    return la
+                nblk = (pack.blocks or pack._blocks())[i]
+                if nblk is None:
+                    return la
+                pa = (pack.base + nblk) << bbits
+                nb = 1
+                lcn = h + 1
+                while True:     # _extent_end
+                    if lcn << lcb >= size:
+                        e = size
+                        break
+                    if (lcn - h - 1) << lcb > maxd:
+                        return la
+                    if not first <= lcn < last:
+                        pack, j = self._pack_at(lcn)
+                        first, last = lcn - j, lcn - j + len(pack.los)
+                        los, types = pack.los, pack.types
+                    j = lcn - first
+                    lo = los[j]
+                    if types[j] == NONHEAD:
+                        if lo & CBLK:
+                            if not big:
+                                return la
+                            if lcn == h + 1:
+                                nb = (lo & ~CBLK) or 1
+                        elif big and lcn == h + 1:     # _compressed_blocks: delta[0] must be 1
+                            if j + 1 != len(los):
+                                d0 = lo
+                            else:
+                                d0 = 1 if types[j - 1] != NONHEAD else (2 if los[j - 1] & CBLK else los[j - 1] + 1)
+                            if d0 != 1:
+                                return la
+                        lcn += (pack.d1 or pack._d1())[j] or 1
+                    else:
+                        if lo > lcmask or big and (pack.blocks or pack._blocks())[j] is None:
+                            return la
+                        e = (lcn << lcb) + lo
+                        if e > size:
+                            e = size
+                        break
+                llen = e - la
+                plen = nb << bbits
+                if t == HEAD2:
+                    alg = alg2
+                elif t:
+                    alg = alg1
+                else:
+                    if llen > plen:
+                        return la
+                    alg = plain_alg
+                if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
+                    return la
+                append(ZExtent(la, llen, ZEXT_MAPPED, pa, plen, alg))
+                la = e
+        except ErofsMountError:     # map() meets the same failure and raises it
+            pass
+        return la
 
     def _checked(self, ext: ZExtent, la: int) -> ZExtent:
         if ext.plen > D.Z_EROFS_PCLUSTER_MAX_SIZE or ext.llen > D.Z_EROFS_PCLUSTER_MAX_DSIZE:
