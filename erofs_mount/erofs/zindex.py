@@ -91,10 +91,29 @@ class CompactPack:
         lobits = max(lclusterbits, 12)      # ilog2(Z_EROFS_LI_D0_CBLKCNT) + 1
         lomask = (1 << lobits) - 1
         bits = int.from_bytes(raw[:-4], "little")
-        self.los = [(bits >> (encodebits * j)) & lomask for j in range(vcnt)]
-        self.types = [(bits >> (encodebits * j + lobits)) & 3 for j in range(vcnt)]
         self.base = int.from_bytes(raw[-4:], "little")
         self.big = big
+        if vcnt == 2:   # compacted_4b, the common pack of small files: the tables in closed form
+            lo0, lo1 = bits & lomask, (bits >> encodebits) & lomask
+            t0, t1 = (bits >> lobits) & 3, (bits >> (encodebits + lobits)) & 3
+            self.los = [lo0, lo1]
+            self.types = [t0, t1]
+            if not big:     # _blocks: lcluster 0 counts unless it is a NONHEAD looking back before the pack
+                self.blocks = [1, 1 + (t0 != _NONHEAD or lo0 == 0)]
+            elif t0 != _NONHEAD:
+                self.blocks = [0, 1]
+            elif lo0 & _CBLK:
+                self.blocks = [0, lo0 & ~_CBLK]
+            else:
+                self.blocks = [0, None if lo0 <= 1 else 0]
+            if t1 == _NONHEAD:  # _d1: the run reaches the pack's end
+                d = 1 + (0 if lo1 & _CBLK else lo1 - 1)
+                self.d1 = [max(d + 1, 0) if t0 == _NONHEAD else 0, max(d, 0)]
+            else:
+                self.d1 = [1 if t0 == _NONHEAD else 0, 0]
+            return
+        self.los = [(bits >> (encodebits * j)) & lomask for j in range(vcnt)]
+        self.types = [(bits >> (encodebits * j + lobits)) & 3 for j in range(vcnt)]
         self.blocks: list[int | None] | None = None     # tabulated on first use
         self.d1: list[int] | None = None
 
