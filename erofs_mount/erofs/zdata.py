@@ -36,6 +36,7 @@ _INCOMPAT_BIG_PCLUSTER = 0x2
 _MAX_NESTING = 4        # packed inode / metabox reads inside a read
 _PREFETCH_BYTES = 4 << 20   # raw bytes of adjacent pclusters fetched with one read
 _PREFETCH_MAX_PCLUSTER = 16 << 10   # bigger pclusters: copying them out of a run costs more than a read
+_INTERLACED = D.Z_EROFS_COMPRESSION_INTERLACED
 
 
 class ZReader:
@@ -156,15 +157,14 @@ class ZReader:
     def _read(self, inode, pos: int, end: int) -> bytes:
         exts, err = self._map_range(inode, pos, end)
         bs = self.block_size
+        mbox = inode.in_metabox
         if len(exts) == 1 and err is None:     # fast path: inside one extent whose pcluster we hold
-            ext = exts[0]
-            kind = ext.kind
+            la, llen, kind, pa, plen, alg, _, _ = exts[0]
             if kind == ZEXT_MAPPED or kind == ZEXT_META:
-                key = (kind, kind == ZEXT_META and inode.in_metabox, ext.pa, ext.plen, ext.alg, ext.llen,
-                       ext.la % bs if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0)
-                data = self._cached(key)
+                data = self._cached((kind, kind == ZEXT_META and mbox, pa, plen, alg, llen,
+                                     la % bs if alg == _INTERLACED else 0))
                 if data is not None:
-                    data = data[pos - ext.la:end - ext.la]
+                    data = data[pos - la:end - la]
                     if len(data) == end - pos:
                         return data
                     raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {end - pos} bytes "
@@ -174,20 +174,17 @@ class ZReader:
         wanted: list[int] = []
         with self._cache_lock:
             cache = self._cache
-            for i, ext in enumerate(exts):
-                kind = ext.kind
-                if kind == ZEXT_HOLE or kind == ZEXT_FRAGMENT:
-                    continue
-                key = (kind, kind == ZEXT_META and inode.in_metabox, ext.pa, ext.plen, ext.alg, ext.llen,
-                       ext.la % bs if ext.alg == D.Z_EROFS_COMPRESSION_INTERLACED else 0)
-                data = cache.get(key)
-                if data is not None:
-                    cache.move_to_end(key)
-                    self._hits += 1
-                    found[i] = data
-                else:
-                    found[i] = key
-                    wanted.append(i)
+            for i, (la, llen, kind, pa, plen, alg, _, _) in enumerate(exts):
+                if kind == ZEXT_MAPPED or kind == ZEXT_META:
+                    key = (kind, kind == ZEXT_META and mbox, pa, plen, alg, llen, la % bs if alg == _INTERLACED else 0)
+                    data = cache.get(key)
+                    if data is not None:
+                        cache.move_to_end(key)
+                        self._hits += 1
+                        found[i] = data
+                    else:
+                        found[i] = key
+                        wanted.append(i)
         raws = self._prefetch(exts, wanted) if len(wanted) > 1 and not self._multi_device else None
         out = []
         mine: dict[tuple, bytes] = {}       # decoded in this request
@@ -195,11 +192,14 @@ class ZReader:
         done = [0, 0, 0]                    # decodes, raw bytes, decoded bytes (accounted at the end)
         try:
             for i, ext in enumerate(exts):
-                stop = min(end, ext.la + ext.llen)
-                skip, n = pos - ext.la, stop - pos
-                if ext.kind == ZEXT_HOLE:
+                la, llen, kind = ext[0], ext[1], ext[2]
+                stop = la + llen
+                if stop > end:
+                    stop = end
+                skip, n = pos - la, stop - pos
+                if kind == ZEXT_HOLE:
                     data = bytes(n)
-                elif ext.kind == ZEXT_FRAGMENT:
+                elif kind == ZEXT_FRAGMENT:
                     data = self._fragment(inode, ext.fragmentoff + skip, n, pos)
                 else:
                     data = found[i]
@@ -211,16 +211,16 @@ class ZReader:
                             # sequential reader comes back for those (the request's edges),
                             # never for one consumed whole, which would only push the edges
                             # out (and cost memory bandwidth).
-                            partial = skip or stop != ext.la + ext.llen
+                            partial = skip or stop != la + llen
                             if partial:     # another thread may have decoded it meanwhile
                                 data = self._cached(key)
                             if data is None:
-                                data = self._decode(inode, ext, raws.get(i) if raws else None, done)
+                                data = self._decode(inode, ext, raws[i] if raws else None, done)
                                 if partial:
                                     keep.append((key, data))
                             mine[key] = data
-                    if skip or stop - ext.la != len(data):
-                        data = data[skip:stop - ext.la]
+                    if skip or n != len(data):
+                        data = data[skip:stop - la]
                 if len(data) != n:
                     raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
                 out.append(data)
@@ -256,37 +256,39 @@ class ZReader:
                 self._cache_bytes -= len(old)
                 self._evictions += 1
 
-    def _prefetch(self, exts: list[ZExtent], wanted: list[int]) -> dict[int, bytes]:
+    def _prefetch(self, exts: list[ZExtent], wanted: list[int]) -> list[bytes | None] | None:
         """Raw bytes of small uncached pclusters that lie back to back on the primary device, each
-        run read with one ``read_mapped`` call: ``{index in exts: raw pcluster}``.
+        run read with one ``read_mapped`` call: ``raws[i]`` for ``exts[i]`` (``None``: not read).
 
         Only on single-device images (a run could cross a device's unified address range).
         A short run read is dropped: the pclusters are then read one by one and the first
         unreadable one is reported as before.
         """
-        cand = [i for i in wanted if exts[i].kind == ZEXT_MAPPED and exts[i].plen <= _PREFETCH_MAX_PCLUSTER]
-        raws: dict[int, bytes] = {}
-        k = 0
-        while k < len(cand):
-            prev = exts[cand[k]]
-            j, total = k + 1, prev.plen
-            while j < len(cand):
-                ext = exts[cand[j]]
-                if prev.pa + prev.plen != ext.pa or total + ext.plen > _PREFETCH_BYTES:
+        cand = [i for i in wanted if exts[i][2] == ZEXT_MAPPED and exts[i][4] <= _PREFETCH_MAX_PCLUSTER]
+        raws: list[bytes | None] | None = None
+        k, nc = 0, len(cand)
+        while k < nc:
+            _, _, _, first, total, _, _, _ = exts[cand[k]]
+            nxt = first + total
+            j = k + 1
+            while j < nc:
+                _, _, _, pa, plen, _, _, _ = exts[cand[j]]
+                if pa != nxt or total + plen > _PREFETCH_BYTES:
                     break
-                total += ext.plen
-                prev = ext
+                total += plen
+                nxt += plen
                 j += 1
             if j - k > 1:
-                first = exts[cand[k]].pa
                 try:
                     raw = self._read_pcluster(first, total)
                 except ErofsMountError:
                     raw = b""
                 if len(raw) == total:
+                    if raws is None:
+                        raws = [None] * len(exts)
                     for i in cand[k:j]:
-                        ext = exts[i]
-                        raws[i] = raw[ext.pa - first:ext.pa - first + ext.plen]
+                        _, _, _, pa, plen, _, _, _ = exts[i]
+                        raws[i] = raw[pa - first:pa - first + plen]
             k = j
         return raws
 
@@ -315,8 +317,12 @@ class ZReader:
         done[1] += len(raw)
         cfgs = self.cfgs
         try:
-            data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
-                                la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
+            data = None
+            if ext.alg == D.Z_EROFS_COMPRESSION_LZ4 and 0 < ext.llen <= D.Z_EROFS_PCLUSTER_MAX_DSIZE:
+                data = D.lz4_exact(raw, ext.llen, cfgs.zero_padding)
+            if data is None:
+                data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
+                                    la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
         except ErofsMountError as exc:
             raise type(exc)(f"{self._where(inode, ext)}: {exc}", errno=exc.errno) from None
         except Exception as exc:    # a codec library failing in an unexpected way on garbage

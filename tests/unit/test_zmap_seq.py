@@ -307,3 +307,60 @@ def test_synthetic_cases_take_the_fast_path_and_step_aside():
     assert fast_prefix(make(), 0, 8 * lc) == []
     out, err = run(make(), 0, 8 * lc)
     assert out == [] and err is not None and "CBLKCNT" in err[2]
+
+
+# ---------------------------------------------------------------------------- zdata: grouping of raw reads
+
+def _prefetch_reference(exts, wanted, read):
+    """The per-request grouping of adjacent small uncached pclusters, as first written (a dict)."""
+    from erofs_mount.erofs.zdata import _PREFETCH_BYTES, _PREFETCH_MAX_PCLUSTER
+    cand = [i for i in wanted if exts[i].kind == Z.ZEXT_MAPPED and exts[i].plen <= _PREFETCH_MAX_PCLUSTER]
+    raws, k = {}, 0
+    while k < len(cand):
+        prev = exts[cand[k]]
+        j, total = k + 1, prev.plen
+        while j < len(cand):
+            ext = exts[cand[j]]
+            if prev.pa + prev.plen != ext.pa or total + ext.plen > _PREFETCH_BYTES:
+                break
+            total += ext.plen
+            prev = ext
+            j += 1
+        if j - k > 1:
+            first = exts[cand[k]].pa
+            try:
+                raw = read(first, total)
+            except ErofsMountError:
+                raw = b""
+            if len(raw) == total:
+                for i in cand[k:j]:
+                    ext = exts[i]
+                    raws[i] = raw[ext.pa - first:ext.pa - first + ext.plen]
+        k = j
+    return raws
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from([Z.ZEXT_MAPPED, Z.ZEXT_MAPPED, Z.ZEXT_META, Z.ZEXT_HOLE]),
+                          st.sampled_from([4096, 4096, 8192, 65536, 1 << 20]), st.booleans(), st.booleans()),
+                max_size=40),
+       st.integers(0, 1 << 16))
+def test_prefetch_groups_like_before(specs, limit):
+    from erofs_mount.erofs.zdata import ZReader
+    exts, wanted, pa = [], [], 1 << 20
+    for i, (kind, plen, gap, cached) in enumerate(specs):
+        pa += 4096 if gap else 0
+        exts.append(Z.ZExtent(i * 8192, 8192, kind, pa, plen, 0))
+        pa += plen
+        if kind != Z.ZEXT_HOLE and not cached:
+            wanted.append(i)
+    device = bytes(range(256)) * ((pa + 4096) // 256 + 1)
+
+    def read(pos, n):   # a device whose readable bytes end at `limit` pages past 1 MiB
+        return device[pos:min(pos + n, (1 << 20) + limit * 4096)]
+    calls_new, calls_old = [], []
+    stub = SimpleNamespace(_read_pcluster=lambda pos, n: calls_new.append((pos, n)) or read(pos, n))
+    new = ZReader._prefetch(stub, exts, wanted)
+    old = _prefetch_reference(exts, wanted, lambda pos, n: calls_old.append((pos, n)) or read(pos, n))
+    assert calls_new == calls_old
+    assert {i: r for i, r in enumerate(new or []) if r is not None} == old
