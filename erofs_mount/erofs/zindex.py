@@ -147,17 +147,25 @@ class CompactPack:
     def _d1(self) -> list[int]:
         # lookahead: the NONHEAD run from i; one reaching the pack's end adds the last
         # lcluster's stored delta[1] - 1 (unless that one holds a CBLKCNT)
+        # (tail >= -1 and such a run is at least 1 long, so no entry is negative)
         los, types = self.los, self.types
         last = los[-1]
         tail = 0 if last & _CBLK else last - 1
         d1 = [0] * len(los)
-        run, to_end = 0, True
-        for p in range(len(los) - 1, -1, -1):
+        p = len(los) - 1
+        run = 0
+        while p >= 0 and types[p] == _NONHEAD:     # the run reaching the pack's end
+            run += 1
+            d1[p] = run + tail
+            p -= 1
+        run = 0
+        while p >= 0:
             if types[p] == _NONHEAD:
                 run += 1
+                d1[p] = run
             else:
-                run, to_end = 0, False
-            d1[p] = max(run + (tail if to_end else 0), 0)
+                run = 0
+            p -= 1
         self.d1 = d1
         return d1
 

@@ -354,24 +354,26 @@ class ZMap:
         maxp = D.Z_EROFS_PCLUSTER_MAX_SIZE
         NONHEAD, HEAD2, CBLK = Z_EROFS_LCLUSTER_TYPE_NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LI_D0_CBLKCNT
         first = last = -1       # lclusters [first, last) of the current pack
-        los = types = None
-        pack = None
+        los = types = blocks = d1s = None
+        base = 0
         append = out.append
+        make = tuple.__new__
         try:
             while la < end:
                 h = la >> lcb
                 if not first <= h < last:
                     pack, i = self._pack_at(h)
                     first, last = h - i, h - i + len(pack.los)
-                    los, types = pack.los, pack.types
+                    los, types, base = pack.los, pack.types, pack.base
+                    blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
                 i = h - first
                 t = types[i]
                 if t == NONHEAD or los[i] != la & lcmask or h == tail:
                     return la
-                nblk = (pack.blocks or pack._blocks())[i]
+                nblk = blocks[i]
                 if nblk is None:
                     return la
-                pa = (pack.base + nblk) << bbits
+                pa = (base + nblk) << bbits
                 nb = 1
                 lcn = h + 1
                 while True:     # _extent_end
@@ -383,7 +385,8 @@ class ZMap:
                     if not first <= lcn < last:
                         pack, j = self._pack_at(lcn)
                         first, last = lcn - j, lcn - j + len(pack.los)
-                        los, types = pack.los, pack.types
+                        los, types, base = pack.los, pack.types, pack.base
+                        blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
                     j = lcn - first
                     lo = los[j]
                     if types[j] == NONHEAD:
@@ -399,9 +402,9 @@ class ZMap:
                                 d0 = 1 if types[j - 1] != NONHEAD else (2 if los[j - 1] & CBLK else los[j - 1] + 1)
                             if d0 != 1:
                                 return la
-                        lcn += (pack.d1 or pack._d1())[j] or 1
+                        lcn += d1s[j] or 1
                     else:
-                        if lo > lcmask or big and (pack.blocks or pack._blocks())[j] is None:
+                        if lo > lcmask or big and blocks[j] is None:
                             return la
                         e = (lcn << lcb) + lo
                         if e > size:
@@ -419,7 +422,7 @@ class ZMap:
                     alg = plain_alg
                 if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
                     return la
-                append(ZExtent(la, llen, ZEXT_MAPPED, pa, plen, alg))
+                append(make(ZExtent, (la, llen, ZEXT_MAPPED, pa, plen, alg, False, 0)))
                 la = e
         except ErofsMountError:     # map() meets the same failure and raises it
             pass
