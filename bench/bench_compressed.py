@@ -7,7 +7,13 @@ Figures, all measured in this run with a warm page cache:
 * ``extract``: ``erofs-mount extract`` vs ``fsck.erofs --extract=DIR`` (to tmpfs when there is one);
 * ``cat``: every regular file read in-process through ``Image.read`` in 1 MiB and 128 KiB (FUSE-sized)
   requests (decoded MB/s);
-* ``cat 4k``: the same in 4 KiB sequential requests, with the decoded-pcluster cache hit ratio.
+* ``cat 4k``: the same in 4 KiB sequential requests, with the decoded-pcluster cache hit ratio;
+* ``seq 256k``: the biggest compressed file read in 256 KiB sequential requests (FUSE's max_read),
+  a fresh ``Image`` then again with an emptied pcluster cache (the maps kept);
+* ``every file``: every regular file of the image read in-process in 1 MiB requests, fresh ``Image``.
+
+The last two also run on bench_fuse's ``work/fuse/lz4hc.erofs`` (mkfs 1.5 ``-zlz4hc``, a Python tree
+and a 100 MB file) when it exists.  ``BENCH_ZREAD_ONLY=1`` skips the extract comparison.
 
 Figures, not pass/fail.
 """
@@ -27,6 +33,8 @@ from bench.common import build_image, timed
 WORK = Path(os.environ.get("BENCH_WORK", Path(__file__).parent / "work"))
 SOURCE = os.environ.get("BENCH_ZTREE_SOURCE", f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+ZREAD_ONLY = os.environ.get("BENCH_ZREAD_ONLY") == "1"
+FUSE_IMAGE = WORK / "fuse" / "lz4hc.erofs"
 
 
 def build_tree(target: Path) -> Path:
@@ -76,6 +84,65 @@ def cat_all(image: Path, chunk: int) -> tuple[float, int, dict]:
     return dt, total, stats
 
 
+def _open_image(image: Path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from erofs_mount.erofs.image import Image
+    fd = os.open(image, os.O_RDONLY)
+    return Image(lambda pos, n: os.pread(fd, n, pos), size=os.fstat(fd).st_size), fd
+
+
+def seq_biggest(image: Path, chunk: int = 256 << 10) -> tuple[str, int, list[float]]:
+    """The biggest compressed file in ``chunk`` requests: fresh Image, then twice more with the
+    decoded-pcluster cache emptied (maps and metadata kept)."""
+    img, fd = _open_image(image)
+    try:
+        files = [(size, nid) for nid, size in regular_files(img) if img.inode(nid).is_compressed]
+        if not files:
+            return "", 0, []
+        size, nid = max(files)
+        times = []
+        for run in range(3):
+            if run:
+                img.zreader.clear_cache()
+            t0 = time.perf_counter()
+            for off in range(0, size, chunk):
+                img.read(nid, off, chunk)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return f"nid {nid}", size, times
+
+
+def every_file(image: Path, chunk: int = 1 << 20) -> tuple[int, int, float]:
+    """Every regular file, 1 MiB requests, a fresh Image (its directory walk not timed)."""
+    img, fd = _open_image(image)
+    try:
+        files = regular_files(img)
+        t0 = time.perf_counter()
+        total = 0
+        for nid, size in files:
+            for off in range(0, size, chunk):
+                total += len(img.read(nid, off, chunk))
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return len(files), total, dt
+
+
+def read_figures(image: Path) -> None:
+    what, size, times = seq_biggest(image)
+    if times:
+        print(f"seq 256 KiB requests, biggest compressed file ({what}, {size / 1e6:.1f} MB): "
+              + ", ".join(f"{t:.3f} s" for t in times) + f"  (best {size / 1e6 / min(times):.0f} MB/s; "
+              "first with a fresh Image, then with the pcluster cache emptied)")
+    best = None
+    for _ in range(RUNS):
+        n, total, dt = every_file(image)
+        best = dt if best is None else min(best, dt)
+    print(f"every file, 1 MiB requests (in-process, fresh Image): {n} files, {total / 1e6:.1f} MB: "
+          f"best of {RUNS} {best:.3f} s  {total / 1e6 / best:.1f} MB/s")
+
+
 def main(argv: list[str]) -> None:
     if not shutil.which("fsck.erofs") or not shutil.which("mkfs.erofs"):
         print("erofs-utils not installed: skipped")
@@ -93,6 +160,9 @@ def main(argv: list[str]) -> None:
         image = build_image(tree, WORK / f"pystdlib-{label.replace(' ', '')}.erofs", *opts)
         print(f"\n== {image.name} ({label}): {image.stat().st_size / 1e6:.1f} MB image, "
               f"{data / 1e6:.1f} MB of file data")
+        read_figures(image)
+        if ZREAD_ONLY:
+            continue
         ours = [erofs_mount, "extract", "--no-progress", str(image), str(dest)]
         theirs = ["fsck.erofs", f"--extract={dest}", "--overwrite", str(image)]
         timed(theirs, dest)     # warm the page cache
@@ -117,6 +187,11 @@ def main(argv: list[str]) -> None:
                   f"{total / 1e6 / dt:7.1f} MB/s  pcluster cache: hits {stats.get('hits')} misses "
                   f"{stats.get('misses')} hit ratio {hr:.3f}, {stats.get('bytes_decompressed', 0) / 1e6:.1f} MB "
                   f"decoded for {total / 1e6:.1f} MB read")
+
+
+    if FUSE_IMAGE.exists():
+        print(f"\n== {FUSE_IMAGE} (bench_fuse's lz4hc image): {FUSE_IMAGE.stat().st_size / 1e6:.1f} MB image")
+        read_figures(FUSE_IMAGE)
 
 
 if __name__ == "__main__":
