@@ -193,9 +193,7 @@ class ZReader:
         try:
             for i, ext in enumerate(exts):
                 la, llen, kind = ext[0], ext[1], ext[2]
-                stop = la + llen
-                if stop > end:
-                    stop = end
+                stop = min(la + llen, end)
                 skip, n = pos - la, stop - pos
                 if kind == ZEXT_HOLE:
                     data = bytes(n)

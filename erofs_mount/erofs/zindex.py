@@ -9,13 +9,21 @@ backward block count of a HEAD's ``pblk``, the forward run of NONHEADs for ``del
 are tabulated for the whole pack by recurrences that visit the same positions in the same
 order, so every lcluster decodes to exactly what the walk would give, including the
 corruption the big-pcluster walk reports.
+
+``compact_run`` is ``ZMap.map_run``'s sequential fast path over those tables: extent after
+extent, the next one's HEAD being the lcluster the previous walk ended on, without an
+``LCluster`` per step; it steps aside (to ``ZMap.map``) wherever the per-extent path would
+raise or do more.  ``ZExtent`` (re-exported by ``zmap``) is the record both produce.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import NamedTuple
 
-from ..errors import CorruptedError
+from ..errors import CorruptedError, ErofsMountError
+from .decompress import Z_EROFS_PCLUSTER_MAX_DSIZE, Z_EROFS_PCLUSTER_MAX_SIZE
 
 Z_EROFS_LCLUSTER_TYPE_PLAIN = 0
 Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1
@@ -23,6 +31,24 @@ Z_EROFS_LCLUSTER_TYPE_NONHEAD = 2
 Z_EROFS_LCLUSTER_TYPE_HEAD2 = 3
 Z_EROFS_LI_PARTIAL_REF = 1 << 15
 Z_EROFS_LI_D0_CBLKCNT = 1 << 11
+
+# extent kinds
+ZEXT_HOLE = 0       # zeros
+ZEXT_MAPPED = 1     # pcluster at byte pa of the primary device
+ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
+ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
+
+
+class ZExtent(NamedTuple):      # a tuple: built once per extent on the hot path, cheaper than a dataclass
+    la: int                 # logical start of the extent
+    llen: int               # its full decoded length (never past i_size)
+    kind: int               # ZEXT_*
+    pa: int = 0             # physical byte position (MAPPED: device 0; META: metadata space)
+    plen: int = 0           # encoded length
+    alg: int = -1           # decompress.Z_EROFS_COMPRESSION_* (incl. SHIFTED/INTERLACED)
+    partial: bool = False   # PARTIAL_REF: the pcluster decodes to more than llen
+    fragmentoff: int = 0    # FRAGMENT: offset of byte `la` in the packed inode
+
 
 _LCLUSTER_INDEX = struct.Struct("<HHI")
 _EXTENT = struct.Struct("<IIIII")
@@ -199,3 +225,100 @@ class CompactPack:
             raise CorruptedError(f"inode {nid}: plain delta[0] <= 1 in a big-pcluster pack at lcluster {lcn}")
         m.pblk = self.base + nblk
         return m
+
+
+def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end: int, out: list[ZExtent], *,
+                lclusterbits: int, blkszbits: int, size: int, big: bool, tail_headlcn: int, algs: tuple[int, int],
+                available_algs: int, plain_alg: int) -> int:
+    """``ZMap.map_run`` on compacted indexes while every extent is the plain case, walking the packs'
+    decoded lists (``pack_at(lcn)``: the pack holding ``lcn`` and its index there) instead of making
+    an ``LCluster`` per step; appends the extents to ``out`` and returns where it stopped.
+
+    From an extent's first byte (a HEAD lcluster whose clusterofs is that byte's offset) ``ZMap.map``
+    finds its head without looking back, walks forward like ``_extent_end`` and takes the block
+    count like ``_compressed_blocks``.  This loop visits the same lclusters in the same order and
+    stops, appending nothing for that extent, wherever ``map`` would raise or do more (the tail
+    pcluster ``tail_headlcn``, a lookback, any corruption check), so ``map`` then gives that extent
+    or its error.  ``big``: big pclusters (in compacted indexes HEAD1 and HEAD2 agree).
+    """
+    lcb = lclusterbits
+    lcmask = (1 << lcb) - 1
+    bbits = blkszbits
+    tail = tail_headlcn
+    alg1, alg2 = algs
+    avail = available_algs
+    maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
+    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
+    NONHEAD, HEAD2, CBLK = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK
+    first = last = -1       # lclusters [first, last) of the current pack
+    los = types = blocks = d1s = None
+    base = 0
+    append = out.append
+    make = tuple.__new__
+    try:
+        while la < end:
+            h = la >> lcb
+            if not first <= h < last:
+                pack, i = pack_at(h)
+                first, last = h - i, h - i + len(pack.los)
+                los, types, base = pack.los, pack.types, pack.base
+                blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
+            i = h - first
+            t = types[i]
+            if t == NONHEAD or los[i] != la & lcmask or h == tail:
+                return la
+            nblk = blocks[i]
+            if nblk is None:
+                return la
+            pa = (base + nblk) << bbits
+            nb = 1
+            lcn = h + 1
+            while True:     # _extent_end
+                if lcn << lcb >= size:
+                    e = size
+                    break
+                if (lcn - h - 1) << lcb > maxd:
+                    return la
+                if not first <= lcn < last:
+                    pack, j = pack_at(lcn)
+                    first, last = lcn - j, lcn - j + len(pack.los)
+                    los, types, base = pack.los, pack.types, pack.base
+                    blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
+                j = lcn - first
+                lo = los[j]
+                if types[j] == NONHEAD:
+                    if lo & CBLK:
+                        if not big:
+                            return la
+                        if lcn == h + 1:
+                            nb = (lo & ~CBLK) or 1
+                    elif big and lcn == h + 1:     # _compressed_blocks: delta[0] must be 1
+                        if j + 1 != len(los):
+                            d0 = lo
+                        else:
+                            d0 = 1 if types[j - 1] != NONHEAD else (2 if los[j - 1] & CBLK else los[j - 1] + 1)
+                        if d0 != 1:
+                            return la
+                    lcn += d1s[j] or 1
+                else:
+                    if lo > lcmask or big and blocks[j] is None:
+                        return la
+                    e = min((lcn << lcb) + lo, size)
+                    break
+            llen = e - la
+            plen = nb << bbits
+            if t == HEAD2:
+                alg = alg2
+            elif t:
+                alg = alg1
+            else:
+                if llen > plen:
+                    return la
+                alg = plain_alg
+            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
+                return la
+            append(make(ZExtent, (la, llen, ZEXT_MAPPED, pa, plen, alg, False, 0)))
+            la = e
+    except ErofsMountError:     # map() meets the same failure and raises it
+        pass
+    return la

@@ -14,6 +14,8 @@ Three on-disk forms follow the inode (and its xattrs), after the 8-byte
 Unlike the kernel, which maps only up to the end of the requested lcluster and decodes
 partially, ``ZMap.map`` always returns the *whole* extent (up to the next HEAD lcluster,
 like ``z_erofs_get_extent_decompressedlen``), so a pcluster is decoded once and cached.
+``ZMap.map_run`` maps a whole range: the first extent with ``map``, the ones after it (on
+compacted indexes) with ``zindex.compact_run``, which gives exactly what ``map`` would.
 Every loop moves by at least one lcluster, so corrupted deltas end in ``CorruptedError``.
 """
 
@@ -22,13 +24,26 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
 
-from ..errors import CorruptedError, ErofsMountError, ShortReadError, UnsupportedError
+from ..errors import CorruptedError, ShortReadError, UnsupportedError
 from . import decompress as D
-from .zindex import (  # noqa: F401  (re-exported: the lcluster types and index flags)
-    Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LCLUSTER_TYPE_NONHEAD,
-    Z_EROFS_LCLUSTER_TYPE_PLAIN, Z_EROFS_LI_D0_CBLKCNT, Z_EROFS_LI_PARTIAL_REF, CompactPack, extent_record, full_lcluster)
+from .zindex import (  # noqa: F401  (re-exported: the lcluster types, index flags, extent record and kinds)
+    Z_EROFS_LCLUSTER_TYPE_HEAD1,
+    Z_EROFS_LCLUSTER_TYPE_HEAD2,
+    Z_EROFS_LCLUSTER_TYPE_NONHEAD,
+    Z_EROFS_LCLUSTER_TYPE_PLAIN,
+    Z_EROFS_LI_D0_CBLKCNT,
+    Z_EROFS_LI_PARTIAL_REF,
+    ZEXT_FRAGMENT,
+    ZEXT_HOLE,
+    ZEXT_MAPPED,
+    ZEXT_META,
+    CompactPack,
+    ZExtent,
+    compact_run,
+    extent_record,
+    full_lcluster,
+)
 from .zindex import LCluster as _LC
 
 EROFS_INODE_COMPRESSED_FULL = 1
@@ -47,26 +62,9 @@ Z_EROFS_EXTENT_PLEN_PARTIAL = 1 << 27
 Z_EROFS_EXTENT_PLEN_FMT_BIT = 28
 Z_EROFS_EXTENT_PLEN_MASK = (D.Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1
 
-# extent kinds
-ZEXT_HOLE = 0       # zeros
-ZEXT_MAPPED = 1     # pcluster at byte pa of the primary device
-ZEXT_META = 2       # inline pcluster in metadata space (ztailpacking), at pa
-ZEXT_FRAGMENT = 3   # bytes of the packed inode from fragmentoff
-
 _PA_CHUNK = 1024
 _LC_MEMO = 512      # decoded lclusters kept per inode
 _PACK_MEMO = 64     # decoded compacted packs kept per inode
-
-
-class ZExtent(NamedTuple):      # a tuple: built once per extent on the hot path, cheaper than a dataclass
-    la: int                 # logical start of the extent
-    llen: int               # its full decoded length (never past i_size)
-    kind: int               # ZEXT_*
-    pa: int = 0             # physical byte position (MAPPED: device 0; META: metadata space)
-    plen: int = 0           # encoded length
-    alg: int = -1           # decompress.Z_EROFS_COMPRESSION_* (incl. SHIFTED/INTERLACED)
-    partial: bool = False   # PARTIAL_REF: the pcluster decodes to more than llen
-    fragmentoff: int = 0    # FRAGMENT: offset of byte `la` in the packed inode
 
 
 class ZMap:
@@ -331,102 +329,14 @@ class ZMap:
             la = ext.la + ext.llen
 
     def _run_compact(self, la: int, end: int, out: list[ZExtent]) -> int:
-        """``map_run`` on compacted indexes while every extent is the plain case, walking the packs'
-        decoded lists instead of making an ``LCluster`` per step; returns where it stopped.
-
-        From an extent's first byte (a HEAD lcluster whose clusterofs is that byte's offset) ``map``
-        finds its head without looking back, walks forward like ``_extent_end`` and takes the block
-        count like ``_compressed_blocks``.  This loop visits the same lclusters in the same order and
-        stops, appending nothing for that extent, wherever ``map`` would raise or do more (a tail
-        pcluster, a lookback, any corruption check), so ``map`` then gives that extent or its error.
-        """
-        lcb = self.lclusterbits
-        lcmask = (1 << lcb) - 1
-        size = self.size
-        bbits = self.blkszbits
-        big = bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1)     # compact: both heads agree
-        tail = self.tail_headlcn if self.idata_size or self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER else -1
-        alg1, alg2 = self.algs
-        avail = self.available_algs
-        plain_alg = D.Z_EROFS_COMPRESSION_INTERLACED if self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER \
-            else D.Z_EROFS_COMPRESSION_SHIFTED
-        maxd = D.Z_EROFS_PCLUSTER_MAX_DSIZE
-        maxp = D.Z_EROFS_PCLUSTER_MAX_SIZE
-        NONHEAD, HEAD2, CBLK = Z_EROFS_LCLUSTER_TYPE_NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, Z_EROFS_LI_D0_CBLKCNT
-        first = last = -1       # lclusters [first, last) of the current pack
-        los = types = blocks = d1s = None
-        base = 0
-        append = out.append
-        make = tuple.__new__
-        try:
-            while la < end:
-                h = la >> lcb
-                if not first <= h < last:
-                    pack, i = self._pack_at(h)
-                    first, last = h - i, h - i + len(pack.los)
-                    los, types, base = pack.los, pack.types, pack.base
-                    blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
-                i = h - first
-                t = types[i]
-                if t == NONHEAD or los[i] != la & lcmask or h == tail:
-                    return la
-                nblk = blocks[i]
-                if nblk is None:
-                    return la
-                pa = (base + nblk) << bbits
-                nb = 1
-                lcn = h + 1
-                while True:     # _extent_end
-                    if lcn << lcb >= size:
-                        e = size
-                        break
-                    if (lcn - h - 1) << lcb > maxd:
-                        return la
-                    if not first <= lcn < last:
-                        pack, j = self._pack_at(lcn)
-                        first, last = lcn - j, lcn - j + len(pack.los)
-                        los, types, base = pack.los, pack.types, pack.base
-                        blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
-                    j = lcn - first
-                    lo = los[j]
-                    if types[j] == NONHEAD:
-                        if lo & CBLK:
-                            if not big:
-                                return la
-                            if lcn == h + 1:
-                                nb = (lo & ~CBLK) or 1
-                        elif big and lcn == h + 1:     # _compressed_blocks: delta[0] must be 1
-                            if j + 1 != len(los):
-                                d0 = lo
-                            else:
-                                d0 = 1 if types[j - 1] != NONHEAD else (2 if los[j - 1] & CBLK else los[j - 1] + 1)
-                            if d0 != 1:
-                                return la
-                        lcn += d1s[j] or 1
-                    else:
-                        if lo > lcmask or big and blocks[j] is None:
-                            return la
-                        e = (lcn << lcb) + lo
-                        if e > size:
-                            e = size
-                        break
-                llen = e - la
-                plen = nb << bbits
-                if t == HEAD2:
-                    alg = alg2
-                elif t:
-                    alg = alg1
-                else:
-                    if llen > plen:
-                        return la
-                    alg = plain_alg
-                if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
-                    return la
-                append(make(ZExtent, (la, llen, ZEXT_MAPPED, pa, plen, alg, False, 0)))
-                la = e
-        except ErofsMountError:     # map() meets the same failure and raises it
-            pass
-        return la
+        """``map_run``'s fast path on compacted indexes (``zindex.compact_run``): returns where it stopped."""
+        return compact_run(self._pack_at, la, end, out, lclusterbits=self.lclusterbits, blkszbits=self.blkszbits,
+                           size=self.size, big=bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1),
+                           tail_headlcn=self.tail_headlcn if self.idata_size or
+                           self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER else -1,
+                           algs=self.algs, available_algs=self.available_algs,
+                           plain_alg=D.Z_EROFS_COMPRESSION_INTERLACED
+                           if self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER else D.Z_EROFS_COMPRESSION_SHIFTED)
 
     def _checked(self, ext: ZExtent, la: int) -> ZExtent:
         if ext.plen > D.Z_EROFS_PCLUSTER_MAX_SIZE or ext.llen > D.Z_EROFS_PCLUSTER_MAX_DSIZE:

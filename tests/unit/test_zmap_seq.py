@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from erofs_mount.errors import ErofsMountError
 from erofs_mount.erofs import zmap as Z
 from erofs_mount.erofs.image import Image
+from erofs_mount.errors import ErofsMountError
 from tests import corpuslib
 
 HEAD1, NONHEAD, PLAIN, HEAD2 = Z.Z_EROFS_LCLUSTER_TYPE_HEAD1, Z.Z_EROFS_LCLUSTER_TYPE_NONHEAD, \
