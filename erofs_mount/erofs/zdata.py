@@ -135,21 +135,27 @@ class ZReader:
         exts: list[ZExtent] = []
         with self._lock:
             zm, recent = self._zmap(inode)
+            known = 0
             try:
-                for ext in recent:      # the extent a sequential reader left off in
-                    if ext.la <= pos < ext.la + ext.llen:
-                        exts.append(ext)
-                        pos = ext.la + ext.llen
+                while pos < end:
+                    for ext in recent:      # e.g. the extent a sequential reader left off in
+                        if ext.la <= pos < ext.la + ext.llen:
+                            exts.append(ext)
+                            pos = ext.la + ext.llen
+                            known += 1
+                            break
+                    else:
+                        zm.map_run(pos, end, exts)
                         break
-                if pos < end:
-                    zm.map_run(pos, end, exts)
             except ErofsMountError as exc:
                 if not exts:
                     raise
                 return exts, exc
             finally:
-                if exts and exts[-1] not in recent:
-                    recent.insert(0, exts[-1])
+                if len(exts) > known:   # the last few newly mapped extents, newest first
+                    new = exts[max(known, len(exts) - 4):]
+                    new.reverse()
+                    recent[:0] = new
                     del recent[4:]
         return exts, None
 

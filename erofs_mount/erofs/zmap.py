@@ -83,6 +83,7 @@ class ZMap:
         # bounded memo changes no result (failures are never memoized and raise again)
         self._lcs: dict[int, _LC] = {}
         self._packs: dict[int, CompactPack] = {}
+        self._last_pack: tuple[int, int, CompactPack | None] = (0, 0, None)
         self.header_pos = (inode.iloc + inode.inode_isize + inode.xattr_isize + 7) & ~7
         h = self._meta(self.header_pos, 8)
         self.all_fragments = False
@@ -182,6 +183,9 @@ class ZMap:
 
     def _pack_at(self, lcn: int) -> tuple[CompactPack, int]:
         """The decoded compacted pack holding lcluster ``lcn``, and its position in the pack."""
+        first, last, pack = self._last_pack     # packs never straddle the 4b/2b regions
+        if first <= lcn < last:
+            return pack, lcn - first
         lcb = self.lclusterbits
         pos, rel, amort = self._c_ebase, lcn, 4
         if lcn >= self._c4_initial:
@@ -208,7 +212,9 @@ class ZMap:
             if len(self._packs) >= _PACK_MEMO:
                 self._packs.clear()
             self._packs[start] = pack
-        return pack, (pos - start) // amort
+        i = (pos - start) // amort
+        self._last_pack = (lcn - i, lcn - i + vcnt, pack)
+        return pack, i
 
     # ------------------------------------------------------------------ lcluster extents
     def _head_of(self, la: int) -> tuple[_LC, _LC]:
