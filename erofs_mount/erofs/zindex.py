@@ -322,3 +322,87 @@ def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end:
     except ErofsMountError:     # map() meets the same failure and raises it
         pass
     return la
+
+
+def full_run(records: Callable[[int, int], bytes], la: int, end: int, out: list[ZExtent], *, lclusterbits: int,
+             blkszbits: int, size: int, big1: bool, big2: bool, tail_headlcn: int, algs: tuple[int, int],
+             available_algs: int, plain_alg: int) -> int:
+    """``compact_run`` for full (``COMPRESSED_FULL``, 8 bytes per lcluster) indexes: ``records(lcn, n)``
+    gives the ``n`` index records from lcluster ``lcn`` on (or raises).  The same steps as
+    ``full_lcluster``, ``ZMap._extent_end`` and ``ZMap._compressed_blocks``, stepping aside wherever
+    they would raise or do more; records it reads but ``map`` would not change nothing (they are only
+    read ahead, and a failing read ahead makes it stop)."""
+    lcb = lclusterbits
+    lcmask = (1 << lcb) - 1
+    bbits = blkszbits
+    tail = tail_headlcn
+    nlc = -(-size >> lcb)
+    big = big1 or big2
+    alg1, alg2 = algs
+    avail = available_algs
+    maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
+    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
+    NONHEAD, HEAD1, HEAD2, CBLK, PREF = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK, \
+        Z_EROFS_LI_PARTIAL_REF
+    unpack = _LCLUSTER_INDEX.unpack_from
+    make = tuple.__new__
+    append = out.append
+    first = last = -1   # records [first, last) in buf
+    buf = b""
+    try:
+        while la < end:
+            h = la >> lcb
+            if not first <= h < last:
+                first, last = h, min(h + 256, nlc)
+                buf = records(first, last - first)
+            adv, co, pblk = unpack(buf, (h - first) * 8)
+            t = adv & 3
+            if t == NONHEAD or co != la & lcmask or h == tail:
+                return la
+            bigh = big1 if t == HEAD1 else big2
+            nb = 1
+            lcn = h + 1
+            while True:     # _extent_end
+                if lcn << lcb >= size:
+                    e = size
+                    break
+                if (lcn - h - 1) << lcb > maxd:
+                    return la
+                if not first <= lcn < last:
+                    first, last = lcn, min(lcn + 256, nlc)
+                    buf = records(first, last - first)
+                adv2, co2, u = unpack(buf, (lcn - first) * 8)
+                if adv2 & 3 == NONHEAD:
+                    d0 = u & 0xFFFF
+                    cblk = 0
+                    if d0 & CBLK:
+                        if not big:
+                            return la
+                        cblk, d0 = d0 & ~CBLK, 1
+                    if bigh and lcn == h + 1:   # _compressed_blocks
+                        if d0 != 1:
+                            return la
+                        nb = cblk or 1
+                    lcn += (u >> 16) or 1
+                else:
+                    if co2 > lcmask:
+                        return la
+                    e = min((lcn << lcb) + co2, size)
+                    break
+            llen = e - la
+            plen = nb << bbits
+            if t == HEAD2:
+                alg = alg2
+            elif t:
+                alg = alg1
+            else:
+                if llen > plen:
+                    return la
+                alg = plain_alg
+            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
+                return la
+            append(make(ZExtent, (la, llen, ZEXT_MAPPED, pblk << bbits, plen, alg, bool(adv & PREF), 0)))
+            la = e
+    except ErofsMountError:     # map() meets the same failure and raises it
+        pass
+    return la

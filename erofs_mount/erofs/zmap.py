@@ -43,6 +43,7 @@ from .zindex import (  # noqa: F401  (re-exported: the lcluster types, index fla
     compact_run,
     extent_record,
     full_lcluster,
+    full_run,
 )
 from .zindex import LCluster as _LC
 
@@ -84,6 +85,7 @@ class ZMap:
         self._lcs: dict[int, _LC] = {}
         self._packs: dict[int, CompactPack] = {}
         self._last_pack: tuple[int, int, CompactPack | None] = (0, 0, None)
+        self._fast_kw: dict | None = None
         self.header_pos = (inode.iloc + inode.inode_isize + inode.xattr_isize + 7) & ~7
         h = self._meta(self.header_pos, 8)
         self.all_fragments = False
@@ -320,11 +322,11 @@ class ZMap:
         ``la`` and then at each extent's end.  A failure is raised as ``map`` raises it, with the
         extents before it already appended."""
         end = min(end, self.size)
-        fast = self.layout == EROFS_INODE_COMPRESSED_COMPACT and not self.all_fragments and self.extents < 0
+        fast = not self.all_fragments and self.extents < 0
         first = True
         while la < end:
             if fast and not first:
-                la = self._run_compact(la, end, out)
+                la = self._run_fast(la, end, out)
                 if la >= end:
                     return
             first = False
@@ -334,15 +336,29 @@ class ZMap:
             out.append(ext)
             la = ext.la + ext.llen
 
-    def _run_compact(self, la: int, end: int, out: list[ZExtent]) -> int:
-        """``map_run``'s fast path on compacted indexes (``zindex.compact_run``): returns where it stopped."""
-        return compact_run(self._pack_at, la, end, out, lclusterbits=self.lclusterbits, blkszbits=self.blkszbits,
-                           size=self.size, big=bool(self.advise & Z_EROFS_ADVISE_BIG_PCLUSTER_1),
-                           tail_headlcn=self.tail_headlcn if self.idata_size or
-                           self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER else -1,
-                           algs=self.algs, available_algs=self.available_algs,
-                           plain_alg=D.Z_EROFS_COMPRESSION_INTERLACED
-                           if self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER else D.Z_EROFS_COMPRESSION_SHIFTED)
+    def _run_fast(self, la: int, end: int, out: list[ZExtent]) -> int:
+        """``map_run``'s fast path (``zindex.compact_run`` / ``full_run``): returns where it stopped."""
+        kw = self._fast_kw
+        if kw is None:
+            kw = self._fast_kw = self._fast_params()
+        if self.layout == EROFS_INODE_COMPRESSED_COMPACT:
+            return compact_run(self._pack_at, la, end, out, **kw)
+        pos = self.header_pos + 16
+        return full_run(lambda lcn, n: self._meta(pos + lcn * 8, n * 8), la, end, out, **kw)
+
+    def _fast_params(self) -> dict:
+        adv = self.advise
+        kw = {"lclusterbits": self.lclusterbits, "blkszbits": self.blkszbits, "size": self.size,
+              "tail_headlcn": self.tail_headlcn if self.idata_size or adv & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER else -1,
+              "algs": self.algs, "available_algs": self.available_algs,
+              "plain_alg": D.Z_EROFS_COMPRESSION_INTERLACED if adv & Z_EROFS_ADVISE_INTERLACED_PCLUSTER
+              else D.Z_EROFS_COMPRESSION_SHIFTED}
+        if self.layout == EROFS_INODE_COMPRESSED_COMPACT:
+            kw["big"] = bool(adv & Z_EROFS_ADVISE_BIG_PCLUSTER_1)     # compacted: HEAD1 and HEAD2 agree
+        else:
+            kw["big1"] = bool(adv & Z_EROFS_ADVISE_BIG_PCLUSTER_1)
+            kw["big2"] = bool(adv & Z_EROFS_ADVISE_BIG_PCLUSTER_2)
+        return kw
 
     def _checked(self, ext: ZExtent, la: int) -> ZExtent:
         if ext.plen > D.Z_EROFS_PCLUSTER_MAX_SIZE or ext.llen > D.Z_EROFS_PCLUSTER_MAX_DSIZE:

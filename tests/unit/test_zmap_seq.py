@@ -62,7 +62,7 @@ def run(zm: Z.ZMap, la: int, end: int) -> tuple[list, tuple | None]:
 def fast_prefix(zm: Z.ZMap, la: int, end: int) -> list:
     """What the compacted fast path alone appends from ``la`` (it never raises)."""
     out: list = []
-    stop = zm._run_compact(la, end, out)
+    stop = zm._run_fast(la, end, out)
     assert stop == (out[-1].la + out[-1].llen if out else la)
     return out
 
@@ -128,7 +128,7 @@ def _check_inodes(img: Image, rng: random.Random, mutate: bool = False) -> int:
             la = rng.randrange(ino.size)
             end = la + rng.choice([1, 4096, 1 << 17, 1 << 30])
             assert run(_zmap(img, ino), la, end) == per_extent(_zmap(img, ino), la, end), (ino.nid, la)
-        if ref_zm.layout == Z.EROFS_INODE_COMPRESSED_COMPACT and not ref_zm.all_fragments:
+        if not ref_zm.all_fragments and ref_zm.extents < 0:
             got = fast_prefix(_zmap(img, ino), 0, ino.size)
             assert got == per_extent(_zmap(img, ino), 0, ino.size)[0][:len(got)]
             fast += len(got)
@@ -164,7 +164,8 @@ def test_corpus_images(name):
         fast = _check_inodes(img, random.Random(name), mutate=True)
     finally:
         os.close(fd)
-    if name in ("lz4", "lz4hc-pcluster-64k", "corrupt-base-lz4hc", "compact-allroot-lz4", "ztailpacking-lz4hc"):
+    if name in ("lz4", "lz4hc-pcluster-64k", "corrupt-base-lz4hc", "compact-allroot-lz4", "ztailpacking-lz4hc",
+                "mkfs15-legacy-lz4hc"):
         assert fast > 0, "the compacted fast path was never taken"
 
 
@@ -255,9 +256,9 @@ def compact_cases(draw):
     return bytes(meta), hdr_pos, size, blkszbits, algs, big or draw(st.booleans())
 
 
-def _synthetic(case) -> tuple:
+def _synthetic(case, layout: int = Z.EROFS_INODE_COMPRESSED_COMPACT) -> tuple:
     meta, hdr_pos, size, blkszbits, algs, big_sb = case
-    ino = SimpleNamespace(nid=5, size=size, datalayout=Z.EROFS_INODE_COMPRESSED_COMPACT, iloc=0,
+    ino = SimpleNamespace(nid=5, size=size, datalayout=layout, iloc=0,
                           inode_isize=hdr_pos, xattr_isize=0, in_metabox=False)
 
     def make():
@@ -273,6 +274,81 @@ def _synthetic(case) -> tuple:
 @given(compact_cases(), st.integers(0, 1 << 30))
 def test_compact_indexes_match_per_extent(case, seed):
     make, size = _synthetic(case)
+    zm = make()
+    if isinstance(zm, tuple):
+        assert make() == zm
+        return
+    assert run(make(), 0, size) == per_extent(make(), 0, size)
+    rng = random.Random(seed)
+    for _ in range(4):
+        la = rng.randrange(size)
+        end = la + rng.choice([1, 1000, 1 << 16, 1 << 30])
+        assert run(make(), la, end) == per_extent(make(), la, end)
+        if not zm.all_fragments:
+            got = fast_prefix(make(), la, end)
+            assert got == per_extent(make(), la, end)[0][:len(got)]
+
+
+# ---------------------------------------------------------------------------- hand-built full indexes
+
+@st.composite
+def full_cases(draw):
+    blkszbits = draw(st.sampled_from([9, 12]))
+    lcb = blkszbits + draw(st.sampled_from([0, 0, 1, 3]))
+    n = draw(st.integers(1, 60))
+    size = (n - 1 << lcb) + draw(st.integers(1, 1 << lcb))
+    advise = 0
+    big1, big2 = draw(st.integers(0, 3)) == 0, draw(st.integers(0, 3)) == 0
+    advise |= Z.Z_EROFS_ADVISE_BIG_PCLUSTER_1 if big1 else 0
+    advise |= Z.Z_EROFS_ADVISE_BIG_PCLUSTER_2 if big2 else 0
+    if draw(st.integers(0, 4)) == 0:
+        advise |= Z.Z_EROFS_ADVISE_INTERLACED_PCLUSTER
+    tail = draw(st.sampled_from([0, 0, 0, Z.Z_EROFS_ADVISE_INLINE_PCLUSTER, Z.Z_EROFS_ADVISE_FRAGMENT_PCLUSTER]))
+    head2 = draw(st.booleans())
+    lc = 1 << lcb
+    recs: list[bytes] = []
+    valid = draw(st.booleans())
+
+    def head(t, co):
+        return struct.pack("<HHI", t | (Z.Z_EROFS_LI_PARTIAL_REF if draw(st.integers(0, 5)) == 0 else 0), co,
+                           draw(st.integers(0, 1 << 24)))
+    while valid and len(recs) < n + 3:
+        k = draw(st.integers(1, 5))
+        t = draw(st.sampled_from([HEAD1, HEAD1, HEAD2 if head2 else HEAD1, PLAIN if k == 1 else HEAD1]))
+        recs.append(head(t, draw(st.sampled_from([0, 0, 0, 1, 100, lc - 1])) if recs else 0))
+        for d in range(1, k):
+            big = big1 if t == HEAD1 else big2
+            d0 = CBLK | draw(st.integers(0, k)) if big and d == 1 else d
+            recs.append(struct.pack("<HHHH", NONHEAD, 0, d0, k - d))
+    while len(recs) < n + 3:
+        t = draw(st.sampled_from([HEAD1, HEAD1, NONHEAD, NONHEAD, NONHEAD, PLAIN, HEAD2 if head2 else HEAD1]))
+        if t == NONHEAD:
+            d0 = draw(st.sampled_from([1, 1, 2, 0, CBLK | 2, CBLK, draw(st.integers(0, 0xFFFF))]))
+            recs.append(struct.pack("<HHHH", NONHEAD, 0, d0, draw(st.sampled_from([1, 1, 2, 0, 70000 & 0xFFFF]))))
+        else:
+            recs.append(head(t, draw(st.sampled_from([0, 0, 100, lc - 1, lc, draw(st.integers(0, 0xFFFF))]))))
+    hdr_pos = draw(st.sampled_from([32, 40, 64]))
+    first = 0
+    if tail == Z.Z_EROFS_ADVISE_INLINE_PCLUSTER:
+        first = draw(st.integers(1, 200)) << 16
+    elif tail:
+        first = draw(st.integers(0, 1 << 20))
+    hdr = struct.pack("<IHBB", first, advise | tail, 0x30 if head2 else 0, lcb - blkszbits)
+    meta = bytearray(bytes(hdr_pos) + hdr + bytes(8) + b"".join(recs) + bytes(300 if tail else 0))
+    for _ in range(draw(st.integers(0, 1 if valid else 3))):    # stray corruption
+        p = draw(st.integers(hdr_pos, len(meta) - 1))
+        meta[p] ^= draw(st.integers(1, 255))
+    if draw(st.integers(0, 20 if valid else 6)) == 0:     # index cut short
+        meta = meta[:draw(st.integers(hdr_pos + 8, len(meta)))]
+    algs = draw(st.sampled_from([0b1, 0b1001]))
+    return bytes(meta), hdr_pos, size, blkszbits, algs, big1 or big2 or draw(st.booleans())
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(full_cases(), st.integers(0, 1 << 30))
+def test_full_indexes_match_per_extent(case, seed):
+    make, size = _synthetic(case, Z.EROFS_INODE_COMPRESSED_FULL)
     zm = make()
     if isinstance(zm, tuple):
         assert make() == zm
