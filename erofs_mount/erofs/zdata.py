@@ -322,7 +322,7 @@ class ZReader:
         cfgs = self.cfgs
         try:
             data = None
-            if ext.alg == D.Z_EROFS_COMPRESSION_LZ4 and 0 < ext.llen <= D.Z_EROFS_PCLUSTER_MAX_DSIZE:
+            if ext.alg == D.Z_EROFS_COMPRESSION_LZ4 and not ext.partial and 0 < ext.llen <= D.Z_EROFS_PCLUSTER_MAX_DSIZE:
                 data = D.lz4_exact(raw, ext.llen, cfgs.zero_padding)
             if data is None:
                 data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,

@@ -14,8 +14,8 @@ Three on-disk forms follow the inode (and its xattrs), after the 8-byte
 Unlike the kernel, which maps only up to the end of the requested lcluster and decodes
 partially, ``ZMap.map`` always returns the *whole* extent (up to the next HEAD lcluster,
 like ``z_erofs_get_extent_decompressedlen``), so a pcluster is decoded once and cached.
-``ZMap.map_run`` maps a whole range: the first extent with ``map``, the ones after it (on
-compacted indexes) with ``zindex.compact_run``, which gives exactly what ``map`` would.
+``ZMap.map_run`` maps a whole range: the first extent with ``map``, the ones after it with
+``zindex.compact_run`` / ``full_run`` (lcluster indexes), which give exactly what ``map`` would.
 Every loop moves by at least one lcluster, so corrupted deltas end in ``CorruptedError``.
 """
 
