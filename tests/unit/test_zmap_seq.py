@@ -269,7 +269,7 @@ def _synthetic(case, layout: int = Z.EROFS_INODE_COMPRESSED_COMPACT) -> tuple:
     return make, size
 
 
-@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(compact_cases(), st.integers(0, 1 << 30))
 def test_compact_indexes_match_per_extent(case, seed):
@@ -344,7 +344,7 @@ def full_cases(draw):
     return bytes(meta), hdr_pos, size, blkszbits, algs, big1 or big2 or draw(st.booleans())
 
 
-@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(full_cases(), st.integers(0, 1 << 30))
 def test_full_indexes_match_per_extent(case, seed):
