@@ -10,20 +10,16 @@ are tabulated for the whole pack by recurrences that visit the same positions in
 order, so every lcluster decodes to exactly what the walk would give, including the
 corruption the big-pcluster walk reports.
 
-``compact_run`` is ``ZMap.map_run``'s sequential fast path over those tables: extent after
-extent, the next one's HEAD being the lcluster the previous walk ended on, without an
-``LCluster`` per step; it steps aside (to ``ZMap.map``) wherever the per-extent path would
-raise or do more.  ``ZExtent`` (re-exported by ``zmap``) is the record both produce.
+``ZExtent`` (re-exported by ``zmap``) is the record ``ZMap.map`` and the sequential walks of
+``zrun.py`` produce.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from typing import NamedTuple
 
-from ..errors import CorruptedError, ErofsMountError
-from .decompress import Z_EROFS_PCLUSTER_MAX_DSIZE, Z_EROFS_PCLUSTER_MAX_SIZE
+from ..errors import CorruptedError
 
 Z_EROFS_LCLUSTER_TYPE_PLAIN = 0
 Z_EROFS_LCLUSTER_TYPE_HEAD1 = 1
@@ -58,7 +54,7 @@ _CBLK = Z_EROFS_LI_D0_CBLKCNT
 
 class LCluster:
     """One decoded lcluster (the kernel's z_erofs_maprecorder fields)."""
-    __slots__ = ("lcn", "type", "clusterofs", "pblk", "delta0", "delta1", "cblkcnt", "partialref", "nextpackoff")
+    __slots__ = ("cblkcnt", "clusterofs", "delta0", "delta1", "lcn", "nextpackoff", "partialref", "pblk", "type")
 
     def __init__(self, lcn: int) -> None:
         self.lcn = lcn
@@ -108,7 +104,7 @@ class CompactPack:
     the base (``None`` where that walk meets a plain ``delta[0] <= 1`` in a big-pcluster pack:
     EFSCORRUPTED); ``d1[i]`` is the lookahead ``delta[1]`` of a NONHEAD lcluster ``i``.
     """
-    __slots__ = ("los", "types", "base", "end", "big", "blocks", "d1")
+    __slots__ = ("base", "big", "blocks", "d1", "end", "los", "types")
 
     def __init__(self, raw: bytes, start: int, vcnt: int, lclusterbits: int, big: bool) -> None:
         packsize = len(raw)
@@ -226,183 +222,3 @@ class CompactPack:
         m.pblk = self.base + nblk
         return m
 
-
-def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end: int, out: list[ZExtent], *,
-                lclusterbits: int, blkszbits: int, size: int, big: bool, tail_headlcn: int, algs: tuple[int, int],
-                available_algs: int, plain_alg: int) -> int:
-    """``ZMap.map_run`` on compacted indexes while every extent is the plain case, walking the packs'
-    decoded lists (``pack_at(lcn)``: the pack holding ``lcn`` and its index there) instead of making
-    an ``LCluster`` per step; appends the extents to ``out`` and returns where it stopped.
-
-    From an extent's first byte (a HEAD lcluster whose clusterofs is that byte's offset) ``ZMap.map``
-    finds its head without looking back, walks forward like ``_extent_end`` and takes the block
-    count like ``_compressed_blocks``.  This loop visits the same lclusters in the same order and
-    stops, appending nothing for that extent, wherever ``map`` would raise or do more (the tail
-    pcluster ``tail_headlcn``, a lookback, any corruption check), so ``map`` then gives that extent
-    or its error.  ``big``: big pclusters (in compacted indexes HEAD1 and HEAD2 agree).
-    """
-    lcb = lclusterbits
-    lcmask = (1 << lcb) - 1
-    bbits = blkszbits
-    tail = tail_headlcn
-    alg1, alg2 = algs
-    avail = available_algs
-    maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
-    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
-    NONHEAD, HEAD2, CBLK = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK
-    first = last = -1       # lclusters [first, last) of the current pack
-    los = types = blocks = d1s = None
-    base = 0
-    append = out.append
-    make = tuple.__new__
-    try:
-        while la < end:
-            h = la >> lcb
-            if not first <= h < last:
-                pack, i = pack_at(h)
-                first, last = h - i, h - i + len(pack.los)
-                los, types, base = pack.los, pack.types, pack.base
-                blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
-            i = h - first
-            t = types[i]
-            if t == NONHEAD or los[i] != la & lcmask or h == tail:
-                return la
-            nblk = blocks[i]
-            if nblk is None:
-                return la
-            pa = (base + nblk) << bbits
-            nb = 1
-            lcn = h + 1
-            while True:     # _extent_end
-                if lcn << lcb >= size:
-                    e = size
-                    break
-                if (lcn - h - 1) << lcb > maxd:
-                    return la
-                if not first <= lcn < last:
-                    pack, j = pack_at(lcn)
-                    first, last = lcn - j, lcn - j + len(pack.los)
-                    los, types, base = pack.los, pack.types, pack.base
-                    blocks, d1s = pack.blocks or pack._blocks(), pack.d1 or pack._d1()
-                j = lcn - first
-                lo = los[j]
-                if types[j] == NONHEAD:
-                    if lo & CBLK:
-                        if not big:
-                            return la
-                        if lcn == h + 1:
-                            nb = (lo & ~CBLK) or 1
-                    elif big and lcn == h + 1:     # _compressed_blocks: delta[0] must be 1
-                        if j + 1 != len(los):
-                            d0 = lo
-                        else:
-                            d0 = 1 if types[j - 1] != NONHEAD else (2 if los[j - 1] & CBLK else los[j - 1] + 1)
-                        if d0 != 1:
-                            return la
-                    lcn += d1s[j] or 1
-                else:
-                    if lo > lcmask or big and blocks[j] is None:
-                        return la
-                    e = min((lcn << lcb) + lo, size)
-                    break
-            llen = e - la
-            plen = nb << bbits
-            if t == HEAD2:
-                alg = alg2
-            elif t:
-                alg = alg1
-            else:
-                if llen > plen:
-                    return la
-                alg = plain_alg
-            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
-                return la
-            append(make(ZExtent, (la, llen, ZEXT_MAPPED, pa, plen, alg, False, 0)))
-            la = e
-    except ErofsMountError:     # map() meets the same failure and raises it
-        pass
-    return la
-
-
-def full_run(records: Callable[[int, int], bytes], la: int, end: int, out: list[ZExtent], *, lclusterbits: int,
-             blkszbits: int, size: int, big1: bool, big2: bool, tail_headlcn: int, algs: tuple[int, int],
-             available_algs: int, plain_alg: int) -> int:
-    """``compact_run`` for full (``COMPRESSED_FULL``, 8 bytes per lcluster) indexes: ``records(lcn, n)``
-    gives the ``n`` index records from lcluster ``lcn`` on (or raises).  The same steps as
-    ``full_lcluster``, ``ZMap._extent_end`` and ``ZMap._compressed_blocks``, stepping aside wherever
-    they would raise or do more; records it reads but ``map`` would not change nothing (they are only
-    read ahead, and a failing read ahead makes it stop)."""
-    lcb = lclusterbits
-    lcmask = (1 << lcb) - 1
-    bbits = blkszbits
-    tail = tail_headlcn
-    nlc = -(-size >> lcb)
-    big = big1 or big2
-    alg1, alg2 = algs
-    avail = available_algs
-    maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
-    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
-    NONHEAD, HEAD1, HEAD2, CBLK, PREF = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK, \
-        Z_EROFS_LI_PARTIAL_REF
-    unpack = _LCLUSTER_INDEX.unpack_from
-    make = tuple.__new__
-    append = out.append
-    first = last = -1   # records [first, last) in buf
-    buf = b""
-    try:
-        while la < end:
-            h = la >> lcb
-            if not first <= h < last:
-                first, last = h, min(h + 256, nlc)
-                buf = records(first, last - first)
-            adv, co, pblk = unpack(buf, (h - first) * 8)
-            t = adv & 3
-            if t == NONHEAD or co != la & lcmask or h == tail:
-                return la
-            bigh = big1 if t == HEAD1 else big2
-            nb = 1
-            lcn = h + 1
-            while True:     # _extent_end
-                if lcn << lcb >= size:
-                    e = size
-                    break
-                if (lcn - h - 1) << lcb > maxd:
-                    return la
-                if not first <= lcn < last:
-                    first, last = lcn, min(lcn + 256, nlc)
-                    buf = records(first, last - first)
-                adv2, co2, u = unpack(buf, (lcn - first) * 8)
-                if adv2 & 3 == NONHEAD:
-                    d0 = u & 0xFFFF
-                    cblk = 0
-                    if d0 & CBLK:
-                        if not big:
-                            return la
-                        cblk, d0 = d0 & ~CBLK, 1
-                    if bigh and lcn == h + 1:   # _compressed_blocks
-                        if d0 != 1:
-                            return la
-                        nb = cblk or 1
-                    lcn += (u >> 16) or 1
-                else:
-                    if co2 > lcmask:
-                        return la
-                    e = min((lcn << lcb) + co2, size)
-                    break
-            llen = e - la
-            plen = nb << bbits
-            if t == HEAD2:
-                alg = alg2
-            elif t:
-                alg = alg1
-            else:
-                if llen > plen:
-                    return la
-                alg = plain_alg
-            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
-                return la
-            append(make(ZExtent, (la, llen, ZEXT_MAPPED, pblk << bbits, plen, alg, bool(adv & PREF), 0)))
-            la = e
-    except ErofsMountError:     # map() meets the same failure and raises it
-        pass
-    return la

@@ -15,7 +15,7 @@ Unlike the kernel, which maps only up to the end of the requested lcluster and d
 partially, ``ZMap.map`` always returns the *whole* extent (up to the next HEAD lcluster,
 like ``z_erofs_get_extent_decompressedlen``), so a pcluster is decoded once and cached.
 ``ZMap.map_run`` maps a whole range: the first extent with ``map``, the ones after it with
-``zindex.compact_run`` / ``full_run`` (lcluster indexes), which give exactly what ``map`` would.
+``zrun.compact_run`` / ``full_run`` (lcluster indexes), which give exactly what ``map`` would.
 Every loop moves by at least one lcluster, so corrupted deltas end in ``CorruptedError``.
 """
 
@@ -40,12 +40,11 @@ from .zindex import (  # noqa: F401  (re-exported: the lcluster types, index fla
     ZEXT_META,
     CompactPack,
     ZExtent,
-    compact_run,
     extent_record,
     full_lcluster,
-    full_run,
 )
 from .zindex import LCluster as _LC
+from .zrun import compact_run, full_run
 
 EROFS_INODE_COMPRESSED_FULL = 1
 EROFS_INODE_COMPRESSED_COMPACT = 3
@@ -337,7 +336,7 @@ class ZMap:
             la = ext.la + ext.llen
 
     def _run_fast(self, la: int, end: int, out: list[ZExtent]) -> int:
-        """``map_run``'s fast path (``zindex.compact_run`` / ``full_run``): returns where it stopped."""
+        """``map_run``'s fast path (``zrun.compact_run`` / ``full_run``): returns where it stopped."""
         kw = self._fast_kw
         if kw is None:
             kw = self._fast_kw = self._fast_params()
