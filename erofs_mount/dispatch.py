@@ -46,7 +46,7 @@ def fuse_options(opts: MountOptions, foreground: bool):
     for key in ("fsname", "subtype"):
         if key in f:
             kw[key] = f[key]
-    for key in ("uid", "gid", "max_read", "poll_us"):
+    for key in ("uid", "gid", "max_read", "poll_us", "read_ahead_kb"):
         if key in f:
             kw[key] = int(f[key], 0)
     flags = []

@@ -90,6 +90,12 @@ class Superblock:
         return self.has_incompat(L.EROFS_FEATURE_INCOMPAT_METABOX)
 
     @property
+    def marks_compression(self) -> bool:
+        """The superblock says the image holds compressed data: mkfs.erofs sets lz4_0padding (or
+        compr_cfgs for other algorithms) when it compresses.  Very old lz4 images set neither."""
+        return self.has_incompat(L.EROFS_FEATURE_INCOMPAT_LZ4_0PADDING | L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS)
+
+    @property
     def lz4_max_distance(self) -> int:
         return 0 if self.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS) else self.available_compr_algs
 

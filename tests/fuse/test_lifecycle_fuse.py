@@ -148,3 +148,31 @@ def test_mountinfo_parsing_unescapes_paths():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_read_ahead_window_of_compressed_images(fuse, plain):
+    """Root mounts of compressed images get a 1 MiB read-ahead window (1 MiB READs); uncompressed
+    ones keep the kernel's; ``-o read_ahead_kb=N`` sets it, 0 leaves the kernel's."""
+    from erofs_mount.backends.fuse.config import COMPRESSED_READ_AHEAD_KB
+    from erofs_mount.backends.fuse.readahead import read_ahead_kb
+
+    if os.geteuid() != 0:
+        pytest.skip("the read-ahead window is root's to set")
+    lz4 = corpuslib.image("lz4")
+
+    def window(image, opts=()):
+        mnt = fuse.mountpoint("ra")
+        res = fuse.mount(image.path, mnt, opts=opts)
+        assert res.returncode == 0, res.stderr
+        try:
+            return read_ahead_kb(os.stat(mnt).st_dev)
+        finally:
+            assert fuse.unmount(mnt).returncode == 0
+
+    default = window(lz4, ["read_ahead_kb=0"])
+    assert default is not None and default != COMPRESSED_READ_AHEAD_KB
+    assert window(lz4) == COMPRESSED_READ_AHEAD_KB
+    assert window(plain) == default
+    assert window(plain, ["read_ahead_kb=512"]) == 512
+    res = fuse.mount(plain.path, fuse.mountpoint("ra2"), opts=["read_ahead_kb=99999999"])
+    assert "read_ahead_kb" in _one_line_error(res)

@@ -162,3 +162,20 @@ def test_readdir_resumes_exactly_and_the_end_costs_no_reader_call(monkeypatch, r
     finally:
         for src in opened:
             src.close()
+
+
+def test_read_ahead_option():
+    from erofs_mount.backends.fuse.config import COMPRESSED_READ_AHEAD_KB
+
+    auto = FuseOptions()
+    assert auto.resolved_read_ahead_kb(is_root=True, compressed=True) == COMPRESSED_READ_AHEAD_KB
+    assert auto.resolved_read_ahead_kb(is_root=True, compressed=False) == 0
+    assert auto.resolved_read_ahead_kb(is_root=False, compressed=True) == 0   # not ours to set
+    o = FuseOptions.from_strings([], {"read_ahead_kb": "256"})
+    assert o.resolved_read_ahead_kb(is_root=True, compressed=False) == 256
+    assert "ro" in o.libfuse_options("img", is_root=True)
+    with pytest.raises(UsageError, match="needs root"):
+        o.libfuse_options("img", is_root=False)
+    assert FuseOptions.from_strings([], {"read_ahead_kb": "0"}).libfuse_options("img", is_root=False)
+    with pytest.raises(UsageError, match="read_ahead_kb=70000"):
+        FuseOptions(read_ahead_kb=70000).libfuse_options("img", is_root=True)

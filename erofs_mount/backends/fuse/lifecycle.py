@@ -33,6 +33,7 @@ from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .mountinfo import find_mount
 from .publish import Publisher
+from .readahead import set_read_ahead_kb
 from .source import IMAGE_CACHES, open_image, open_local, tune_image
 from .inline import LocalReader
 
@@ -109,6 +110,13 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     ready.fail(f"{mountpoint}: the mount point does not show the new mount")
                     pyfuse3.terminate()
                     return
+                kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=image.sb.marks_compression)
+                if kb:
+                    why = set_read_ahead_kb(st.st_dev, kb)
+                    if why is None:
+                        log.info("read-ahead of %s: %d KiB", mountpoint, kb)
+                    else:
+                        log.warning("%s", why)
                 log.info("ready: %s answers", mountpoint)
                 ready.ok()
 
