@@ -31,6 +31,24 @@ from .zindex import (
 )
 
 
+def _algorithm(t: int, llen: int, plen: int, algs: tuple[int, int], plain_alg: int, available_algs: int) -> int:
+    """The extent's algorithm as ``ZMap.map`` takes it (HEAD1/HEAD2 from ``algs``, PLAIN: ``plain_alg``),
+    or -1 where ``map`` would raise instead: an unavailable algorithm, a plain extent longer than its
+    pcluster, an empty extent or one beyond the pcluster limits (``ZMap._checked``)."""
+    if t == Z_EROFS_LCLUSTER_TYPE_HEAD2:
+        alg = algs[1]
+    elif t:
+        alg = algs[0]
+    else:
+        if llen > plen:
+            return -1
+        alg = plain_alg
+    if t and not available_algs >> alg & 1 or llen <= 0 or llen > Z_EROFS_PCLUSTER_MAX_DSIZE \
+            or plen > Z_EROFS_PCLUSTER_MAX_SIZE:
+        return -1
+    return alg
+
+
 def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end: int, out: list[ZExtent], *,
                 lclusterbits: int, blkszbits: int, size: int, big: bool, tail_headlcn: int, algs: tuple[int, int],
                 available_algs: int, plain_alg: int) -> int:
@@ -49,11 +67,8 @@ def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end:
     lcmask = (1 << lcb) - 1
     bbits = blkszbits
     tail = tail_headlcn
-    alg1, alg2 = algs
-    avail = available_algs
     maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
-    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
-    NONHEAD, HEAD2, CBLK = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK
+    NONHEAD, CBLK = _NONHEAD, _CBLK
     first = last = -1       # lclusters [first, last) of the current pack
     los = types = blocks = d1s = None
     base = 0
@@ -111,15 +126,8 @@ def compact_run(pack_at: Callable[[int], tuple[CompactPack, int]], la: int, end:
                     break
             llen = e - la
             plen = nb << bbits
-            if t == HEAD2:
-                alg = alg2
-            elif t:
-                alg = alg1
-            else:
-                if llen > plen:
-                    return la
-                alg = plain_alg
-            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
+            alg = _algorithm(t, llen, plen, algs, plain_alg, available_algs)
+            if alg < 0:
                 return la
             append(make(ZExtent, (la, llen, ZEXT_MAPPED, pa, plen, alg, False, 0)))
             la = e
@@ -142,11 +150,8 @@ def full_run(records: Callable[[int, int], bytes], la: int, end: int, out: list[
     tail = tail_headlcn
     nlc = -(-size >> lcb)
     big = big1 or big2
-    alg1, alg2 = algs
-    avail = available_algs
     maxd = Z_EROFS_PCLUSTER_MAX_DSIZE
-    maxp = Z_EROFS_PCLUSTER_MAX_SIZE
-    NONHEAD, HEAD1, HEAD2, CBLK, PREF = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD1, Z_EROFS_LCLUSTER_TYPE_HEAD2, _CBLK, \
+    NONHEAD, HEAD1, CBLK, PREF = _NONHEAD, Z_EROFS_LCLUSTER_TYPE_HEAD1, _CBLK, \
         Z_EROFS_LI_PARTIAL_REF
     unpack = _LCLUSTER_INDEX.unpack_from
     make = tuple.__new__
@@ -195,15 +200,8 @@ def full_run(records: Callable[[int, int], bytes], la: int, end: int, out: list[
                     break
             llen = e - la
             plen = nb << bbits
-            if t == HEAD2:
-                alg = alg2
-            elif t:
-                alg = alg1
-            else:
-                if llen > plen:
-                    return la
-                alg = plain_alg
-            if t and not avail >> alg & 1 or llen <= 0 or llen > maxd or plen > maxp:
+            alg = _algorithm(t, llen, plen, algs, plain_alg, available_algs)
+            if alg < 0:
                 return la
             append(make(ZExtent, (la, llen, ZEXT_MAPPED, pblk << bbits, plen, alg, bool(adv & PREF), 0)))
             la = e
