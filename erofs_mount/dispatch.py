@@ -32,31 +32,9 @@ def choose_mode(opts: MountOptions) -> tuple[str, str]:
 
 
 def fuse_options(opts: MountOptions, foreground: bool):
-    from dataclasses import replace
-
     from .backends.fuse.lifecycle import FuseOptions
 
-    f = opts.fuse
-    kw: dict = {
-        "allow_other": "allow_other" in f, "allow_root": "allow_root" in f,
-        "auto_unmount": "auto_unmount" in f, "foreground": foreground,
-    }
-    if "default_permissions" in f:
-        kw["default_permissions"] = True
-    for key in ("fsname", "subtype"):
-        if key in f:
-            kw[key] = f[key]
-    for key in ("uid", "gid", "max_read", "poll_us", "read_ahead_kb"):
-        if key in f:
-            kw[key] = int(f[key], 0)
-    flags = []
-    for flag in opts.flags:
-        if flag in ("nosuid", "nodev", "noexec", "noatime"):
-            kw[flag] = True
-        else:
-            flags.append(flag)
-    fo = FuseOptions(**kw)
-    return replace(fo, flags=tuple(flags)) if flags else fo
+    return FuseOptions.from_strings(opts.flags, opts.fuse, foreground=foreground)
 
 
 def nbd_options(opts: MountOptions, foreground: bool):

@@ -27,7 +27,8 @@ MOUNT_FLAGS = frozenset({
 KERNEL_OPTIONS = frozenset({"user_xattr", "nouser_xattr", "acl", "noacl"})
 KERNEL_VALUED = frozenset({"cache_strategy", "fsid", "domain_id"})
 FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
-FUSE_VALUED = frozenset({"fsname", "subtype", "uid", "gid", "max_read", "poll_us", "read_ahead_kb"})
+FUSE_NUMERIC = frozenset({"uid", "gid", "max_read", "poll_us", "read_ahead_kb"})
+FUSE_VALUED = FUSE_NUMERIC | {"fsname", "subtype"}
 NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size",
                         "nbd.read_ahead_kb"})
 NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NBD backend
@@ -139,7 +140,7 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
             elif key in FUSE_FLAGS and not eq:
                 fuse[key] = ""
             elif key in FUSE_VALUED and eq:
-                if key in ("uid", "gid", "max_read", "poll_us", "read_ahead_kb"):
+                if key in FUSE_NUMERIC:
                     parse_uint(key, value)
                 fuse[key] = value
             elif key in NBD_VALUED and eq:

@@ -47,3 +47,11 @@ def test_fuse_poll_window_option():
     assert dispatch.fuse_options(parse_options(["poll_us=0"]), False).poll_us == 0
     with pytest.raises(UsageError, match="poll_us"):
         parse_options(["poll_us=-5"])
+
+
+def test_fuse_options_take_fstab_words_and_hex_numbers():
+    fo = dispatch.fuse_options(parse_options(["defaults,silent,nodev,uid=0x10"]), False)
+    assert fo.flags == () and fo.nodev and fo.uid == 16
+    assert "nodev" in fo.libfuse_options("img", is_root=True)
+    with pytest.raises(UsageError, match="nosymfollow"):     # a flag libfuse would not pass on: named
+        dispatch.fuse_options(parse_options(["nosymfollow"]), False).libfuse_options("img", is_root=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from ...errors import UsageError
+from ...options import FUSE_FLAGS, FUSE_NUMERIC, FUSE_VALUED
 
 DEFAULT_POLL_US = 50  # busypoll.py explains the figure (kept here: this module must not import trio)
 MAX_POLL_US = 10_000
@@ -20,6 +21,8 @@ MAX_READ_AHEAD_KB = 65536
 PASSED_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
                           "nodiratime", "diratime", "relatime", "norelatime", "strictatime",
                           "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync"})
+# mount(8) words that ask for nothing a FUSE mount could do (the kernel's silent/loud, fstab's defaults)
+IGNORED_FLAGS = frozenset({"silent", "loud", "defaults"})
 
 
 @dataclass(frozen=True)
@@ -51,26 +54,22 @@ class FuseOptions:
         """From options.MountOptions' ``flags`` (mount(2) flags) and ``fuse`` (key -> value, "" for flags)."""
         fuse = dict(fuse)
         args: dict = dict(kw)
-        for key in ("allow_other", "allow_root", "default_permissions", "auto_unmount"):
-            if key in fuse:
+        for key, value in fuse.items():
+            if key in FUSE_FLAGS:
                 args[key] = True
-        for key in ("fsname", "subtype"):
-            if key in fuse:
-                args[key] = fuse[key]
-        for key in ("uid", "gid", "max_read", "poll_us", "read_ahead_kb"):
-            if key in fuse:
-                args[key] = int(fuse[key])
-        unknown = set(fuse) - {"allow_other", "allow_root", "default_permissions", "auto_unmount", "fsname",
-                               "subtype", "uid", "gid", "max_read", "poll_us", "read_ahead_kb"}
+            elif key in FUSE_NUMERIC:
+                args[key] = int(value, 0)
+            elif key in FUSE_VALUED:
+                args[key] = value
+        unknown = set(fuse) - FUSE_FLAGS - FUSE_VALUED
         if unknown:
             raise UsageError(f"unknown FUSE option '{sorted(unknown)[0]}'")
         rest = []
         for flag in flags:
             if flag in ("nosuid", "nodev", "noexec", "noatime"):
                 args[flag] = True
-            elif flag in PASSED_FLAGS:
-                rest.append(flag)
-            # flags the kernel FUSE mount has no use for (silent, loud) are dropped
+            elif flag not in IGNORED_FLAGS:
+                rest.append(flag)   # libfuse_options refuses one libfuse does not pass on
         args["flags"] = tuple(rest)
         return cls(**args)
 
