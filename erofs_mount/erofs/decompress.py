@@ -127,21 +127,6 @@ def lz4_decode_partial(src: bytes, out_len: int) -> bytes:
     return bytes(out[:out_len])
 
 
-def lz4_exact(src: bytes, out_len: int, zero_padding: bool) -> bytes | None:
-    """The common case of ``decompress`` for LZ4 (0 < ``out_len`` <= 12 MiB): the C decoder gives
-    exactly ``out_len`` bytes, which every mode accepts.  ``None`` otherwise: ``decompress`` then
-    gives the answer (partial decoding) or the error."""
-    if zero_padding:
-        src = src.lstrip(b"\0")
-        if not src:
-            return None
-    try:
-        out = lz4.block.decompress(src, uncompressed_size=out_len)
-    except lz4.block.LZ4BlockError:
-        return None
-    return out if len(out) == out_len else None
-
-
 def _lz4(src: bytes, out_len: int, strict: bool, zero_padding: bool) -> bytes:
     if zero_padding:
         src = strip_zero_padding(src)

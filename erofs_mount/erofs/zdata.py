@@ -321,12 +321,8 @@ class ZReader:
         done[1] += len(raw)
         cfgs = self.cfgs
         try:
-            data = None
-            if ext.alg == D.Z_EROFS_COMPRESSION_LZ4 and not ext.partial and 0 < ext.llen <= D.Z_EROFS_PCLUSTER_MAX_DSIZE:
-                data = D.lz4_exact(raw, ext.llen, cfgs.zero_padding)
-            if data is None:
-                data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
-                                    la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
+            data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
+                                la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
         except ErofsMountError as exc:
             raise type(exc)(f"{self._where(inode, ext)}: {exc}", errno=exc.errno) from None
         except Exception as exc:    # a codec library failing in an unexpected way on garbage

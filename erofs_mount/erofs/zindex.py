@@ -130,7 +130,7 @@ class CompactPack:
                 self.blocks = [0, None if lo0 <= 1 else 0]
             if t1 == _NONHEAD:  # _d1: the run reaches the pack's end
                 d = 1 + (0 if lo1 & _CBLK else lo1 - 1)
-                self.d1 = [max(d + 1, 0) if t0 == _NONHEAD else 0, max(d, 0)]
+                self.d1 = [d + 1 if t0 == _NONHEAD else 0, d]   # d >= 0: lo1 >= 0, or 1 for a CBLKCNT
             else:
                 self.d1 = [1 if t0 == _NONHEAD else 0, 0]
             return
