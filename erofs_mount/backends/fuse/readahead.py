@@ -27,11 +27,3 @@ def set_read_ahead_kb(st_dev: int, kb: int) -> str | None:
     except OSError as exc:
         return f"read_ahead_kb={kb} not set ({path}: {exc.strerror})"
     return None
-
-
-def read_ahead_kb(st_dev: int) -> int | None:
-    try:
-        with open(bdi_setting(st_dev)) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
