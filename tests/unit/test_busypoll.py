@@ -73,26 +73,37 @@ def test_backoff_is_capped_and_reset_by_a_quick_request(pipe):
     assert q._backoff == busypoll.MAX_BACKOFF
 
 
-def test_install_routes_pyfuse3_waits_and_uninstall_restores(monkeypatch):
-    pyfuse3 = pytest.importorskip("pyfuse3")
+def test_found_requests_still_yield_to_other_tasks_every_yield_every(pipe):
+    r, w = pipe
+    os.write(w, b"x")                       # never read: every wait finds the fd ready
+    p = busypoll.Poller(1000)
+    ran = []
+
+    async def other():
+        ran.append(1)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(other)
+            p.yield_every = 1e9
+            for _ in range(50):
+                await p.wait_readable(r)
+            assert ran == []                # no pass through the scheduler: the task never ran
+            p.yield_every = 0
+            await p.wait_readable(r)        # two passes: the task ran in one of them
+            await p.wait_readable(r)
+            assert ran == [1]
+
+    trio.run(main)
+    assert p.hits == 52 and p.sleeps == 0
+
+
+def test_make_is_off_for_zero_window_and_one_cpu(monkeypatch):
+    assert busypoll.make(0) is None
     monkeypatch.setattr(busypoll, "usable_cpus", lambda: 2)
-    poller = busypoll.install(50)
-    try:
-        assert poller is not None
-        assert pyfuse3.trio.lowlevel.wait_readable == poller.wait_readable
-        assert pyfuse3.trio.Lock is trio.Lock                       # everything else is trio's
-        assert pyfuse3.trio.lowlevel.current_task is trio.lowlevel.current_task
-    finally:
-        busypoll.uninstall()
-    assert pyfuse3.trio is trio
-
-
-def test_install_is_off_for_zero_window_and_one_cpu(monkeypatch):
-    pyfuse3 = pytest.importorskip("pyfuse3")
-    assert busypoll.install(0) is None
+    assert isinstance(busypoll.make(50), busypoll.Poller)
     monkeypatch.setattr(busypoll, "usable_cpus", lambda: 1)
-    assert busypoll.install(50) is None
-    assert pyfuse3.trio is trio
+    assert busypoll.make(50) is None
 
 
 def test_poll_us_option_is_bounded():

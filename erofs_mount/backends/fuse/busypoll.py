@@ -15,9 +15,12 @@ two windows) turns polling back on.  An idle mount therefore costs one window af
 request, and a mount serving a slow trickle of requests does not spin at all.  With a single
 CPU polling would only take time from the reader, so it is off there.
 
-pyfuse3 reaches trio through its module attribute ``pyfuse3.trio`` (its own asyncio mode swaps
-that attribute the same way, ``pyfuse3/asyncio.py``); ``install()`` puts a proxy there whose
-``lowlevel.wait_readable`` polls first and otherwise is trio itself.
+A request found while polling returns without a pass through trio's scheduler (with
+``shim.BargingLock`` in front, a stream of requests is served without any).  Other tasks -- a
+reply from a worker thread, the signal handler, the status publisher -- only run at such a
+pass, so a found request still yields once ``YIELD_EVERY`` seconds have gone by since the last
+one: a flood of requests delays them by at most that much.  ``shim.install`` puts
+``wait_readable`` where pyfuse3 calls it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 from .config import DEFAULT_POLL_US  # noqa: F401 - re-exported: the figure's explanation is here
 
 MAX_BACKOFF = 256        # waits that go straight to sleep after repeated misses
+YIELD_EVERY = 0.002      # seconds of found requests after which one still passes through trio
 
 
 class Poller:
@@ -46,6 +50,8 @@ class Poller:
         self._polls: dict[int, select.poll] = {}
         self._backoff = 0
         self._skip = 0
+        self.yield_every = YIELD_EVERY
+        self._yielded = time.perf_counter()   # the last pass through trio's scheduler
 
     def _poll_for(self, fd: int) -> bool:
         p = self._polls.get(fd)
@@ -65,6 +71,10 @@ class Poller:
         elif self._poll_for(fd):
             self.hits += 1
             self._backoff = 0
+            now = time.perf_counter()
+            if now - self._yielded >= self.yield_every:
+                self._yielded = now
+                await trio.lowlevel.checkpoint()
             return
         else:
             self._backoff = min(MAX_BACKOFF, max(1, 2 * self._backoff))
@@ -72,29 +82,12 @@ class Poller:
         self.sleeps += 1
         start = time.perf_counter()
         await trio.lowlevel.wait_readable(fd)
-        if time.perf_counter() - start < 2 * self.window:
+        self._yielded = now = time.perf_counter()
+        if now - start < 2 * self.window:
             self._backoff = self._skip = 0   # requests come close together again: poll
 
     def stats(self) -> dict:
         return {"poll_hits": self.hits, "poll_sleeps": self.sleeps}
-
-
-class _Lowlevel:
-    def __init__(self, poller: Poller) -> None:
-        self.wait_readable = poller.wait_readable
-
-    def __getattr__(self, name: str):
-        return getattr(trio.lowlevel, name)
-
-
-class _Trio:
-    """What pyfuse3 sees as ``trio``: trio, except ``lowlevel.wait_readable``."""
-
-    def __init__(self, poller: Poller) -> None:
-        self.lowlevel = _Lowlevel(poller)
-
-    def __getattr__(self, name: str):
-        return getattr(trio, name)
 
 
 def usable_cpus() -> int:
@@ -104,25 +97,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def install(window_us: int) -> Poller | None:
-    """Route pyfuse3's waits on /dev/fuse through a ``Poller``; None when polling is off."""
-    import pyfuse3
-
+def make(window_us: int) -> Poller | None:
+    """A ``Poller`` for this machine, or None when polling is off (window 0, or one CPU)."""
     if window_us <= 0:
         return None
     if usable_cpus() < 2:
         log.info("busy polling off: one CPU (it would only delay the reader)")
         return None
-    if getattr(pyfuse3, "trio", None) is not trio:
-        log.warning("busy polling off: this pyfuse3 does not reach trio through pyfuse3.trio")
-        return None
-    poller = Poller(window_us)
-    pyfuse3.trio = _Trio(poller)
-    return poller
-
-
-def uninstall() -> None:
-    import pyfuse3
-
-    if isinstance(getattr(pyfuse3, "trio", None), _Trio):
-        pyfuse3.trio = trio
+    return Poller(window_us)

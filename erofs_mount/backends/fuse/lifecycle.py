@@ -63,7 +63,7 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     import pyfuse3
     import trio
 
-    from . import busypoll
+    from . import busypoll, shim
     from .ops import ErofsOperations, OpsConfig
 
     is_root = os.geteuid() == 0
@@ -121,11 +121,15 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                 ready.ok()
 
             async def serve() -> None:
-                poller = busypoll.install(opts.poll_us)
+                poller = busypoll.make(opts.poll_us)
+                if not shim.install(poller):
+                    log.warning("this pyfuse3 does not reach trio through pyfuse3.trio: "
+                                "no busy polling, trio's own lock")
+                    poller = None
                 try:
                     await pyfuse3.main()
                 finally:
-                    busypoll.uninstall()
+                    shim.uninstall()
                     if poller is not None:
                         log.info("busy polling (%d us): %d requests found while polling, %d waits slept",
                                  opts.poll_us, poller.hits, poller.sleeps)
