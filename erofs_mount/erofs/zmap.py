@@ -9,7 +9,8 @@ Three on-disk forms follow the inode (and its xattrs), after the 8-byte
   bytes (compacted_2b), each pack ending with a le32 base block address; an initial run
   of 4b packs aligns the 2b region to 32 bytes, 4b packs follow it;
 * ``COMPRESSED_FULL`` with ``Z_EROFS_ADVISE_EXTENTS`` (48-bit layout): ``z_erofs_extent``
-  records of 4/8/16/32 bytes (per lcluster, or sorted by logical start).
+  records of 4/8/16/32 bytes (per lcluster, or sorted by logical start), mapped by
+  ``zext.ExtentRecords``.
 
 Unlike the kernel, which maps only up to the end of the requested lcluster and decodes
 partially, ``ZMap.map`` always returns the *whole* extent (up to the next HEAD lcluster,
@@ -22,12 +23,22 @@ Every loop moves by at least one lcluster, so corrupted deltas end in ``Corrupte
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Callable
 
 from ..errors import CorruptedError, ShortReadError, UnsupportedError
 from . import decompress as D
-from .zindex import (  # noqa: F401  (re-exported: the lcluster types, index flags, extent record and kinds)
+from .zext import ExtentRecords
+from .zindex import (  # noqa: F401  (re-exported: the layouts, advise flags, lcluster types, index flags, kinds)
+    EROFS_INODE_COMPRESSED_COMPACT,
+    EROFS_INODE_COMPRESSED_FULL,
+    Z_EROFS_ADVISE_BIG_PCLUSTER_1,
+    Z_EROFS_ADVISE_BIG_PCLUSTER_2,
+    Z_EROFS_ADVISE_COMPACTED_2B,
+    Z_EROFS_ADVISE_EXTENTS,
+    Z_EROFS_ADVISE_FRAGMENT_PCLUSTER,
+    Z_EROFS_ADVISE_INLINE_PCLUSTER,
+    Z_EROFS_ADVISE_INTERLACED_PCLUSTER,
+    Z_EROFS_FRAGMENT_INODE_BIT,
     Z_EROFS_LCLUSTER_TYPE_HEAD1,
     Z_EROFS_LCLUSTER_TYPE_HEAD2,
     Z_EROFS_LCLUSTER_TYPE_NONHEAD,
@@ -40,29 +51,11 @@ from .zindex import (  # noqa: F401  (re-exported: the lcluster types, index fla
     ZEXT_META,
     CompactPack,
     ZExtent,
-    extent_record,
     full_lcluster,
 )
 from .zindex import LCluster as _LC
 from .zrun import compact_run, full_run
 
-EROFS_INODE_COMPRESSED_FULL = 1
-EROFS_INODE_COMPRESSED_COMPACT = 3
-
-Z_EROFS_ADVISE_COMPACTED_2B = 0x0001
-Z_EROFS_ADVISE_EXTENTS = 0x0001
-Z_EROFS_ADVISE_BIG_PCLUSTER_1 = 0x0002
-Z_EROFS_ADVISE_BIG_PCLUSTER_2 = 0x0004
-Z_EROFS_ADVISE_INLINE_PCLUSTER = 0x0008
-Z_EROFS_ADVISE_INTERLACED_PCLUSTER = 0x0010
-Z_EROFS_ADVISE_FRAGMENT_PCLUSTER = 0x0020
-Z_EROFS_FRAGMENT_INODE_BIT = 7
-
-Z_EROFS_EXTENT_PLEN_PARTIAL = 1 << 27
-Z_EROFS_EXTENT_PLEN_FMT_BIT = 28
-Z_EROFS_EXTENT_PLEN_MASK = (D.Z_EROFS_PCLUSTER_MAX_SIZE << 1) - 1
-
-_PA_CHUNK = 1024
 _LC_MEMO = 512      # decoded lclusters kept per inode
 _PACK_MEMO = 64     # decoded compacted packs kept per inode
 
@@ -106,7 +99,7 @@ class ZMap:
             self.extents = int.from_bytes(h[0:4], "little") | (int.from_bytes(h[6:8], "little") << 32)
             self.recsz = 4 << ((self.advise >> 1) & 3)
             self.ext_pos = (self.header_pos + 8 + self.recsz - 1) // self.recsz * self.recsz
-            self._pa_prefix: list[int] = []
+            self._records = ExtentRecords(self)
             return
         self.algs = (h[6] & 15, h[6] >> 4)
         for n, a in enumerate(self.algs):
@@ -287,7 +280,7 @@ class ZMap:
         if self.all_fragments:
             return ZExtent(0, self.size, ZEXT_FRAGMENT, fragmentoff=self.fragmentoff)
         if self.extents >= 0:
-            return self._map_ext(la)
+            return self._records.map(la)
         lcb = self.lclusterbits
         _, head = self._head_of(la)
         m_la = (head.lcn << lcb) | head.clusterofs
@@ -368,79 +361,3 @@ class ZMap:
         # z_erofs_map_blocks_iter: beyond Z_EROFS_PCLUSTER_MAX_SIZE / _MAX_DSIZE is EOPNOTSUPP
         return CorruptedError(f"inode {self.nid}: extent{what} exceeds the pcluster limits "
                               f"(1 MiB encoded, 12 MiB decoded) at logical offset {la}", errno=errno.EOPNOTSUPP)
-
-    # ------------------------------------------------------------------ 48-bit encoded extents
-    def _pa_of(self, k: int) -> int:
-        """recsz 4: the pa of record k = base + the plens before it (a checkpoint every 1024 records)."""
-        cps = self._pa_prefix
-        if not cps:
-            cps.append(int.from_bytes(self._meta(self.ext_pos, 8), "little"))
-        j = k // _PA_CHUNK
-        while len(cps) <= j:
-            cps.append(cps[-1] + self._plen_sum((len(cps) - 1) * _PA_CHUNK, _PA_CHUNK))
-        return cps[j] + self._plen_sum(j * _PA_CHUNK, k - j * _PA_CHUNK)
-
-    def _plen_sum(self, first: int, count: int) -> int:
-        if not count:
-            return 0
-        raw = self._meta(self.ext_pos + 8 + first * 4, count * 4)
-        return sum(p & Z_EROFS_EXTENT_PLEN_MASK for p in struct.unpack(f"<{count}I", raw))
-
-    def _map_ext(self, la: int) -> ZExtent:
-        recsz = self.recsz
-        if recsz <= 8:
-            lcb = self.lclusterbits
-            k = la >> lcb
-            lstart = k << lcb
-            lend = min(lstart + (1 << lcb), self.size)
-            last = lstart + (1 << lcb) >= self.size
-            if recsz == 4:
-                plen = int.from_bytes(self._meta(self.ext_pos + 8 + k * 4, 4), "little")
-                pa = self._pa_of(k)
-            else:
-                plen, pa = struct.unpack("<II", self._meta(self.ext_pos + k * 8, 8))
-        else:
-            n = self.extents
-            lo, hi = 0, n
-            rec = None
-            while lo < hi:      # last record with lstart <= la
-                mid = (lo + hi) // 2
-                r = self._ext_record(mid)
-                if r[0] <= la:
-                    rec, lo = (mid,) + r, mid + 1
-                else:
-                    hi = mid
-            if rec is None:
-                nxt = self._ext_record(0)[0] if n else self.size
-                return ZExtent(la, min(nxt, self.size) - la, ZEXT_HOLE)
-            idx, lstart, plen, pa = rec
-            last = idx + 1 >= n
-            lend = self.size if last else self._ext_record(idx + 1)[0]
-            if lend <= lstart or lend > self.size:
-                raise self._corrupt(f"unsorted extent records {idx}/{idx + 1}", la)
-        if not lstart <= la < lend:
-            raise self._corrupt("extent records do not cover the offset", la)
-        llen = lend - lstart
-        if last and self.advise & Z_EROFS_ADVISE_FRAGMENT_PCLUSTER:
-            frag = plen | ((pa << 32) if recsz > 4 else 0)
-            return ZExtent(lstart, llen, ZEXT_FRAGMENT, fragmentoff=frag & ((1 << 64) - 1))
-        if not plen & Z_EROFS_EXTENT_PLEN_MASK:
-            return ZExtent(lstart, llen, ZEXT_HOLE)
-        fmt = plen >> Z_EROFS_EXTENT_PLEN_FMT_BIT
-        partial = bool(plen & Z_EROFS_EXTENT_PLEN_PARTIAL)
-        plen &= Z_EROFS_EXTENT_PLEN_MASK
-        if fmt:
-            alg = fmt - 1
-            if alg >= D.Z_EROFS_COMPRESSION_RUNTIME_MAX:
-                raise UnsupportedError(f"inode {self.nid}: unknown algorithm {alg} at logical offset {lstart}")
-            if alg < D.Z_EROFS_COMPRESSION_MAX and not self.available_algs >> alg & 1:
-                raise self._corrupt(f"inconsistent algorithm {D.algorithm_name(alg)}", la)
-        elif self.advise & Z_EROFS_ADVISE_INTERLACED_PCLUSTER and not pa & ((1 << self.blkszbits) - 1):
-            alg = D.Z_EROFS_COMPRESSION_INTERLACED
-        else:
-            alg = D.Z_EROFS_COMPRESSION_SHIFTED
-        return self._checked(ZExtent(lstart, llen, ZEXT_MAPPED, pa, plen, alg, partial), la)
-
-    def _ext_record(self, i: int) -> tuple[int, int, int]:
-        """(lstart, plen, pstart) of a 16/32-byte z_erofs_extent record."""
-        return extent_record(self._meta(self.ext_pos + i * self.recsz, min(self.recsz, 20)))

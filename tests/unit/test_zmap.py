@@ -9,6 +9,7 @@ import pytest
 
 from erofs_mount.errors import CorruptedError, ErofsMountError, UnsupportedError
 from erofs_mount.erofs import decompress as D
+from erofs_mount.erofs import zext
 from erofs_mount.erofs import zmap as Z
 
 BS = 4096
@@ -219,10 +220,10 @@ def ext_meta(hdr: bytes, recsz: int, body: bytes) -> bytes:
 
 
 def test_extents_sorted_records_16():
-    fmt = (D.Z_EROFS_COMPRESSION_ZSTD + 1) << Z.Z_EROFS_EXTENT_PLEN_FMT_BIT
+    fmt = (D.Z_EROFS_COMPRESSION_ZSTD + 1) << zext.Z_EROFS_EXTENT_PLEN_FMT_BIT
     recs = [struct.pack("<IIII", fmt | 1000, 5000, 0, 0),
             struct.pack("<IIII", 0, 0, 0, 30000),                                   # a hole
-            struct.pack("<IIII", fmt | Z.Z_EROFS_EXTENT_PLEN_PARTIAL | 777, 6000, 1, 40000)]
+            struct.pack("<IIII", fmt | zext.Z_EROFS_EXTENT_PLEN_PARTIAL | 777, 6000, 1, 40000)]
     zm = zmap(ext_meta(ext_header(3, 16), 16, b"".join(recs)), inode(50000), algs=0b1000)
     e = zm.map(29999)
     assert (e.la, e.llen, e.pa, e.plen, e.alg, e.partial) == (0, 30000, 5000, 1000, D.Z_EROFS_COMPRESSION_ZSTD, False)
