@@ -133,6 +133,8 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     if poller is not None:
                         log.info("busy polling (%d us): %d requests found while polling, %d waits slept",
                                  opts.poll_us, poller.hits, poller.sleeps)
+                    log.info("page cache: %d small files stored at open (%d bytes); %d READ requests",
+                             ops.pages.stores, ops.pages.store_bytes, ops.read_requests)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(signals)

@@ -39,6 +39,7 @@ from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
 from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError, errno_of
 from .inline import WouldBlock, call_nowait, nowait_active
+from .pagestore import STORE_MAX, PageStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class OpsConfig:
     uid: int | None = None          # report every inode as owned by this uid
     gid: int | None = None
     threads: int = 8                # worker threads for reader calls
+    store_max: int = STORE_MAX      # files up to this size go into the page cache at open (pagestore.py)
 
 
 def fuse_errors(fn):
@@ -109,6 +111,8 @@ class ErofsOperations(pyfuse3.Operations):
         # directory nid -> the position after its last entry: the kernel asks once more from there
         # (an empty reply is its end of directory), which then needs no reader call
         self._dir_end: dict[int, int] = {}
+        self.pages = PageStore(config.store_max)
+        self.read_requests = 0
 
     # ------------------------------------------------------------------ helpers
     def ino_of(self, nid: int) -> int:
@@ -271,6 +275,15 @@ class ErofsOperations(pyfuse3.Operations):
             attr = await self.getattr(inode, ctx)
         if stat.S_ISDIR(attr.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        pages = self.pages
+        if pages.wants(inode, attr.st_size):
+            try:
+                data = await self._run(self._read_sync, self.nid_of(inode), 0, attr.st_size)
+            except (ErofsMountError, OSError):
+                data = None     # read() reports it, with its errno
+            if data is not None and len(data) == attr.st_size:
+                pages.store(inode, data)
+        pages.opened(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     def _read_sync(self, nid: int, off: int, size: int) -> bytes:
@@ -280,11 +293,12 @@ class ErofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        self.read_requests += 1
         return await self._run(self._read_sync, self.nid_of(fh), off, size)
 
     @fuse_errors
     async def release(self, fh):
-        return None
+        self.pages.released(fh)
 
     # flush is left to the base class: its ENOSYS makes the kernel stop sending FLUSH on every close
 

@@ -1,0 +1,149 @@
+"""Small files are stored in the kernel's page cache at open (backends/fuse/pagestore.py): reading
+them sends no READ, every byte is right, and concurrent opens of the same files never hang.
+
+The oracle is the source tree (as in test_concurrency_fuse.py); the daemon's exit line in its log
+counts the stores and the READ requests.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+from erofs_mount.backends.fuse.pagestore import STORE_MAX
+from tests import corpuslib
+
+from .conftest import wait_for, find_pids, zdata_available
+from .test_concurrency_fuse import _oracle_files
+
+THREADS = 8
+DURATION = 3.0
+MAX_OPS = 20_000
+
+
+def _abort_connection(dev: int) -> None:
+    """Abort the FUSE connection of device ``dev`` (fusectl, root): every waiter gets ENOTCONN."""
+    conn = f"/sys/fs/fuse/connections/{os.minor(dev)}/abort"
+    if not os.path.exists(conn):
+        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"], check=False)
+    try:
+        with open(conn, "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def _exit_line(fuse, mnt):
+    assert fuse.unmount(mnt).returncode == 0
+    assert wait_for(lambda: not find_pids(mnt))
+    with open(fuse.log_file) as f:
+        lines = [ln for ln in f if "page cache:" in ln]
+    m = re.search(r"page cache: (\d+) small files stored at open \((\d+) bytes\); (\d+) READ requests",
+                  lines[-1])
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+@pytest.mark.parametrize("name", ["plain-inline-4k", "lz4hc-pcluster-64k"])
+def test_small_files_are_read_without_read_requests(name, fuse):
+    img = corpuslib.image(name)
+    if img.compressed and not zdata_available():
+        pytest.xfail("compressed data support not present")
+    manifest = corpuslib.load_manifest(img.manifest)
+    entries = manifest["entries"]
+    small = [p for p in _oracle_files(manifest) if 0 < entries[p]["size"] <= STORE_MAX][:400]
+    assert len(small) >= 100
+    res = fuse.mount(img.path, devices=img.devices)
+    assert res.returncode == 0, res.stderr
+    mnt = fuse.mountpoints[-1]
+    total = 0
+    for path in small:
+        size = entries[path]["size"]
+        with open(mnt + path, "rb", buffering=0) as f:
+            assert f.read(size + 1) == corpuslib.source_bytes(path, 0, size), path
+        total += size
+    stores, stored_bytes, reads = _exit_line(fuse, mnt)
+    assert (stores, stored_bytes) == (len(small), total)
+    assert reads == 0
+
+
+def test_concurrent_opens_of_the_same_files_never_hang(fuse):
+    """Threads open, read (whole, ranges, mmap) and hold the same small files at once, so OPENs come
+    while other handles of the file are open and reading: the store is skipped then."""
+    img = corpuslib.image("lz4hc-pcluster-64k")
+    if not zdata_available():
+        pytest.xfail("compressed data support not present")
+    manifest = corpuslib.load_manifest(img.manifest)
+    entries = manifest["entries"]
+    small = [p for p in _oracle_files(manifest) if 4096 < entries[p]["size"] <= STORE_MAX][:24]
+    big = [p for p in _oracle_files(manifest) if entries[p]["size"] > STORE_MAX][:4]
+    assert len(small) >= 8
+    res = fuse.mount(img.path, devices=img.devices)
+    assert res.returncode == 0, res.stderr
+    mnt = fuse.mountpoints[-1]
+    dev = os.stat(mnt).st_dev
+    errors: list[str] = []
+    ops = [0] * THREADS
+    deadline = time.monotonic() + DURATION
+
+    def worker(idx: int) -> None:
+        rng = random.Random(idx)
+        held = []
+        try:
+            for _ in range(MAX_OPS):
+                if time.monotonic() > deadline:
+                    break
+                path = rng.choice(small + big)
+                size = entries[path]["size"]
+                f = open(mnt + path, "rb", buffering=0)
+                kind = rng.randrange(3)
+                if kind == 0:
+                    got, want = f.read(size), corpuslib.source_bytes(path, 0, size)
+                elif kind == 1:
+                    off = rng.randrange(size)
+                    n = rng.randrange(1, 65536)
+                    got, want = os.pread(f.fileno(), n, off), corpuslib.source_bytes(path, off, n)
+                else:
+                    with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                        off = rng.randrange(size)
+                        got, want = m[off:off + 4096], corpuslib.source_bytes(path, off, 4096)
+                if got != want:
+                    errors.append(f"{path}: wrong bytes ({kind})")
+                held.append(f)                 # keep some handles open while others open the file
+                if len(held) > rng.randrange(1, 6):
+                    held.pop(0).close()
+                ops[idx] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"reader {idx}: {exc!r}")
+        finally:
+            for f in held:
+                f.close()
+
+    def dropper() -> None:
+        # evict the stored pages now and then (root): later reads of a stored file then send READs
+        # while other threads open the same file
+        while time.monotonic() < deadline:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(THREADS)]
+    if os.geteuid() == 0:
+        threads.append(threading.Thread(target=dropper, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=DURATION + 60)
+    if any(t.is_alive() for t in threads):
+        _abort_connection(dev)      # a deadlocked daemon cannot even be killed: end it, then fail
+        pytest.fail("a reader hung: the daemon stopped answering")
+    assert not errors, errors[:5]
+    assert sum(ops) > 100
+    stores, _, _ = _exit_line(fuse, mnt)
+    assert 0 < stores <= len(small)
