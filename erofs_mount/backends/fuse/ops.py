@@ -279,8 +279,8 @@ class ErofsOperations(pyfuse3.Operations):
         if pages.wants(inode, attr.st_size):
             try:
                 data = await self._run(self._read_sync, self.nid_of(inode), 0, attr.st_size)
-            except (ErofsMountError, OSError):
-                data = None     # read() reports it, with its errno
+            except Exception:  # noqa: BLE001 - a store only saves a READ: open must answer as without it
+                data = None     # read() reports the failure, with its errno
             if data is not None and len(data) == attr.st_size:
                 pages.store(inode, data)
         pages.opened(inode)
