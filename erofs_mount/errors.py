@@ -119,6 +119,11 @@ class ReadOnlyError(ErofsMountError):
     errno = _errno.EROFS
 
 
+class StaleError(ErofsMountError):
+    """A handle that names no inode (FUSE: an inode number no nid maps to)."""
+    errno = _errno.ESTALE
+
+
 class NotPermittedError(ErofsMountError):
     errno = _errno.EPERM
 

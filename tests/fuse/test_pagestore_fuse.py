@@ -20,7 +20,7 @@ import pytest
 from erofs_mount.backends.fuse.pagestore import STORE_MAX
 from tests import corpuslib
 
-from .conftest import wait_for, find_pids, zdata_available
+from .conftest import find_pids, wait_for, zdata_available
 from .test_concurrency_fuse import _oracle_files
 
 THREADS = 8

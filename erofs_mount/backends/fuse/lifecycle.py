@@ -31,11 +31,11 @@ from typing import Iterable
 from ...errors import ErofsMountError, UsageError
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
+from .inline import LocalReader
 from .mountinfo import find_mount
 from .publish import Publisher
 from .readahead import set_read_ahead_kb
 from .source import IMAGE_CACHES, open_image, open_local, tune_image
-from .inline import LocalReader
 
 __all__ = ["FuseOptions", "PASSED_FLAGS", "mount", "mount_oci", "unmount", "open_image"]
 

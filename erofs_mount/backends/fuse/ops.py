@@ -6,15 +6,14 @@ a source that supports it, a call is first tried inline and only moved to a thre
 when a read would wait (inline.py).  Results are plain values, and all bookkeeping (lookup counts, the directory
 parent registry) is mutated in the trio thread only, between awaits.
 
+Files: ``open`` answers with ``keep_cache`` (the image never changes), and first hands a small
+file's bytes to the kernel's page cache when it can (pagestore.py), so reading it sends no READ.
+
 Errors: only ``pyfuse3.FUSEError`` leaves a handler.  ``erofs_mount.errors``
 exceptions are converted once via their ``errno``; anything unexpected is
 logged and becomes ``EIO``.  ``init`` and ``forget`` never raise.
 
-Inode numbers: the root is ``pyfuse3.ROOT_INODE`` (1); every other nid >= 2 is
-its own number, as the kernel reports ``st_ino`` (so ``find -inum`` and
-``check_tree.py --check-ino`` agree with a kernel mount); nids 0 and 1 (never
-the root's slot in practice) map to 2^64-1 and 2^64-2.  No nid can collide with
-the root, numbers are stable across remounts and hard links (one nid) share one.
+Inode numbers: nids as the kernel reports them (inodes.py).
 
 Directories: ``readdir`` resumes from the directory byte position handed out as
 ``next_id`` (``DirEntry.next_pos``), as the kernel's ``fs/erofs/dir.c`` uses
@@ -37,8 +36,15 @@ import trio
 
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
-from ...errors import CorruptedError, ErofsMountError, LoopError, NotFoundError, errno_of
+from ...errors import (
+    CorruptedError,
+    ErofsMountError,
+    LoopError,
+    NotFoundError,
+    errno_of,
+)
 from .inline import WouldBlock, call_nowait, nowait_active
+from .inodes import InodeNumbers
 from .pagestore import STORE_MAX, PageStore
 
 log = logging.getLogger(__name__)
@@ -48,8 +54,6 @@ TIMEOUT = 86400.0          # the image never changes: cache names and attributes
 READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
 DIR_ENDS = 4096            # directories whose end position is remembered
 _DOTS = (b".", b"..")
-_INO_HIGH = (1 << 64) - 1    # nids 0 and 1 live at the top of the inode number space
-_NID_MASK = (1 << 63) - 1    # EROFS_DIRENT_NID_MASK: bit 63 flags a nid inside the metabox
 # EROFS_FT_* (erofs_fs.h) -> S_IFMT, for entries whose inode cannot be read
 _FT_MODE = {1: stat.S_IFREG, 2: stat.S_IFDIR, 3: stat.S_IFCHR, 4: stat.S_IFBLK, 5: stat.S_IFIFO,
             6: stat.S_IFSOCK, 7: stat.S_IFLNK}
@@ -98,7 +102,8 @@ class ErofsOperations(pyfuse3.Operations):
         self.config = config
         self.enable_acl = enable_acl
         self.root_nid = image.root_nid
-        self._metabox = bool(image.sb.has_metabox)
+        numbers = InodeNumbers(self.root_nid, bool(image.sb.has_metabox))
+        self.ino_of, self.nid_of = numbers.ino_of, numbers.nid_of
         # lz4 decodes a pcluster in microseconds: cheaper inline than a thread hop; other codecs are not
         sb = image.sb
         lz4_only = not sb.has_incompat(EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or sb.available_compr_algs == 1
@@ -115,28 +120,6 @@ class ErofsOperations(pyfuse3.Operations):
         self.read_requests = 0
 
     # ------------------------------------------------------------------ helpers
-    def ino_of(self, nid: int) -> int:
-        if nid == self.root_nid:
-            return ROOT_INODE
-        if self._metabox:
-            # the kernel folds a metabox image's nids (flag in bit 63) into 64-bit inode numbers:
-            # bits 31-62 move up one and the metabox flag goes to bit 31 (fs/erofs/internal.h,
-            # erofs_nid_to_ino64); seen as st_ino on 6.18
-            x = nid & _NID_MASK
-            nid = ((x >> 31) << 32) | ((nid >> 63) << 31) | (x & 0x7FFFFFFF)
-        return nid if nid >= 2 else _INO_HIGH - nid
-
-    def nid_of(self, ino: int) -> int:
-        if ino == ROOT_INODE:
-            return self.root_nid
-        if ino >= _INO_HIGH - 1:
-            ino = _INO_HIGH - ino
-        elif ino < 2:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        if self._metabox:
-            return (((ino >> 32) << 31) | (ino & 0x7FFFFFFF)) | (((ino >> 31) & 1) << 63)
-        return ino
-
     async def _run(self, fn, *args):
         if self._inline:
             try:

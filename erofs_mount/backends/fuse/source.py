@@ -8,6 +8,7 @@ from typing import Iterable
 from ...errors import ErofsMountError, SourceError
 from .inline import LocalReader
 
+
 class PreadFile:
     """Fallback local source (regular file): sync positional reads, used when sources/ is absent."""
 
