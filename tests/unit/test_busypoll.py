@@ -8,6 +8,7 @@ import trio
 from erofs_mount.backends.fuse import busypoll
 from erofs_mount.backends.fuse.config import FuseOptions
 from erofs_mount.errors import UsageError
+from tests.schedprobe import other_task_ran
 
 
 @pytest.fixture
@@ -77,24 +78,10 @@ def test_found_requests_still_yield_to_other_tasks_every_yield_every(pipe):
     r, w = pipe
     os.write(w, b"x")                       # never read: every wait finds the fd ready
     p = busypoll.Poller(1000)
-    ran = []
-
-    async def other():
-        ran.append(1)
-
-    async def main():
-        async with trio.open_nursery() as n:
-            n.start_soon(other)
-            p.yield_every = 1e9
-            for _ in range(50):
-                await p.wait_readable(r)
-            assert ran == []                # no pass through the scheduler: the task never ran
-            p.yield_every = 0
-            await p.wait_readable(r)        # two passes: the task ran in one of them
-            await p.wait_readable(r)
-            assert ran == [1]
-
-    trio.run(main)
+    p.yield_every = 1e9
+    assert not other_task_ran(lambda: p.wait_readable(r), 50)    # no pass through the scheduler
+    p.yield_every = 0
+    assert other_task_ran(lambda: p.wait_readable(r), 2)
     assert p.hits == 52 and p.sleeps == 0
 
 

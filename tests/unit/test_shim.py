@@ -4,28 +4,19 @@ import pytest
 import trio
 
 from erofs_mount.backends.fuse import busypoll, shim
+from tests.schedprobe import other_task_ran
 
 
 def test_uncontended_acquire_is_not_a_checkpoint():
-    # trio.Lock passes through the scheduler on every acquire, so the other task would run
-    lock = shim.BargingLock()
-    ran = []
+    def acquire_release(lock):
+        async def step():
+            async with lock:
+                assert lock.locked()
+            assert not lock.locked()
+        return step
 
-    async def other():
-        ran.append(1)
-
-    async def main():
-        async with trio.open_nursery() as n:
-            n.start_soon(other)
-            for _ in range(100):
-                async with lock:
-                    assert lock.locked()
-            assert ran == [] and not lock.locked()
-            await trio.lowlevel.checkpoint()   # two passes: the task ran in one of them
-            await trio.lowlevel.checkpoint()
-            assert ran == [1]
-
-    trio.run(main)
+    assert not other_task_ran(acquire_release(shim.BargingLock()), 100)
+    assert other_task_ran(acquire_release(trio.Lock()), 2)     # trio's passes through the scheduler
 
 
 def test_mutual_exclusion_and_every_waiter_gets_the_lock():
