@@ -16,7 +16,7 @@ def test_a_small_unopened_file_is_stored_once():
     assert ps.store(5, b"x" * 10)
     assert calls == [(5, 0, b"x" * 10)]
     assert not ps.wants(5, 10)                      # remembered: not read again
-    assert ps.stats() == {"page_stores": 1, "page_store_bytes": 10}
+    assert (ps.stores, ps.store_bytes) == (1, 10)
 
 
 def test_sizes_outside_the_window_are_left_to_read():

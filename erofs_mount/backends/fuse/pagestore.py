@@ -83,6 +83,3 @@ class PageStore:
             self._open[ino] = left
         else:
             self._open.pop(ino, None)
-
-    def stats(self) -> dict:
-        return {"page_stores": self.stores, "page_store_bytes": self.store_bytes}
