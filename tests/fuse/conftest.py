@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import pwd
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from erofs_mount.backends.fuse import publish
 from erofs_mount.backends.fuse.mountinfo import find_mount
+from tests import corpuslib
 
 REPO = Path(__file__).resolve().parents[2]
 CHECK_TREE = REPO.parent / "shared" / "corpus" / "check_tree.py"
@@ -199,3 +201,26 @@ def have_check_tree() -> bool:
 
 def errno_name(e: int) -> str:
     return errno.errorcode.get(e, str(e))
+
+
+def oracle_files(manifest) -> list[str]:
+    """Regular files of a corpus manifest whose bytes the source tree holds (same sha256): the byte oracle."""
+    files = corpuslib.source_files()
+    out = []
+    for path, rec in manifest["entries"].items():
+        if rec.get("type") == "reg" and path in files and "sha256" in rec:
+            if hashlib.sha256(corpuslib.source_bytes(path, 0, rec["size"])).hexdigest() == rec["sha256"]:
+                out.append(path)
+    return out
+
+
+def mount_corpus(fuse, name: str) -> tuple[dict, list[str], str]:
+    """Mount corpus image ``name``: (manifest entries, oracle files, mount point); xfail when the
+    image is compressed and compressed data support is absent."""
+    img = corpuslib.image(name)
+    if img.compressed and not zdata_available():
+        pytest.xfail("compressed data support (erofs_mount.erofs.zdata) not present")
+    manifest = corpuslib.load_manifest(img.manifest)
+    res = fuse.mount(img.path, devices=img.devices)
+    assert res.returncode == 0, res.stderr
+    return manifest["entries"], oracle_files(manifest), fuse.mountpoints[-1]

@@ -18,36 +18,18 @@ import pytest
 
 from tests import corpuslib
 
-from .conftest import find_pids, is_live, peak_rss_mb, zdata_available
+from .conftest import find_pids, is_live, mount_corpus, peak_rss_mb
 
 READERS = 16
 DURATION = 10.0
 MAX_OPS = 200_000
 
 
-def _oracle_files(manifest) -> list[str]:
-    files = corpuslib.source_files()
-    out = []
-    for path, rec in manifest["entries"].items():
-        if rec.get("type") == "reg" and path in files and "sha256" in rec:
-            if hashlib.sha256(corpuslib.source_bytes(path, 0, rec["size"])).hexdigest() == rec["sha256"]:
-                out.append(path)
-    return out
-
-
 @pytest.mark.parametrize("name", ["plain-inline-4k", "lz4hc-pcluster-64k"])
 def test_sixteen_readers(name, fuse):
-    img = corpuslib.image(name)
-    if img.compressed and not zdata_available():
-        pytest.xfail("compressed data support (erofs_mount.erofs.zdata) not present yet")
-    manifest = corpuslib.load_manifest(img.manifest)
-    entries = manifest["entries"]
-    files = _oracle_files(manifest)
+    entries, files, mnt = mount_corpus(fuse, name)
     dirs = [p for p, r in entries.items() if r.get("type") == "dir"]
     assert len(files) > 1000
-    res = fuse.mount(img.path, devices=img.devices)
-    assert res.returncode == 0, res.stderr
-    mnt = fuse.mountpoints[-1]
     (pid,) = find_pids(mnt)
 
     errors: list[str] = []

@@ -20,8 +20,7 @@ import pytest
 from erofs_mount.backends.fuse.pagestore import STORE_MAX
 from tests import corpuslib
 
-from .conftest import find_pids, wait_for, zdata_available
-from .test_concurrency_fuse import _oracle_files
+from .conftest import find_pids, mount_corpus, wait_for
 
 THREADS = 8
 DURATION = 3.0
@@ -52,16 +51,9 @@ def _exit_line(fuse, mnt):
 
 @pytest.mark.parametrize("name", ["plain-inline-4k", "lz4hc-pcluster-64k"])
 def test_small_files_are_read_without_read_requests(name, fuse):
-    img = corpuslib.image(name)
-    if img.compressed and not zdata_available():
-        pytest.xfail("compressed data support not present")
-    manifest = corpuslib.load_manifest(img.manifest)
-    entries = manifest["entries"]
-    small = [p for p in _oracle_files(manifest) if 0 < entries[p]["size"] <= STORE_MAX][:400]
+    entries, files, mnt = mount_corpus(fuse, name)
+    small = [p for p in files if 0 < entries[p]["size"] <= STORE_MAX][:400]
     assert len(small) >= 100
-    res = fuse.mount(img.path, devices=img.devices)
-    assert res.returncode == 0, res.stderr
-    mnt = fuse.mountpoints[-1]
     total = 0
     for path in small:
         size = entries[path]["size"]
@@ -76,17 +68,10 @@ def test_small_files_are_read_without_read_requests(name, fuse):
 def test_concurrent_opens_of_the_same_files_never_hang(fuse):
     """Threads open, read (whole, ranges, mmap) and hold the same small files at once, so OPENs come
     while other handles of the file are open and reading: the store is skipped then."""
-    img = corpuslib.image("lz4hc-pcluster-64k")
-    if not zdata_available():
-        pytest.xfail("compressed data support not present")
-    manifest = corpuslib.load_manifest(img.manifest)
-    entries = manifest["entries"]
-    small = [p for p in _oracle_files(manifest) if 4096 < entries[p]["size"] <= STORE_MAX][:24]
-    big = [p for p in _oracle_files(manifest) if entries[p]["size"] > STORE_MAX][:4]
+    entries, files, mnt = mount_corpus(fuse, "lz4hc-pcluster-64k")
+    small = [p for p in files if 4096 < entries[p]["size"] <= STORE_MAX][:24]
+    big = [p for p in files if entries[p]["size"] > STORE_MAX][:4]
     assert len(small) >= 8
-    res = fuse.mount(img.path, devices=img.devices)
-    assert res.returncode == 0, res.stderr
-    mnt = fuse.mountpoints[-1]
     dev = os.stat(mnt).st_dev
     errors: list[str] = []
     ops = [0] * THREADS
