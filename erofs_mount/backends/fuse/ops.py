@@ -43,6 +43,7 @@ from ...errors import (
     NotFoundError,
     errno_of,
 )
+from .attrs import TIMEOUT, access_error, entry_attributes
 from .inline import WouldBlock, call_nowait, nowait_active
 from .inodes import InodeNumbers
 from .pagestore import STORE_MAX, PageStore
@@ -50,7 +51,6 @@ from .pagestore import STORE_MAX, PageStore
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
-TIMEOUT = 86400.0          # the image never changes: cache names and attributes for a day
 READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
 DIR_ENDS = 4096            # directories whose end position is remembered
 _DOTS = (b".", b"..")
@@ -130,26 +130,8 @@ class ErofsOperations(pyfuse3.Operations):
 
     def _make_attr(self, nid: int) -> pyfuse3.EntryAttributes:
         """Attributes of inode ``nid`` (worker thread: may read the image)."""
-        inode = self.image.inode(nid)
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = self.ino_of(nid)
-        a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
-        a.st_mode = inode.mode
-        a.st_nlink = inode.nlink
-        a.st_uid = inode.uid if self.config.uid is None else self.config.uid
-        a.st_gid = inode.gid if self.config.gid is None else self.config.gid
-        a.st_rdev = inode.rdev
-        a.st_size = inode.size
-        a.st_blksize = self.image.block_size
-        a.st_blocks = inode.blocks
-        # erofs keeps one timestamp; the kernel reports it as atime, mtime and ctime
-        ns = inode.mtime * 1_000_000_000 + inode.mtime_nsec
-        a.st_atime_ns = ns
-        a.st_mtime_ns = ns
-        a.st_ctime_ns = ns
-        return a
+        c = self.config
+        return entry_attributes(self.image.inode(nid), self.ino_of(nid), self.image.block_size, c.uid, c.gid)
 
     def _check_dir_alias(self, parent_nid: int, name: bytes, nid: int) -> None:
         """ELOOP if directory ``nid`` is already known under another (parent, name)."""
@@ -228,24 +210,12 @@ class ErofsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def access(self, inode, mode, ctx):
-        # Only called without default_permissions: the classic owner/group/other check
-        # (root passes, except execute which needs one x bit, as generic_permission).
+        # only called without default_permissions
         attr = await self.getattr(inode, ctx)
-        perm = attr.st_mode
-        if ctx.uid == 0:
-            if mode & os.X_OK and not stat.S_ISDIR(perm) and not perm & 0o111:
-                raise pyfuse3.FUSEError(errno.EACCES)
-            return True
-        if ctx.uid == attr.st_uid:
-            bits = (perm >> 6) & 7
-        elif ctx.gid == attr.st_gid or attr.st_gid in pyfuse3.get_sup_groups(ctx.pid):
-            bits = (perm >> 3) & 7
-        else:
-            bits = perm & 7
-        if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if (mode & 7) & ~bits:
-            raise pyfuse3.FUSEError(errno.EACCES)
+        err = access_error(attr.st_mode, attr.st_uid, attr.st_gid, mode, ctx.uid, ctx.gid,
+                           lambda: pyfuse3.get_sup_groups(ctx.pid))
+        if err:
+            raise pyfuse3.FUSEError(err)
         return True
 
     # ------------------------------------------------------------------ files
