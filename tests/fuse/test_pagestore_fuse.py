@@ -44,9 +44,9 @@ def _exit_line(fuse, mnt):
     assert wait_for(lambda: not find_pids(mnt))
     with open(fuse.log_file) as f:
         lines = [ln for ln in f if "page cache:" in ln]
-    m = re.search(r"page cache: (\d+) small files stored at open \((\d+) bytes\); (\d+) READ requests",
-                  lines[-1])
-    return int(m[1]), int(m[2]), int(m[3])
+    m = re.search(r"page cache: (\d+) small files stored at open \((\d+) bytes\), (\d+) of them ahead of "
+                  r"their OPEN; (\d+) READ requests", lines[-1])
+    return int(m[1]), int(m[2]), int(m[3]), int(m[4])
 
 
 @pytest.mark.parametrize("name", ["plain-inline-4k", "lz4hc-pcluster-64k"])
@@ -60,19 +60,49 @@ def test_small_files_are_read_without_read_requests(name, fuse):
         with open(mnt + path, "rb", buffering=0) as f:
             assert f.read(size + 1) == corpuslib.source_bytes(path, 0, size), path
         total += size
-    stores, stored_bytes, reads = _exit_line(fuse, mnt)
-    assert (stores, stored_bytes) == (len(small), total)
+    stores, stored_bytes, ahead, reads = _exit_line(fuse, mnt)
+    # each file once, at its OPEN or before it (store-ahead may also have stored a file listed after
+    # the last one read, or after one that is not small)
+    assert stores >= len(small) and stored_bytes >= total and stores - ahead <= len(small)
     assert reads == 0
 
 
+@pytest.mark.parametrize("name", ["plain-inline-4k", "lz4hc-pcluster-64k"])
+def test_a_walk_in_listing_order_finds_each_next_file_stored_ahead(name, fuse):
+    """storeahead.py: opening a file stores the next one listed while the daemon waits for the
+    walker; a walk that pauses after each file finds every file after the first already stored."""
+    img = corpuslib.image(name)
+    with open(img.path, "rb") as f:     # the image's bytes at hand: store-ahead never waits for the disk
+        while f.read(1 << 20):
+            pass
+    entries, _files, mnt = mount_corpus(fuse, name)
+    walk = []
+    with os.scandir(mnt + "/bigdir") as it:
+        for e in it:
+            rel = "/bigdir/" + e.name
+            if e.is_file(follow_symlinks=False) and 0 < entries[rel]["size"] <= STORE_MAX:
+                walk.append(rel)
+    assert len(walk) >= 50
+    for rel in walk:
+        size = entries[rel]["size"]
+        with open(mnt + rel, "rb", buffering=0) as f:
+            assert f.read(size + 1) == corpuslib.source_bytes(rel, 0, size), rel
+        time.sleep(0.02)                # the daemon is idle: the next file goes into the page cache now
+    stores, _, ahead, reads = _exit_line(fuse, mnt)
+    assert (stores, ahead, reads) == (len(walk), len(walk) - 1, 0)
+
+
 def test_concurrent_opens_of_the_same_files_never_hang(fuse):
-    """Threads open, read (whole, ranges, mmap) and hold the same small files at once, so OPENs come
-    while other handles of the file are open and reading: the store is skipped then."""
+    """Threads open, read (whole, ranges, mmap) and hold the same small files at once, so OPENs (and
+    the stores ahead of them) come while other handles of the file are open and reading: the store
+    is skipped then."""
     entries, files, mnt = mount_corpus(fuse, "lz4hc-pcluster-64k")
     small = [p for p in files if 4096 < entries[p]["size"] <= STORE_MAX][:24]
     big = [p for p in files if entries[p]["size"] > STORE_MAX][:4]
     assert len(small) >= 8
     dev = os.stat(mnt).st_dev
+    for d in sorted({os.path.dirname(p) for p in small}):
+        os.listdir(mnt + d)             # listed: opens also store the next file ahead (storeahead.py)
     errors: list[str] = []
     ops = [0] * THREADS
     deadline = time.monotonic() + DURATION
@@ -130,5 +160,5 @@ def test_concurrent_opens_of_the_same_files_never_hang(fuse):
         pytest.fail("a reader hung: the daemon stopped answering")
     assert not errors, errors[:5]
     assert sum(ops) > 100
-    stores, _, _ = _exit_line(fuse, mnt)
-    assert 0 < stores <= len(small)
+    stores, _, ahead, _ = _exit_line(fuse, mnt)
+    assert 0 < stores - ahead <= len(small)

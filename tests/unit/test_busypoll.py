@@ -98,3 +98,66 @@ def test_poll_us_option_is_bounded():
     assert FuseOptions().poll_us == busypoll.DEFAULT_POLL_US
     with pytest.raises(UsageError, match="poll_us=20000"):
         FuseOptions.from_strings([], {"poll_us": "20000"}).libfuse_options("img", is_root=True)
+
+
+class _Idle:
+    def __init__(self):
+        self.pending = None
+        self.runs = 0
+
+    def run(self):
+        self.pending = None
+        self.runs += 1
+
+
+def test_idle_work_runs_only_when_no_request_waits(pipe):
+    r, w = pipe
+    p = busypoll.Poller(1000)
+    p.idle = idle = _Idle()
+
+    async def main():
+        idle.pending = 1
+        os.write(w, b"x")             # a request is waiting: it comes first, the work stays pending
+        with trio.fail_after(5):
+            await p.wait_readable(r)
+        assert (idle.runs, idle.pending) == (0, 1)
+        os.read(r, 1)
+        async with trio.open_nursery() as n:   # nothing waiting: the work runs, then the wait goes on
+            async def later():
+                await trio.sleep(0.05)
+                os.write(w, b"x")
+            n.start_soon(later)
+            with trio.fail_after(5):
+                await p.wait_readable(r)
+        assert (idle.runs, idle.pending) == (1, None)
+        os.read(r, 1)
+        os.write(w, b"x")
+        with trio.fail_after(5):
+            await p.wait_readable(r)  # nothing pending: nothing runs
+        assert idle.runs == 1
+
+    trio.run(main)
+
+
+def test_failing_idle_work_is_turned_off_and_the_wait_goes_on(pipe):
+    r, w = pipe
+    p = busypoll.Poller(1000)
+
+    class Broken(_Idle):
+        def run(self):
+            raise RuntimeError("bug")
+
+    p.idle = Broken()
+    p.idle.pending = 1
+
+    async def main():
+        async with trio.open_nursery() as n:
+            async def later():
+                await trio.sleep(0.02)
+                os.write(w, b"x")
+            n.start_soon(later)
+            with trio.fail_after(5):
+                await p.wait_readable(r)
+
+    trio.run(main)
+    assert p.idle is None

@@ -21,6 +21,10 @@ reply from a worker thread, the signal handler, the status publisher -- only run
 pass, so a found request still yields once ``YIELD_EVERY`` seconds have gone by since the last
 one: a flood of requests delays them by at most that much.  ``shim.install`` puts
 ``wait_readable`` where pyfuse3 calls it.
+
+Idle work.  The gap between answering a request and the next one is the daemon's only idle
+time; ``Poller.idle`` (storeahead.py: store the file a walker opens next) runs in it, once per
+wait and only when no request is waiting, so a request never waits behind more than one item.
 """
 
 from __future__ import annotations
@@ -52,12 +56,17 @@ class Poller:
         self._skip = 0
         self.yield_every = YIELD_EVERY
         self._yielded = time.perf_counter()   # the last pass through trio's scheduler
+        self.idle = None       # work for the gap before the next request: ``pending``, ``run()``
 
-    def _poll_for(self, fd: int) -> bool:
+    def _poll_of(self, fd: int) -> select.poll:
         p = self._polls.get(fd)
         if p is None:
             p = self._polls[fd] = select.poll()
             p.register(fd, select.POLLIN)
+        return p
+
+    def _poll_for(self, fd: int) -> bool:
+        p = self._poll_of(fd)
         deadline = time.perf_counter() + self.window
         while True:
             if p.poll(0):   # releases the GIL: worker threads keep running
@@ -66,6 +75,13 @@ class Poller:
                 return False
 
     async def wait_readable(self, fd: int) -> None:
+        idle = self.idle
+        if idle is not None and idle.pending is not None and not self._poll_of(fd).poll(0):
+            try:
+                idle.run()
+            except Exception:  # noqa: BLE001 - a bug in optional work must not end the request loop
+                log.exception("idle work failed; it is off from now on")
+                self.idle = None
         if self._skip:
             self._skip -= 1
         elif self._poll_for(fd):

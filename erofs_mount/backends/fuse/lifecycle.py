@@ -126,6 +126,8 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     log.warning("this pyfuse3 does not reach trio through pyfuse3.trio: "
                                 "no busy polling, trio's own lock")
                     poller = None
+                if poller is not None:
+                    poller.idle = ops.ahead     # store the next file of a walk between requests
                 try:
                     await pyfuse3.main()
                 finally:
@@ -133,8 +135,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     if poller is not None:
                         log.info("busy polling (%d us): %d requests found while polling, %d waits slept",
                                  opts.poll_us, poller.hits, poller.sleeps)
-                    log.info("page cache: %d small files stored at open (%d bytes); %d READ requests",
-                             ops.pages.stores, ops.pages.store_bytes, ops.read_requests)
+                    log.info("page cache: %d small files stored at open (%d bytes), %d of them ahead of "
+                             "their OPEN; %d READ requests", ops.pages.stores, ops.pages.store_bytes,
+                             ops.ahead_stores, ops.read_requests)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(signals)

@@ -47,6 +47,7 @@ from .attrs import TIMEOUT, access_error, entry_attributes
 from .inline import WouldBlock, call_nowait, nowait_active
 from .inodes import InodeNumbers
 from .pagestore import STORE_MAX, PageStore
+from .storeahead import StoreAhead
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class ErofsOperations(pyfuse3.Operations):
         # (an empty reply is its end of directory), which then needs no reader call
         self._dir_end: dict[int, int] = {}
         self.pages = PageStore(config.store_max)
+        self.ahead = StoreAhead(self._store_ahead)
+        self.ahead_stores = 0
         self.read_requests = 0
 
     # ------------------------------------------------------------------ helpers
@@ -237,7 +240,21 @@ class ErofsOperations(pyfuse3.Operations):
             if data is not None and len(data) == attr.st_size:
                 pages.store(inode, data)
         pages.opened(inode)
+        if self._inline:
+            self.ahead.opened(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def _store_ahead(self, ino: int, size: int) -> None:
+        """Store a file before its OPEN (storeahead.py): only inline, never raises."""
+        pages = self.pages
+        if not pages.wants(ino, size):
+            return
+        try:
+            data = call_nowait(self._read_sync, self.nid_of(ino), 0, size)
+        except Exception:  # noqa: BLE001 - WouldBlock or an error: a guess only, open() does it again
+            return
+        if len(data) == size and pages.store(ino, data):
+            self.ahead_stores += 1
 
     def _read_sync(self, nid: int, off: int, size: int) -> bytes:
         if nowait_active() and not self._inline_compressed and self.image.inode(nid).is_compressed:
@@ -314,6 +331,9 @@ class ErofsOperations(pyfuse3.Operations):
         pos = start_id
         if self._dir_end.get(dir_nid) == pos:
             return
+        ahead, store_max = self.ahead, self.pages.max_size
+        if not pos:
+            ahead.listing_starts(fh)
         while True:
             batch = await self._run(self._dir_batch, dir_nid, pos)
             if not batch:
@@ -342,6 +362,8 @@ class ErofsOperations(pyfuse3.Operations):
                     return
                 if counted:
                     self._remember(attr)
+                    if stat.S_ISREG(attr.st_mode) and 0 < attr.st_size <= store_max:
+                        ahead.listed(fh, attr.st_ino, attr.st_size)
                 else:
                     self._lookups[attr.st_ino] = self._lookups.get(attr.st_ino, 0) + 1
                 pos = next_pos

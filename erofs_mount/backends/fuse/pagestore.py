@@ -20,6 +20,8 @@ check and the store are one synchronous step on the trio thread, with no await b
 Wasted work is bounded: a file is stored once (the kernel keeps its pages; if it drops them,
 READ serves the file as before), only up to ``STORE_MAX`` bytes, and a read that fails is left
 for ``read()`` to report with its errno.
+
+storeahead.py stores the next file of a walk under the same rules before its OPEN comes.
 """
 
 from __future__ import annotations
