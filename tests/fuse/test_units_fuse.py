@@ -119,8 +119,8 @@ def test_local_reader_nowait_and_read_around(tmp_path):
 @pytest.mark.parametrize("room", [1, 3, 1000])
 def test_readdir_resumes_exactly_and_the_end_costs_no_reader_call(monkeypatch, room):
     """readdir as the kernel drives it (reply buffer of ``room`` entries, resume at the last cookie):
-    every entry once, in the reader's order; the final call at the end position is answered empty
-    without another reader call."""
+    every entry once, in the reader's order, each prepared once; the final call at the end position is
+    answered empty without another reader call."""
     trio = pytest.importorskip("trio")
     img = corpuslib.image("plain-inline-4k")
     image, opened = open_image(str(img.path), [])
@@ -134,9 +134,15 @@ def test_readdir_resumes_exactly_and_the_end_costs_no_reader_call(monkeypatch, r
             return True
 
         monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
-        batches = []
+        batches, prepared = [], []
         real_batch = ops._dir_batch
-        monkeypatch.setattr(ops, "_dir_batch", lambda nid, pos: batches.append(pos) or real_batch(nid, pos))
+
+        def batch(nid, pos):
+            batches.append(pos)
+            out = real_batch(nid, pos)
+            prepared.extend(e[0] for e in out)
+            return out
+        monkeypatch.setattr(ops, "_dir_batch", batch)
 
         async def listing(ino):
             out, pos, calls = [], 0, 0
@@ -152,10 +158,13 @@ def test_readdir_resumes_exactly_and_the_end_costs_no_reader_call(monkeypatch, r
 
         subdirs = [e.nid for e in image.iterdir(image.root_nid) if e.file_type == 2 and e.name not in (b".", b"..")]
         assert subdirs
-        for nid in (image.root_nid, subdirs[0]):
+        for nid in (image.root_nid, subdirs[0], image.resolve(b"/bigdir")):  # bigdir: 111 entries
             want = [(e.name, ops.ino_of(e.nid), e.next_pos) for e in image.iterdir(nid)]
+            prepared.clear()
             got = trio.run(listing, ops.ino_of(nid))
             assert got == want
+            # entries prepared but not sent wait for the next READDIR: each entry is prepared once
+            assert sorted(prepared) == sorted(e[0] for e in want)
             batches.clear()
             assert trio.run(listing, ops.ino_of(nid)) == want   # a second listing: same, and
             assert all(pos != want[-1][2] for pos in batches)    # the end position asked no reader call

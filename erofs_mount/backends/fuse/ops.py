@@ -15,17 +15,14 @@ logged and becomes ``EIO``.  ``init`` and ``forget`` never raise.
 
 Inode numbers: nids as the kernel reports them (inodes.py).
 
-Directories: ``readdir`` resumes from the directory byte position handed out as
-``next_id`` (``DirEntry.next_pos``), as the kernel's ``fs/erofs/dir.c`` uses
-``f_pos``; one call never rescans earlier blocks.  A directory nid met under a
-second (parent, name) is a cycle: ``ELOOP``, which is what the kernel's VFS
-reports when ``d_splice_alias`` finds the directory already aliased above.
+Directories: dirops.py (OPENDIR, READDIR, RELEASEDIR).  A directory nid met under a second
+(parent, name) is a cycle: ``ELOOP``, which is what the kernel's VFS reports when
+``d_splice_alias`` finds the directory already aliased above.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
@@ -36,14 +33,10 @@ import trio
 
 from ...erofs.image import Image
 from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
-from ...errors import (
-    CorruptedError,
-    ErofsMountError,
-    LoopError,
-    NotFoundError,
-    errno_of,
-)
+from ...errors import LoopError, NotFoundError
 from .attrs import TIMEOUT, access_error, entry_attributes
+from .dirops import DirectoryOps
+from .errmap import fuse_errors
 from .inline import WouldBlock, call_nowait, nowait_active
 from .inodes import InodeNumbers
 from .pagestore import STORE_MAX, PageStore
@@ -52,12 +45,7 @@ from .storeahead import StoreAhead
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
-READDIR_BATCH = 64         # entries prepared per worker-thread hop (a reply page holds ~25)
-DIR_ENDS = 4096            # directories whose end position is remembered
 _DOTS = (b".", b"..")
-# EROFS_FT_* (erofs_fs.h) -> S_IFMT, for entries whose inode cannot be read
-_FT_MODE = {1: stat.S_IFREG, 2: stat.S_IFDIR, 3: stat.S_IFCHR, 4: stat.S_IFBLK, 5: stat.S_IFIFO,
-            6: stat.S_IFSOCK, 7: stat.S_IFLNK}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +56,7 @@ class OpsConfig:
     store_max: int = STORE_MAX      # files up to this size go into the page cache at open (pagestore.py)
 
 
-def fuse_errors(fn):
-    """Convert every exception of a handler into ``pyfuse3.FUSEError`` (once, by errno)."""
-
-    @functools.wraps(fn)
-    async def wrapper(self, *args):
-        try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except (ErofsMountError, OSError) as exc:
-            log.debug("%s%r: %s (%s)", fn.__name__, args[:2], exc, errno.errorcode.get(errno_of(exc)))
-            raise pyfuse3.FUSEError(errno_of(exc)) from None
-        except Exception:
-            log.exception("%s%r failed unexpectedly", fn.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-class ErofsOperations(pyfuse3.Operations):
+class ErofsOperations(DirectoryOps, pyfuse3.Operations):
     """Read-only FUSE operations over one ``Image``."""
 
     supports_dot_lookup = False
@@ -114,9 +83,7 @@ class ErofsOperations(pyfuse3.Operations):
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
         # directory nid -> (parent nid, name) where it was first met; root has no parent
         self._dir_parent: dict[int, tuple[int | None, bytes]] = {self.root_nid: (None, b"")}
-        # directory nid -> the position after its last entry: the kernel asks once more from there
-        # (an empty reply is its end of directory), which then needs no reader call
-        self._dir_end: dict[int, int] = {}
+        self._init_dirs()
         self.pages = PageStore(config.store_max)
         self.ahead = StoreAhead(self._store_ahead)
         self.ahead_stores = 0
@@ -279,107 +246,6 @@ class ErofsOperations(pyfuse3.Operations):
 
     write = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _erofs
     setxattr = removexattr = fsync = fsyncdir = _erofs
-
-    # ------------------------------------------------------------------ directories
-    @fuse_errors
-    async def opendir(self, inode, ctx):
-        attr = self._attrs.get(inode)
-        if attr is None:
-            attr = await self.getattr(inode, ctx)
-        if not stat.S_ISDIR(attr.st_mode):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    def _dir_batch(self, dir_nid: int, pos: int) -> list:
-        """Up to READDIR_BATCH entries from byte position ``pos``: (name, nid, attr|None, err, next_pos)."""
-        out = []
-        for ent in self.image.iterdir(dir_nid, pos):
-            if ent.next_pos <= pos:  # resume cookies must advance, or a listing could never end
-                raise CorruptedError(f"directory nid {dir_nid}: entry position {ent.next_pos} after {pos}")
-            pos = ent.next_pos
-            if ent.name in _DOTS:
-                out.append((ent.name, ent.nid, None, 0, ent.file_type, ent.next_pos))
-            else:
-                try:
-                    attr, err = self._make_attr(ent.nid), 0
-                except ErofsMountError as exc:
-                    # the kernel's readdir never reads child inodes; the error belongs to lstat
-                    attr, err = None, exc.errno
-                out.append((ent.name, ent.nid, attr, err, ent.file_type, ent.next_pos))
-            if len(out) >= READDIR_BATCH:
-                break
-        return out
-
-    def _unusable_entry(self, nid: int, file_type: int,
-                        attr: pyfuse3.EntryAttributes | None = None) -> pyfuse3.EntryAttributes:
-        # An entry whose inode cannot be read, or a second name of a directory: listed (the
-        # kernel's readdir never reads child inodes), but with zero timeouts so the next lstat
-        # asks lookup() again, which reports the kernel's errno (EUCLEAN, EIO, ELOOP, ...).
-        a = pyfuse3.EntryAttributes()
-        if attr is not None:
-            a.__setstate__(attr.__getstate__())
-        else:
-            a.st_ino = self.ino_of(nid)
-            a.st_mode = _FT_MODE.get(file_type, stat.S_IFREG)
-        a.entry_timeout = 0
-        a.attr_timeout = 0
-        return a
-
-    @fuse_errors
-    async def readdir(self, fh, start_id, token):
-        dir_nid = self.nid_of(fh)
-        pos = start_id
-        if self._dir_end.get(dir_nid) == pos:
-            return
-        ahead, store_max = self.ahead, self.pages.max_size
-        if not pos:
-            ahead.listing_starts(fh)
-        while True:
-            batch = await self._run(self._dir_batch, dir_nid, pos)
-            if not batch:
-                self._at_end(dir_nid, pos)
-                return
-            for name, nid, attr, err, ftype, next_pos in batch:
-                if attr is None and not err:  # "." or "..": no lookup count, the kernel ignores attrs
-                    dot = pyfuse3.EntryAttributes()
-                    dot.st_ino = self.ino_of(nid)
-                    dot.st_mode = stat.S_IFDIR
-                    if not pyfuse3.readdir_reply(token, name, dot, next_pos):
-                        return
-                    pos = next_pos
-                    continue
-                counted = attr is not None
-                if counted and stat.S_ISDIR(attr.st_mode):
-                    known = self._dir_parent.get(nid)
-                    if known is None:
-                        self._dir_parent[nid] = (dir_nid, name)
-                    elif known != (dir_nid, name):
-                        counted = False
-                        attr = self._unusable_entry(nid, ftype, attr)
-                if attr is None:
-                    attr = self._unusable_entry(nid, ftype)
-                if not pyfuse3.readdir_reply(token, name, attr, next_pos):
-                    return
-                if counted:
-                    self._remember(attr)
-                    if stat.S_ISREG(attr.st_mode) and 0 < attr.st_size <= store_max:
-                        ahead.listed(fh, attr.st_ino, attr.st_size)
-                else:
-                    self._lookups[attr.st_ino] = self._lookups.get(attr.st_ino, 0) + 1
-                pos = next_pos
-            if len(batch) < READDIR_BATCH:  # _dir_batch stops short only at the end of the directory
-                self._at_end(dir_nid, pos)
-                return
-
-    def _at_end(self, dir_nid: int, pos: int) -> None:
-        ends = self._dir_end
-        if len(ends) >= DIR_ENDS:
-            ends.clear()
-        ends[dir_nid] = pos
-
-    @fuse_errors
-    async def releasedir(self, fh):
-        return None
 
     # ------------------------------------------------------------------ xattrs and statfs
     @fuse_errors
