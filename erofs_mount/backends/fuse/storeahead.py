@@ -18,7 +18,7 @@ are one step on the trio thread).  The bytes must be at hand: the read runs inli
 thread hop or registry fetch is ever made for a guess.  Waste is bounded by one file of at most
 ``pagestore.STORE_MAX`` bytes per OPEN, stored in otherwise idle time.
 
-Pure bookkeeping: ``ops.py`` feeds the listing order and the OPENs and supplies the store.
+Pure bookkeeping: ``dirops.py`` feeds the listing order, ``ops.py`` the OPENs and the store.
 """
 
 from __future__ import annotations
