@@ -37,7 +37,6 @@ class StoreAhead:
         self._next: dict[int, tuple[int, int]] = {}    # ino -> (ino, size) of the next regular file listed
         self._last: dict[int, tuple[int, int]] = {}    # directory -> the last regular file listed in it
         self.pending: tuple[int, int] | None = None    # the file to store when idle
-        self.tried = 0                                 # stores attempted
 
     def listing_starts(self, directory: int) -> None:
         """A listing of ``directory`` starts from its first entry (a new walk or a rewinddir)."""
@@ -67,5 +66,4 @@ class StoreAhead:
         p = self.pending
         if p is not None:
             self.pending = None
-            self.tried += 1
             self._store(*p)
