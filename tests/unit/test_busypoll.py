@@ -19,6 +19,17 @@ def pipe():
     os.close(w)
 
 
+async def _wait_for_late_write(p, r, w, delay=0.05):
+    """``p.wait_readable(r)`` while the data arrives ``delay`` seconds later."""
+    async with trio.open_nursery() as n:
+        async def later():
+            await trio.sleep(delay)
+            os.write(w, b"x")
+        n.start_soon(later)
+        with trio.fail_after(5):
+            await p.wait_readable(r)
+
+
 def test_ready_fd_is_found_while_polling(pipe):
     r, w = pipe
     p = busypoll.Poller(1000)
@@ -39,13 +50,7 @@ def test_idle_fd_backs_off_exponentially(pipe):
     async def main():
         # data arrives 50 ms after each wait starts: every poll misses, then the wait sleeps
         for _ in range(4):
-            async with trio.open_nursery() as n:
-                async def later():
-                    await trio.sleep(0.05)
-                    os.write(w, b"x")
-                n.start_soon(later)
-                with trio.fail_after(5):
-                    await p.wait_readable(r)
+            await _wait_for_late_write(p, r, w)
             os.read(r, 1)
 
     trio.run(main)
@@ -122,13 +127,7 @@ def test_idle_work_runs_only_when_no_request_waits(pipe):
             await p.wait_readable(r)
         assert (idle.runs, idle.pending) == (0, 1)
         os.read(r, 1)
-        async with trio.open_nursery() as n:   # nothing waiting: the work runs, then the wait goes on
-            async def later():
-                await trio.sleep(0.05)
-                os.write(w, b"x")
-            n.start_soon(later)
-            with trio.fail_after(5):
-                await p.wait_readable(r)
+        await _wait_for_late_write(p, r, w)   # nothing waiting: the work runs, then the wait goes on
         assert (idle.runs, idle.pending) == (1, None)
         os.read(r, 1)
         os.write(w, b"x")
@@ -150,14 +149,5 @@ def test_failing_idle_work_is_turned_off_and_the_wait_goes_on(pipe):
     p.idle = Broken()
     p.idle.pending = 1
 
-    async def main():
-        async with trio.open_nursery() as n:
-            async def later():
-                await trio.sleep(0.02)
-                os.write(w, b"x")
-            n.start_soon(later)
-            with trio.fail_after(5):
-                await p.wait_readable(r)
-
-    trio.run(main)
+    trio.run(_wait_for_late_write, p, r, w, 0.02)
     assert p.idle is None
