@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import OrderedDict
 
 import pyfuse3
 
@@ -45,7 +46,9 @@ class PageStore:
         self.max_size = max_size
         self.enabled = max_size > 0
         self._open: dict[int, int] = {}        # ino -> handles opened (OPEN answered) and not released
-        self._stored: dict[int, None] = {}     # ino -> stored (insertion order: oldest first)
+        # ino -> stored, oldest first.  An OrderedDict: dropping a plain dict's first key again and
+        # again leaves holes that every next(iter()) scans (3.3 us a store at 16,384, here 0.3)
+        self._stored: OrderedDict[int, None] = OrderedDict()
         self.stores = 0
         self.store_bytes = 0
 
@@ -71,7 +74,7 @@ class PageStore:
         stored = self._stored
         stored[ino] = None
         if len(stored) > REMEMBER:
-            del stored[next(iter(stored))]
+            stored.popitem(last=False)
         self.stores += 1
         self.store_bytes += len(data)
         return True
