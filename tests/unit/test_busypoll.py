@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from erofs_mount.backends.fuse import busypoll
-from erofs_mount.backends.fuse.config import FuseOptions
+from erofs_mount.backends.fuse.config import DEFAULT_POLL_US, FuseOptions
 from erofs_mount.errors import UsageError
 from tests.schedprobe import other_task_ran
 
@@ -100,7 +100,7 @@ def test_make_is_off_for_zero_window_and_one_cpu(monkeypatch):
 
 def test_poll_us_option_is_bounded():
     assert FuseOptions.from_strings([], {"poll_us": "0"}).poll_us == 0
-    assert FuseOptions().poll_us == busypoll.DEFAULT_POLL_US
+    assert FuseOptions().poll_us == DEFAULT_POLL_US
     with pytest.raises(UsageError, match="poll_us=20000"):
         FuseOptions.from_strings([], {"poll_us": "20000"}).libfuse_options("img", is_root=True)
 

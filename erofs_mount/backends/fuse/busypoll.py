@@ -38,8 +38,6 @@ import trio
 
 log = logging.getLogger(__name__)
 
-from .config import DEFAULT_POLL_US  # noqa: F401 - re-exported: the figure's explanation is here
-
 MAX_BACKOFF = 256        # waits that go straight to sleep after repeated misses
 YIELD_EVERY = 0.002      # seconds of found requests after which one still passes through trio
 
@@ -101,9 +99,6 @@ class Poller:
         self._yielded = now = time.perf_counter()
         if now - start < 2 * self.window:
             self._backoff = self._skip = 0   # requests come close together again: poll
-
-    def stats(self) -> dict:
-        return {"poll_hits": self.hits, "poll_sleeps": self.sleeps}
 
 
 def usable_cpus() -> int:
