@@ -29,17 +29,35 @@ _FT_MODE = {1: stat.S_IFREG, 2: stat.S_IFDIR, 3: stat.S_IFCHR, 4: stat.S_IFBLK, 
             6: stat.S_IFSOCK, 7: stat.S_IFLNK}
 
 
+def _put_bounded(d: dict, key, value, limit: int) -> None:
+    if len(d) >= limit:
+        d.clear()
+    d[key] = value
+
+
 class DirectoryOps:
-    """Mixin of ``ErofsOperations`` (which supplies ``image``, ``_run``, ``_make_attr``, ``getattr``,
-    ``ino_of``/``nid_of``, the lookup counts, ``_dir_parent``, ``pages`` and ``ahead``)."""
+    """Mixin of ``ErofsOperations`` (which supplies ``image``, ``root_nid``, ``_run``, ``_make_attr``,
+    ``getattr``, ``ino_of``/``nid_of``, the lookup counts, ``pages`` and ``ahead``)."""
 
     def _init_dirs(self) -> None:
+        # directory nid -> (parent nid, name) where it was first met; root has no parent
+        self._dir_parent: dict[int, tuple[int | None, bytes]] = {self.root_nid: (None, b"")}
         # directory nid -> the position after its last entry: the kernel asks once more from there
         # (an empty reply is its end of directory), which then needs no reader call
         self._dir_end: dict[int, int] = {}
         # directory nid -> (position, entries prepared from there, whether they end the directory):
         # the part of a batch that did not fit in the reply
         self._dir_rest: dict[int, tuple[int, list, bool]] = {}
+
+    def _dir_clash(self, nid: int, parent_nid: int, name: bytes) -> tuple[int | None, bytes] | None:
+        """None if directory ``nid`` may be (parent, name): the first place it is met, or that one
+        again; else the (parent, name) it was met at first.  A second place is a cycle or a
+        hard-linked directory (lookup: ELOOP)."""
+        known = self._dir_parent.get(nid)
+        if known is None:
+            self._dir_parent[nid] = (parent_nid, name)
+            return None
+        return None if known == (parent_nid, name) else known
 
     @fuse_errors
     async def opendir(self, inode, ctx):
@@ -116,13 +134,9 @@ class DirectoryOps:
                     pos = next_pos
                     continue
                 counted = attr is not None
-                if counted and stat.S_ISDIR(attr.st_mode):
-                    known = self._dir_parent.get(nid)
-                    if known is None:
-                        self._dir_parent[nid] = (dir_nid, name)
-                    elif known != (dir_nid, name):
-                        counted = False
-                        attr = self._unusable_entry(nid, ftype, attr)
+                if counted and stat.S_ISDIR(attr.st_mode) and self._dir_clash(nid, dir_nid, name):
+                    counted = False
+                    attr = self._unusable_entry(nid, ftype, attr)
                 if attr is None:
                     attr = self._unusable_entry(nid, ftype)
                 if not pyfuse3.readdir_reply(token, name, attr, next_pos):
@@ -142,16 +156,10 @@ class DirectoryOps:
     def _keep_rest(self, dir_nid: int, pos: int, rest: list, at_end: bool) -> None:
         # the reply page is full (~25 entries): the rest of the batch answers the next READDIR,
         # which the kernel sends from exactly this position
-        kept = self._dir_rest
-        if len(kept) >= DIR_RESTS:
-            kept.clear()
-        kept[dir_nid] = (pos, rest, at_end)
+        _put_bounded(self._dir_rest, dir_nid, (pos, rest, at_end), DIR_RESTS)
 
     def _at_end(self, dir_nid: int, pos: int) -> None:
-        ends = self._dir_end
-        if len(ends) >= DIR_ENDS:
-            ends.clear()
-        ends[dir_nid] = pos
+        _put_bounded(self._dir_end, dir_nid, pos, DIR_ENDS)
 
     @fuse_errors
     async def releasedir(self, fh):

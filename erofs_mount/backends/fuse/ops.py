@@ -81,8 +81,6 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(max(1, config.threads))
         self._lookups: dict[int, int] = {}                  # ino -> kernel lookup count
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
-        # directory nid -> (parent nid, name) where it was first met; root has no parent
-        self._dir_parent: dict[int, tuple[int | None, bytes]] = {self.root_nid: (None, b"")}
         self._init_dirs()
         self.pages = PageStore(config.store_max)
         self.ahead = StoreAhead(self._store_ahead)
@@ -102,15 +100,6 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
         """Attributes of inode ``nid`` (worker thread: may read the image)."""
         c = self.config
         return entry_attributes(self.image.inode(nid), self.ino_of(nid), self.image.block_size, c.uid, c.gid)
-
-    def _check_dir_alias(self, parent_nid: int, name: bytes, nid: int) -> None:
-        """ELOOP if directory ``nid`` is already known under another (parent, name)."""
-        known = self._dir_parent.get(nid)
-        if known is None:
-            self._dir_parent[nid] = (parent_nid, name)
-        elif known != (parent_nid, name):
-            raise LoopError(f"directory nid {nid} reached as {name!r} in nid {parent_nid} "
-                            f"but already linked as {known[1]!r} in nid {known[0]}")
 
     def _remember(self, attr: pyfuse3.EntryAttributes) -> None:
         ino = attr.st_ino
@@ -156,8 +145,10 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
             neg.st_ino = 0
             neg.entry_timeout = TIMEOUT
             return neg
-        if stat.S_ISDIR(attr.st_mode):
-            self._check_dir_alias(parent_nid, name, nid)
+        known = self._dir_clash(nid, parent_nid, name) if stat.S_ISDIR(attr.st_mode) else None
+        if known is not None:
+            raise LoopError(f"directory nid {nid} reached as {name!r} in nid {parent_nid} "
+                            f"but already linked as {known[1]!r} in nid {known[0]}")
         self._remember(attr)
         return attr
 
