@@ -18,7 +18,7 @@ caches (``echo 3 > /proc/sys/vm/drop_caches``) and runs one workload:
 
 Medians of ``--runs`` runs are printed with their ratio to the kernel (kernel
 time / our time: 1.0 = as fast as the kernel, higher is better), and the
-daemon's peak RSS (VmHWM) after the workloads.  The three targets take turns
+daemon's peak RSS (VmHWM) after the workloads, plus its decoder process's (lz4 images).  The three targets take turns
 within every run, so load drifting on a shared machine hits them alike.
 """
 
@@ -102,6 +102,22 @@ def make_big(tree_src: str, dest: str) -> None:
 
 # ------------------------------------------------------------------ mounts
 def find_pids(needle: str) -> list[int]:
+    """The processes serving ``needle``: each daemon first, then the decoder process it forked
+    (same command line; backends/fuse/decoder.py)."""
+    pids = _named(needle)
+    parents = [p for p in pids if _ppid(p) not in pids]
+    return parents + [p for p in pids if p not in parents]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _named(needle: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -116,18 +132,22 @@ def find_pids(needle: str) -> list[int]:
     return pids
 
 
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def peak_rss_mb(pids) -> float:
+    """Peak RSS of the daemon plus its decoder process (their shared pages counted twice)."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return total or float("nan")
 
 
 class Mount:
     def __init__(self, kind: str, image: str, mnt: str) -> None:
         self.kind, self.image, self.mnt = kind, image, mnt
         self.pid: int | None = None
+        self.pids: list[int] = []
 
     def __enter__(self) -> "Mount":
         os.makedirs(self.mnt, exist_ok=True)
@@ -137,12 +157,12 @@ class Mount:
             extra = ["-o", "poll_us=0"] if self.kind == "ours-nopoll" else []
             sh(PY, "-m", "erofs_mount.backends.fuse.lifecycle", "--log-file", os.path.join(
                 os.path.dirname(self.image), "fuse.log"), *extra, self.image, self.mnt, cwd=REPO)
-            pids = find_pids(self.mnt)
-            self.pid = pids[0] if pids else None
+            self.pids = find_pids(self.mnt)
+            self.pid = self.pids[0] if self.pids else None
         elif self.kind == "squashfuse":
             sh("squashfuse", self.image, self.mnt)
-            pids = find_pids(self.mnt)
-            self.pid = pids[0] if pids else None
+            self.pids = find_pids(self.mnt)
+            self.pid = self.pids[0] if self.pids else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -217,7 +237,7 @@ def measure_once(kind: str, image: str, mnt: str, workload: str) -> tuple[float,
         t = time.perf_counter()
         result = WORKLOADS[workload](mnt)
         elapsed = time.perf_counter() - t
-        rss = peak_rss_mb(m.pid) if m.pid else None
+        rss = peak_rss_mb(m.pids) if m.pids else None
     return elapsed, rss, result
 
 

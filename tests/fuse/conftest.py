@@ -76,7 +76,27 @@ def zdata_available() -> bool:
 
 
 def find_pids(mountpoint: str) -> list[int]:
-    """Processes whose command line names ``mountpoint`` (our daemons for it)."""
+    """Processes whose command line names ``mountpoint`` (our daemons for it), without the decoder
+    process a daemon forks (same command line, its parent among them: decoder_pids finds those)."""
+    pids = _named(mountpoint)
+    return [p for p in pids if _ppid(p) not in pids]
+
+
+def decoder_pids(mountpoint: str) -> list[int]:
+    """The decoder processes (backends/fuse/decoder.py) of the daemons for ``mountpoint``."""
+    pids = _named(mountpoint)
+    return [p for p in pids if _ppid(p) in pids]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _named(mountpoint: str) -> list[int]:
     want = os.fsencode(mountpoint)
     pids = []
     for entry in os.listdir("/proc"):

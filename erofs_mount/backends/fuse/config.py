@@ -47,6 +47,7 @@ class FuseOptions:
     poll_us: int = DEFAULT_POLL_US            # busy-poll window for the next request (busypoll.py); 0: off
     read_ahead_kb: int | None = None          # None: COMPRESSED_READ_AHEAD_KB for compressed images (root
                                               # only), else the kernel's; 0: the kernel's
+    decoder: int | None = None                # a decoder process for big READs (decoder.py): None: auto, 0, 1
     log_file: str | None = None               # None: daemon.log_path("fuse")
 
     @classmethod
@@ -84,6 +85,8 @@ class FuseOptions:
                 raise UsageError(f"read_ahead_kb={self.read_ahead_kb}: 0 (the kernel's) to {MAX_READ_AHEAD_KB}")
             if self.read_ahead_kb and not is_root:
                 raise UsageError("read_ahead_kb needs root (it is the mount's /sys/class/bdi setting)")
+        if self.decoder not in (None, 0, 1):
+            raise UsageError(f"decoder={self.decoder}: 0 (off) or 1 (a decoder process)")
         opts = {"ro", f"subtype={self.subtype}", f"fsname={_escape(self.fsname or source)}"}
         if self.resolved_default_permissions(is_root=is_root):
             opts.add("default_permissions")

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Iterable
 
 from ...errors import ErofsMountError, UsageError
+from . import decoder
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .inline import LocalReader
@@ -59,7 +60,7 @@ def _check_mountpoint(mountpoint: str, opts: FuseOptions, is_root: bool) -> None
 
 
 async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool,
-                 stats_source=None) -> None:
+                 stats_source=None, decoder=None) -> None:
     import pyfuse3
     import trio
 
@@ -71,6 +72,7 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     # inline: the sources honour inline.nowait() (local files); OCI reads always go to worker threads
     ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
                           inline=inline)
+    ops.decoder = decoder
     options = opts.libfuse_options(source, is_root=is_root)
     if is_root:
         target = mountpoint
@@ -159,12 +161,20 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
 
 
 async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) -> None:
-    image, closers, inline, stats_source = await opener()
+    image, closers, fds, stats_source = await opener()
+    dec = None
     try:
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
-        await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source)
+        inline = bool(fds)
+        if inline:  # forked now, before /dev/fuse is open: the process must not hold the session
+            dec = decoder.start(image, fds, opts.decoder)
+        await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source,
+                     decoder=dec)
     finally:
+        if dec is not None:
+            log.info("%s", dec.summary())
+            dec.close()
         for close in closers:
             res = close()
             if hasattr(res, "__await__"):
@@ -174,7 +184,8 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
 def _local_opener(source: str, devices: tuple[str, ...]):
     async def opener():
         image, opened = open_image(source, devices)  # a few small reads: fine before serving
-        return image, [src.close for src in opened], True, opened[0]
+        # the descriptors the image reads (local sources honour inline.nowait())
+        return image, [src.close for src in opened], tuple(src.fileno() for src in opened), opened[0]
     return opener
 
 
@@ -207,7 +218,7 @@ def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
                         await res
             raise
         log.info("OCI layer %s of %s (%d bytes)", getattr(src, "digest", "?"), ref, src.size)
-        return image, closers, False, src
+        return image, closers, (), src     # OCI reads always go to worker threads
     return opener
 
 

@@ -32,9 +32,9 @@ import pyfuse3
 import trio
 
 from ...erofs.image import Image
-from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
 from ...errors import LoopError, NotFoundError
 from .attrs import TIMEOUT, access_error, entry_attributes
+from .decoder import MIN_READ, lz4_only
 from .dirops import DirectoryOps
 from .errmap import fuse_errors
 from .inline import WouldBlock, call_nowait, nowait_active
@@ -75,9 +75,7 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
         numbers = InodeNumbers(self.root_nid, bool(image.sb.has_metabox))
         self.ino_of, self.nid_of = numbers.ino_of, numbers.nid_of
         # lz4 decodes a pcluster in microseconds: cheaper inline than a thread hop; other codecs are not
-        sb = image.sb
-        lz4_only = not sb.has_incompat(EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or sb.available_compr_algs == 1
-        self._inline_compressed = lz4_only
+        self._inline_compressed = lz4_only(image.sb)
         self._limiter = trio.CapacityLimiter(max(1, config.threads))
         self._lookups: dict[int, int] = {}                  # ino -> kernel lookup count
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
@@ -86,6 +84,7 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
         self.ahead = StoreAhead(self._store_ahead)
         self.ahead_stores = 0
         self.read_requests = 0
+        self.decoder = None     # decoder.Decoder: a second process for big READs of compressed files
 
     # ------------------------------------------------------------------ helpers
     async def _run(self, fn, *args):
@@ -222,7 +221,21 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh, off, size):
         self.read_requests += 1
+        dec = self.decoder
+        if dec is not None and size >= MIN_READ:
+            attr = self._attrs.get(fh)
+            if attr is not None and self._compressed(fh):
+                data = dec.answer(self.nid_of(fh), off, size, attr.st_size)
+                if data is not None:
+                    return data
         return await self._run(self._read_sync, self.nid_of(fh), off, size)
+
+    def _compressed(self, ino: int) -> bool:
+        """Whether an open file's data is compressed (its inode is cached by now; if not, no)."""
+        try:
+            return call_nowait(self.image.inode, self.nid_of(ino)).is_compressed
+        except Exception:  # noqa: BLE001 - WouldBlock, or an error read() itself will report
+            return False
 
     @fuse_errors
     async def release(self, fh):
