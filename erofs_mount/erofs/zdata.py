@@ -37,6 +37,8 @@ _MAX_NESTING = 4        # packed inode / metabox reads inside a read
 _PREFETCH_BYTES = 4 << 20   # raw bytes of adjacent pclusters fetched with one read
 _PREFETCH_MAX_PCLUSTER = 16 << 10   # bigger pclusters: copying them out of a run costs more than a read
 _INTERLACED = D.Z_EROFS_COMPRESSION_INTERLACED
+_LZ4 = D.Z_EROFS_COMPRESSION_LZ4
+_lz4_block = D.lz4.block.decompress
 
 
 class ZReader:
@@ -320,6 +322,19 @@ class ZReader:
         done[0] += 1
         done[1] += len(raw)
         cfgs = self.cfgs
+        if ext.alg == _LZ4 and cfgs.zero_padding and not ext.partial:
+            # the common case, without decompress()'s dispatch; anything unusual (no data after the
+            # padding, a block that does not decode to exactly llen) takes the general path below,
+            # which reports it
+            src = raw.lstrip(b"\0")
+            if src:
+                try:
+                    data = _lz4_block(src, uncompressed_size=ext.llen)
+                except D.lz4.block.LZ4BlockError:
+                    data = None
+                if data is not None and len(data) == ext.llen:
+                    done[2] += len(data)
+                    return data
         try:
             data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
                                 la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)

@@ -132,6 +132,21 @@ def test_garbage_pcluster_names_inode_and_offset():
     assert img.zreader.stats()["errors"] == 1
 
 
+@pytest.mark.parametrize("second, says", [
+    (pcluster(TEXT[9000:14001]), "decodes to undecodable, expected 5000"),  # too many: LZ4 refuses
+    (pcluster(TEXT[9000:13999]), "decodes to 4999 bytes, expected 5000"),   # one byte too few
+    (bytes(BS), "all zero padding"),
+])
+def test_an_lz4_pcluster_of_the_wrong_size_is_corruption(second, says):
+    # the common lz4 case is decoded without decompress()'s dispatch (ZReader._decode); whatever
+    # it does not take whole goes the general way and is reported the same
+    img = two_extent_image()
+    img.device = img.device[:2 * BS] + second
+    assert img.read(1, 0, 9000) == TEXT[:9000]
+    with pytest.raises(CorruptedError, match=says):
+        img.read(1, 9000, 5000)
+
+
 def test_pcluster_past_the_end_of_the_device_is_eio():
     img = two_extent_image()
     img.device = img.device[:2 * BS + 10]
