@@ -19,6 +19,7 @@ and already run in parallel in worker threads).
 
 from __future__ import annotations
 
+import ctypes   # imported here, not in the forked child
 import logging
 import mmap
 import os
@@ -200,8 +201,6 @@ _PR_SET_NAME = 15
 
 def _prctl(option: int, arg) -> None:  # pragma: no cover - the child
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
     except (OSError, AttributeError):
         pass    # best effort: the socket's end of file ends the process as well
