@@ -9,6 +9,7 @@ the image and read it through the kernel.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -157,6 +158,23 @@ def test_why_not_says_when_there_is_no_process(built):
         assert D.why_not(sb, None, 2) is None and D.why_not(sb, 1, 1) is None
         assert D.why_not(sb, None, 1) == "one CPU"
         assert D.why_not(sb, 0, 2) == "decoder=0"
+    finally:
+        for s in sources:
+            s.close()
+
+
+def test_no_process_when_fork_fails(built, monkeypatch, caplog):
+    img, _ = built
+    image, sources = open_image(str(img))
+
+    def no_fork():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(D.os, "fork", no_fork)
+    try:
+        with caplog.at_level(logging.WARNING, logger=D.__name__):
+            assert D.start(image, [s.fileno() for s in sources], 1) is None
+        assert "no decoder process (Resource temporarily unavailable)" in caplog.text
     finally:
         for s in sources:
             s.close()

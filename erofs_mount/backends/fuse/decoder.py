@@ -2,7 +2,7 @@
 
 A sequential read of a big lz4 file keeps the daemon busy: each 1 MiB READ costs ~1.2 ms of
 Python and LZ4 (about 100 pclusters), and the reply's copy into the page cache comes on top.  The
-GIL keeps a second thread from helping (measured, session 5), but a second process can: at mount,
+GIL keeps a second thread from helping (measured: no gain), but a second process can: at mount,
 before the FUSE session exists, the daemon forks a decoder that shares the open ``Image`` (and its
 file descriptors, nothing else: every other descriptor is closed in the child, so it holds
 neither /dev/fuse nor the mount's ready pipe).  decodeplan.py chooses which READs of a stream the
@@ -55,7 +55,14 @@ class Decoder:
         self._poll.register(ours, select.POLLIN)
         self.ready = False
         self.waits = self.late = 0
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            self._view.release()
+            self._mem.close()
+            raise
         if self.pid == 0:   # pragma: no cover - the child; the tests see it through its answers
             code = 1
             try:
@@ -102,6 +109,11 @@ class Decoder:
             sock.close()
         self._reap()
         self.plan.reset()
+        try:
+            self._view.release()
+            self._mem.close()
+        except BufferError:     # a slot still lent out: the mapping goes with its last view
+            pass
 
     def summary(self) -> str:
         p = self.plan
