@@ -60,7 +60,7 @@ def _check_mountpoint(mountpoint: str, opts: FuseOptions, is_root: bool) -> None
 
 
 async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool,
-                 stats_source=None, decoder=None) -> None:
+                 stats_source=None, dec=None) -> None:
     import pyfuse3
     import trio
 
@@ -72,7 +72,7 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     # inline: the sources honour inline.nowait() (local files); OCI reads always go to worker threads
     ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
                           inline=inline)
-    ops.decoder = decoder
+    ops.decoder = dec
     options = opts.libfuse_options(source, is_root=is_root)
     if is_root:
         target = mountpoint
@@ -169,8 +169,9 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
         inline = bool(fds)
         if inline:  # forked now, before /dev/fuse is open: the process must not hold the session
             dec = decoder.start(image, fds, opts.decoder)
-        await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source,
-                     decoder=dec)
+        elif opts.decoder:
+            log.info("no decoder process: it serves local images only")
+        await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source, dec=dec)
     finally:
         if dec is not None:
             log.info("%s", dec.summary())
