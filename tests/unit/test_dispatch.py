@@ -49,6 +49,14 @@ def test_fuse_poll_window_option():
         parse_options(["poll_us=-5"])
 
 
+def test_fuse_decoder_option():
+    assert dispatch.fuse_options(parse_options([]), False).decoder is None       # auto
+    assert dispatch.fuse_options(parse_options(["decoder=0"]), False).decoder == 0
+    fo = dispatch.fuse_options(parse_options(["decoder=2"]), False)
+    with pytest.raises(UsageError, match="decoder=2: 0 .off. or 1"):
+        fo.libfuse_options("img", is_root=True)
+
+
 def test_fuse_options_take_fstab_words_and_hex_numbers():
     fo = dispatch.fuse_options(parse_options(["defaults,silent,nodev,uid=0x10"]), False)
     assert fo.flags == () and fo.nodev and fo.uid == 16
