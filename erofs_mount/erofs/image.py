@@ -252,6 +252,17 @@ class Image:
         return hi | (nid & ((1 << 31) - 1)) | ((nid >> L.EROFS_DIRENT_NID_METABOX_BIT) << 31)
 
     # ------------------------------------------------------------------ data
+    def read_into(self, nid: int, offset: int, length: int, buf) -> int:
+        """``read`` into the writable buffer ``buf`` (room for ``length`` bytes); the count written.
+        Compressed data is decoded straight into it (no joined copy: the FUSE decoder process
+        fills its shared slots this way)."""
+        inode = self.inode(nid)
+        if inode.is_compressed and offset >= 0 and length >= 0:
+            return self.zreader.read(inode, offset, length, buf)
+        data = self.read(nid, offset, length)
+        buf[:len(data)] = data
+        return len(data)
+
     def read(self, nid: int, offset: int, length: int) -> bytes:
         """``length`` bytes of the inode's data from ``offset`` (short only at EOF)."""
         inode = self.inode(nid)

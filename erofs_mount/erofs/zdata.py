@@ -62,17 +62,18 @@ class ZReader:
         self._bytes_decompressed = self._bytes_read = 0
 
     # ------------------------------------------------------------------ public API
-    def read(self, inode, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes from ``offset`` of a compressed inode (short only at EOF)."""
+    def read(self, inode, offset: int, length: int, sink=None):
+        """Exactly ``length`` bytes from ``offset`` of a compressed inode (short only at EOF); with a
+        writable buffer ``sink``, they are written there instead and their count is returned."""
         end = min(offset + max(length, 0), inode.size)
         if offset < 0 or offset >= end:
-            return b""
+            return b"" if sink is None else 0
         depth = getattr(self._tls, "depth", 0)
         if depth >= _MAX_NESTING:
             raise CorruptedError(f"inode {inode.nid}: packed inode / metabox reads nest too deep")
         self._tls.depth = depth + 1
         try:
-            return self._read(inode, offset, end)
+            return self._read(inode, offset, end, sink)
         except ErofsMountError:
             with self._cache_lock:
                 self._errors += 1
@@ -162,7 +163,8 @@ class ZReader:
         return exts, None
 
     # ------------------------------------------------------------------ reading
-    def _read(self, inode, pos: int, end: int) -> bytes:
+    def _read(self, inode, pos: int, end: int, sink=None):
+        start = pos
         exts, err = self._map_range(inode, pos, end)
         bs = self.block_size
         mbox = inode.in_metabox
@@ -174,6 +176,9 @@ class ZReader:
                 if data is not None:
                     data = data[pos - la:end - la]
                     if len(data) == end - pos:
+                        if sink is not None:
+                            sink[:len(data)] = data
+                            return len(data)
                         return data
                     raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {end - pos} bytes "
                                          f"at logical offset {pos}")
@@ -229,13 +234,18 @@ class ZReader:
                         data = data[skip:stop - la]
                 if len(data) != n:
                     raise CorruptedError(f"inode {inode.nid}: got {len(data)} of {n} bytes at logical offset {pos}")
-                out.append(data)
+                if sink is None:
+                    out.append(data)
+                else:
+                    sink[pos - start:stop - start] = data
                 pos = stop
         finally:
             if done[0] or keep:
                 self._account(done, keep)
         if err is not None:
             raise err
+        if sink is not None:
+            return pos - start
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _cached(self, key: tuple) -> bytes | None:

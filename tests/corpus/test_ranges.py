@@ -1,4 +1,5 @@
-"""Random byte ranges of every regular file equal the source tree's bytes (hypothesis).
+"""Random byte ranges of every regular file equal the source tree's bytes (hypothesis), through
+``Image.read`` and ``Image.read_into``.
 
 The oracle is the corpus' ``tree.tar`` (made from ``make_tree.py --seed 1``): its member
 data are the source tree's exact bytes.
@@ -52,3 +53,8 @@ def test_random_ranges_equal_source(name, data):
     nid = img.resolve(path)
     got = img.read(nid, offset, length)
     assert got == corpuslib.source_bytes(path, offset, length)
+    # read_into (compressed data decoded in place, as the FUSE decoder process does): the same bytes,
+    # and nothing written past them
+    buf = bytearray(b"\xa5" * (length + 7))
+    n = img.read_into(nid, offset, length, memoryview(buf))
+    assert n == len(got) and buf[:n] == got and buf[n:] == b"\xa5" * (length + 7 - n)

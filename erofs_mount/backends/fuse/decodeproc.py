@@ -21,6 +21,7 @@ READY = 0
 def serve(image, sock, mem, slot_size: int) -> None:
     """Answer requests until the daemon goes away (runs in the forked process)."""
     sock.setblocking(True)
+    view = memoryview(mem)
     sock.send(ANSWER.pack(READY, 0))
     while True:
         msg = sock.recv(REQUEST.size)
@@ -28,12 +29,10 @@ def serve(image, sock, mem, slot_size: int) -> None:
             return      # end of file (or a torn message, which cannot happen): the daemon is gone
         rid, nid, off, size, slot = REQUEST.unpack(msg)
         try:
-            data = image.read(nid, off, size)
-            n = len(data)
-            if n > slot_size:
-                raise ValueError(f"{n} bytes for a {slot_size}-byte slot")
+            if size > slot_size:
+                raise ValueError(f"{size} bytes for a {slot_size}-byte slot")
             base = slot * slot_size
-            mem[base:base + n] = data
+            n = image.read_into(nid, off, size, view[base:base + size])   # decoded in place
         except Exception:  # noqa: BLE001 - the daemon redoes this read and reports its error itself
             n = -1
         sock.send(ANSWER.pack(rid, n))
