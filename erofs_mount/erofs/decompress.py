@@ -127,7 +127,8 @@ def lz4_decode_partial(src: bytes, out_len: int) -> bytes:
     return bytes(out[:out_len])
 
 
-def _lz4(src: bytes, out_len: int, strict: bool, zero_padding: bool) -> bytes:
+def decompress_lz4(src: bytes, out_len: int, strict: bool, zero_padding: bool) -> bytes:
+    """``decompress`` for an LZ4 pcluster, without the dispatch (``out_len`` within the limits)."""
     if zero_padding:
         src = strip_zero_padding(src)
     try:
@@ -236,7 +237,7 @@ def decompress(alg: int, src: bytes, out_len: int, *, strict: bool, zero_padding
     if out_len == 0:
         return b""
     if alg == Z_EROFS_COMPRESSION_LZ4:
-        return _lz4(src, out_len, strict, zero_padding)
+        return decompress_lz4(src, out_len, strict, zero_padding)
     if alg == Z_EROFS_COMPRESSION_LZMA:
         return _lzma(src, out_len, strict, lzma_dict_size)
     if alg == Z_EROFS_COMPRESSION_DEFLATE:

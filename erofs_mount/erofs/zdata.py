@@ -38,7 +38,7 @@ _PREFETCH_BYTES = 4 << 20   # raw bytes of adjacent pclusters fetched with one r
 _PREFETCH_MAX_PCLUSTER = 16 << 10   # bigger pclusters: copying them out of a run costs more than a read
 _INTERLACED = D.Z_EROFS_COMPRESSION_INTERLACED
 _LZ4 = D.Z_EROFS_COMPRESSION_LZ4
-_lz4_block = D.lz4.block.decompress
+_MAX_DSIZE = D.Z_EROFS_PCLUSTER_MAX_DSIZE
 
 
 class ZReader:
@@ -332,22 +332,12 @@ class ZReader:
         done[0] += 1
         done[1] += len(raw)
         cfgs = self.cfgs
-        if ext.alg == _LZ4 and cfgs.zero_padding and not ext.partial:
-            # the common case, without decompress()'s dispatch; anything unusual (no data after the
-            # padding, a block that does not decode to exactly llen) takes the general path below,
-            # which reports it
-            src = raw.lstrip(b"\0")
-            if src:
-                try:
-                    data = _lz4_block(src, uncompressed_size=ext.llen)
-                except D.lz4.block.LZ4BlockError:
-                    data = None
-                if data is not None and len(data) == ext.llen:
-                    done[2] += len(data)
-                    return data
         try:
-            data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
-                                la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
+            if ext.alg == _LZ4 and 0 < ext.llen <= _MAX_DSIZE:    # the common case, without the dispatch
+                data = D.decompress_lz4(raw, ext.llen, not ext.partial, cfgs.zero_padding)
+            else:
+                data = D.decompress(ext.alg, raw, ext.llen, strict=not ext.partial, zero_padding=cfgs.zero_padding,
+                                    la=ext.la, block_size=self.block_size, lzma_dict_size=cfgs.lzma_dict_size)
         except ErofsMountError as exc:
             raise type(exc)(f"{self._where(inode, ext)}: {exc}", errno=exc.errno) from None
         except Exception as exc:    # a codec library failing in an unexpected way on garbage
