@@ -96,6 +96,11 @@ class Superblock:
         return self.has_incompat(L.EROFS_FEATURE_INCOMPAT_LZ4_0PADDING | L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS)
 
     @property
+    def lz4_only(self) -> bool:
+        """The compressed data, if any, is all lz4 (no compr_cfgs, or lz4 alone in them)."""
+        return not self.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or self.available_compr_algs == 1
+
+    @property
     def lz4_max_distance(self) -> int:
         return 0 if self.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS) else self.available_compr_algs
 

@@ -31,6 +31,7 @@ class Job:
     off: int
     size: int
     slot: int
+    abandoned: bool = False     # the daemon stopped waiting for it: its result is dropped
 
 
 class DecodePlan:
@@ -43,7 +44,6 @@ class DecodePlan:
         self._inflight: dict[int, Job] = {}                      # rid -> job
         self._wanted: dict[tuple[int, int, int], int] = {}      # (nid, off, size) -> rid, in flight
         self._done: OrderedDict[tuple[int, int, int], tuple[int, int]] = OrderedDict()  # -> (slot, n)
-        self._abandoned: set[int] = set()
         self._next: OrderedDict[int, int] = OrderedDict()      # nid -> where its stream goes on
         self._rid = 0
         self.submitted = self.answered = self.dropped = 0
@@ -67,8 +67,7 @@ class DecodePlan:
         if job is None:
             raise ValueError(f"decoder answered unknown request {rid}")
         del self._wanted[(job.nid, job.off, job.size)]
-        if n is None or rid in self._abandoned:
-            self._abandoned.discard(rid)
+        if n is None or job.abandoned:
             self._free.append(job.slot)
             self.dropped += 1
             return
@@ -76,17 +75,15 @@ class DecodePlan:
 
     def abandon(self, rid: int) -> None:
         """The daemon stopped waiting for ``rid`` (it decodes that READ itself): drop its result."""
-        if rid in self._inflight:
-            self._abandoned.add(rid)
+        job = self._inflight.get(rid)
+        if job is not None:
+            job.abandoned = True
 
     def release_lent(self) -> None:
         """The replies that carried lent slots are written: the slots are free again."""
         if self._lent:
             self._free.extend(self._lent)
             self._lent.clear()
-
-    def busy(self) -> bool:
-        return bool(self._inflight)
 
     def reset(self) -> None:
         """The process is gone: nothing is in flight or finished any more."""
@@ -95,7 +92,6 @@ class DecodePlan:
         self._inflight.clear()
         self._wanted.clear()
         self._done.clear()
-        self._abandoned.clear()
 
     # ---------------------------------------------------------------- planning
     def plan(self, nid: int, off: int, size: int, file_size: int) -> list[Job]:

@@ -28,8 +28,6 @@ import signal
 import socket
 import time
 
-from ...erofs.decompress import Z_EROFS_COMPRESSION_LZ4 as LZ4
-from ...erofs.layout import EROFS_FEATURE_INCOMPAT_COMPR_CFGS
 from .decodeplan import DecodePlan
 from .decodeproc import ANSWER, READY, REQUEST, serve
 
@@ -90,10 +88,8 @@ class Decoder:
         if not self.ready:
             return None
         hit = plan.take(nid, off, size)
-        if hit is None:
-            rid = plan.in_flight(nid, off, size)
-            if rid is not None:
-                hit = self._wait_for(rid, nid, off, size)
+        if hit is None and plan.in_flight(nid, off, size) is not None:
+            hit = self._wait_for(nid, off, size)
         if self._sock is not None:
             self._send(plan.plan(nid, off, size, file_size))
         if hit is None:
@@ -145,12 +141,12 @@ class Decoder:
                 self._fail(str(exc))
                 return
 
-    def _wait_for(self, rid: int, nid: int, off: int, size: int):
-        """The result of ``rid`` if it comes within ``WAIT`` seconds, else None (it is dropped)."""
+    def _wait_for(self, nid: int, off: int, size: int):
+        """The result of this READ, in flight, if it comes within ``WAIT`` seconds, else None (dropped)."""
         self.waits += 1
         deadline = time.monotonic() + WAIT
         plan = self.plan
-        while self._sock is not None and plan.in_flight(nid, off, size) == rid:
+        while self._sock is not None and (rid := plan.in_flight(nid, off, size)) is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.late += 1
@@ -218,17 +214,12 @@ def _prctl(option: int, arg) -> None:  # pragma: no cover - the child
         pass    # best effort: the socket's end of file ends the process as well
 
 
-def lz4_only(sb) -> bool:
-    """The image's compressed data, if any, is all lz4 (no compr_cfgs, or only lz4 in them)."""
-    return not sb.has_incompat(EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or sb.available_compr_algs == 1 << LZ4
-
-
 def why_not(sb, setting: int | None, cpus: int) -> str | None:
     """None if the image gets a decoder process under ``-o decoder=`` ``setting`` (None: not given)
     on a machine with ``cpus`` usable CPUs, else why not."""
     if setting == 0:
         return "decoder=0"
-    if not lz4_only(sb):
+    if not sb.lz4_only:
         return "its compressed data is not all lz4 (other codecs decode in parallel in worker threads)"
     if setting is None:
         if not sb.marks_compression:

@@ -34,7 +34,7 @@ import trio
 from ...erofs.image import Image
 from ...errors import LoopError, NotFoundError
 from .attrs import TIMEOUT, access_error, entry_attributes
-from .decoder import MIN_READ, lz4_only
+from .decoder import MIN_READ
 from .dirops import DirectoryOps
 from .errmap import fuse_errors
 from .inline import WouldBlock, call_nowait, nowait_active
@@ -75,7 +75,7 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
         numbers = InodeNumbers(self.root_nid, bool(image.sb.has_metabox))
         self.ino_of, self.nid_of = numbers.ino_of, numbers.nid_of
         # lz4 decodes a pcluster in microseconds: cheaper inline than a thread hop; other codecs are not
-        self._inline_compressed = lz4_only(image.sb)
+        self._inline_compressed = image.sb.lz4_only
         self._limiter = trio.CapacityLimiter(max(1, config.threads))
         self._lookups: dict[int, int] = {}                  # ino -> kernel lookup count
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}  # attributes of inodes the kernel knows
