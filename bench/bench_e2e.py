@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     from bench.bench_oci import build_image, push_image
-    from tests.nbd.test_uml import boot, uml_available
+    from tests.nbd.uml import boot, uml_available
     from tests.oci._servers import REGISTRY_BIN, start_registry
 
     if uml_available() or REGISTRY_BIN is None or shutil.which("mkfs.erofs") is None:

@@ -208,7 +208,7 @@ def guest_bench(out: str, reps: int = 5) -> None:
 
 def uml_bench() -> dict | None:
     sys.path.insert(0, str(REPO))
-    from tests.nbd.test_uml import boot, uml_available
+    from tests.nbd.uml import boot, uml_available
 
     if uml_available():
         print(f"UML part skipped: {uml_available()}")

@@ -30,3 +30,14 @@ def zdata_available() -> bool:
 @pytest.fixture(scope="session")
 def corpus():
     return corpuslib
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how user-mode Linux was booted on this machine, when a test booted it (tests/nbd/uml.py)."""
+    uml = sys.modules.get("tests.nbd.uml")
+    if uml is None:
+        return
+    if uml._decision is not None:
+        terminalreporter.write_line(uml._decision.log_line())
+    elif uml._failure is not None:
+        terminalreporter.write_line(f"UML boot path: none ({uml._failure})")
