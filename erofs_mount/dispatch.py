@@ -97,6 +97,14 @@ def _unmount(mountpoint: str) -> int:
     raise UsageError(f"{mountpoint}: not an erofs-mount mount ({entry.fstype} from {entry.source})")
 
 
+def _reattach_oci(opts: MountOptions) -> dict[str, str]:
+    """``-o oci.*`` (and ``cache_limit``) given to --reattach: they override the record."""
+    oci = dict(opts.oci)
+    if "limit" in opts.cache:
+        oci["cache_limit"] = opts.cache["limit"]
+    return oci
+
+
 def run(action: str, arg, opts: MountOptions) -> int:
     if action == "mount":
         source, mountpoint, foreground = arg
@@ -106,7 +114,7 @@ def run(action: str, arg, opts: MountOptions) -> int:
     from .backends.nbd import lifecycle as nbd
 
     if action == "reattach":
-        return nbd.reattach(arg, nbd_options(opts, False))
+        return nbd.reattach(arg, nbd_options(opts, False), oci=_reattach_oci(opts))
     if action == "disconnect":
         return nbd.disconnect(arg)
     if action == "status":

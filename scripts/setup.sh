@@ -9,7 +9,7 @@ APT_PKGS=(
   gcc pkg-config python3-venv python3-dev fuse3 libfuse3-dev
   # real components the tests and benchmarks drive
   erofs-utils attr acl util-linux squashfs-tools squashfuse
-  user-mode-linux docker-registry apache2-utils openssl skopeo
+  user-mode-linux iproute2 docker-registry apache2-utils openssl skopeo
 )
 
 missing=()

@@ -134,6 +134,17 @@ def test_reattach_missing_record_or_vanished_source_leaves_mount(image, mnt, tmp
         lifecycle.reattach(dev, opts)
     assert "unknown recovery record type" in str(info.value)
 
+    # a source larger than the device is another image: refused after the new daemon claimed the
+    # device, and that attempt leaves no file of its own behind
+    bigger = tmp_path / "bigger.erofs"
+    bigger.write_bytes(img.read_bytes() + bytes(1 << 20))
+    with open(ident, "w") as f:
+        f.write(f"LOCAL {bigger}\n")
+    with pytest.raises(ErofsMountError) as info:
+        lifecycle.reattach(dev, opts)
+    assert "not the image" in str(info.value)
+    assert not os.path.exists(state.pid_path(ident))
+
     # the mount is as it was: still there, and it serves again after a good reattach
     assert sysfs.mount_at(str(mnt)) is not None and sysfs.size_bytes(index)
     with open(ident, "w") as f:  # erofs-utils' own format, by hand (mount/main.c: "LOCAL %s\n")

@@ -281,7 +281,8 @@ def test_config_json_credentials_cache_reuse_and_status(env, tmp_path):
     digest = sha256(env.blobs[ORIGINAL])
     assert text.split("\n")[0].split(" ")[0] == "OCI_NATIVE_BLOB"
     assert len(text.split("\n")[0].split()) == 4, text  # ref platform digest: no credential token
-    assert rec.digest == digest and rec.platform == "linux/amd64" and rec.ref.startswith(ref + "@sha256:")
+    assert rec.digest == digest and rec.platform == "linux/amd64" and rec.ref == ref
+    assert dict(rec.options)["manifest"].startswith("sha256:")
     assert rec.username is None and rec.password is None
     for secret in (PASSWORD, USER, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()):
         assert secret not in text, text
@@ -408,7 +409,7 @@ def test_hand_written_erofs_utils_oci_layer_record(env, tmp_path):
     assert re.search(rf"now resolves to {sha256(padded)} but the device was serving {served}", text), text[-2000:]
     rec = parse_record(record_text(ident))
     assert type(rec).__name__ == "OciNativeBlobRecord" and rec.digest == sha256(padded)
-    assert (rec.username, rec.password) == (USER, PASSWORD) and rec.options == ()
+    assert (rec.username, rec.password) == (USER, PASSWORD) and [k for k, _ in rec.options] == ["manifest"]
     assert_private(ident)
     drop_caches()
     compare(env, ORIGINAL, mnt)  # the same tree: only padding differs

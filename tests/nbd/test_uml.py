@@ -32,8 +32,10 @@ def test_kernel_suite_in_uml(tmp_path):
     except UmlUnusable as e:
         pytest.fail(str(e), pytrace=False)
     print(decision.log_line())
+    eu = os.environ.get("EROFS_UTILS_MOUNT")  # erofs-utils' mount.erofs for the interop tests (optional)
     script = f"""cd {REPO}
 export EROFS_MOUNT_KERNEL_TESTS=required PYTHONDONTWRITEBYTECODE=1
+{f"export EROFS_UTILS_MOUNT={eu}" if eu and " " not in eu else ""}
 {sys.executable} -m pytest -p no:cacheprovider -q -rA --durations=10 tests/kernel
 """
     rc, out = boot(tmp_path, script, GUEST_TIMEOUT)

@@ -33,6 +33,7 @@ from ...status import ratio_text, size_text
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
 from .recovery import NBD_RUN_DIR, LocalRecord, record_path
+from .source import override_record
 
 IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -96,13 +97,15 @@ def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
 
-def reattach(device: str, opts: NbdOptions | None = None) -> int:
+def reattach(device: str, opts: NbdOptions | None = None, oci: dict[str, str] | None = None) -> int:
+    """``oci``: ``-o oci.*`` given with --reattach (keys without ``oci.``), overriding the record."""
     opts = opts or NbdOptions()
     index = sysfs.index_of(device)
     if sysfs.size_bytes(index) == 0:
         raise ErofsMountError(f"{device} is not connected: nothing to reattach", errno=_errno.ENOTCONN)
     ident = sysfs.backend(index) or record_path(index, opts.run_dir)
-    record = state.read_record(ident)  # missing/malformed: a clear error, nothing touched
+    original = state.read_record(ident)  # missing/malformed: a clear error, nothing touched
+    record = override_record(original, oci or {})
     if dict(record.options).get("mode") == "ioctl":
         raise ErofsMountError(f"{device} was attached in ioctl mode: reattach unavailable in ioctl mode",
                               errno=_errno.EOPNOTSUPP)
@@ -120,7 +123,7 @@ def reattach(device: str, opts: NbdOptions | None = None) -> int:
 
         from .worker import reattach_main
 
-        return trio.run(reattach_main, index, ident, record, opts, ready)
+        return trio.run(reattach_main, index, ident, record, opts, ready, record != original)
 
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 

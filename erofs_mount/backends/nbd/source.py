@@ -4,11 +4,21 @@
 local ones also ``fileno``/``pread`` for the server's zero-copy path).
 
 ``record_for_oci(ref, src, options)`` → the ``OCI_NATIVE_BLOB`` record to write for a
-registry source: the digest the source pinned (a moved tag can never change what a
+registry source: the blob digest the source pinned (a moved tag can never change what a
 reattach serves), and what a new process needs to reach the registry again as
 ``key=value`` option lines (erofs-utils reads only the first line).  Credentials go
 into the record only when the user typed the password on the command line (nothing
 else could supply it again); a password file is remembered by its path.
+
+The first line's reference carries no ``@sha256:`` manifest digest: erofs-utils 1.9
+(lib/remotes/oci.c ocierofs_parse_ref) knows no digest references and would take
+``tag@sha256:…`` for a tag.  It resolves the tag and refuses a blob that is not among
+that manifest's layers, so it can fail after a tag moved, never serve another image.
+The manifest digest goes on a ``manifest=`` line, which our own reattach uses.
+
+``override_record(record, raw)``: ``--reattach DEV -o oci.*`` — what the user says now
+(insecure, CA file, credentials, platform, tuning) wins over what the record holds,
+e.g. for erofs-utils' records, which cannot say "plain HTTP".
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from __future__ import annotations
 import errno as _errno
 from typing import Any
 
-from ...errors import ErofsMountError
+from dataclasses import replace
+
+from ...errors import ErofsMountError, UsageError
 from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record
 
 # OciOptions fields that a reattach needs again, as record option lines (the tuning ones only
@@ -63,16 +75,72 @@ def record_for_oci(ref: str, platform: str, digest: str, options: Any) -> OciNat
                 extra.append((key, str(value)))
         elif value is not None and value != getattr(default, key):
             extra.append((key, repr(value) if kind is float else str(value)))
+    name, pins = _split_manifest(ref)
     if options.password is not None:  # typed on the command line: nothing else can supply it again
-        return OciNativeBlobRecord(ref, platform, digest, options.username or "", options.password, tuple(extra))
-    return OciNativeBlobRecord(ref, platform, digest, options=tuple(extra))
+        return OciNativeBlobRecord(name, platform, digest, options.username or "", options.password,
+                                   tuple(extra) + pins)
+    return OciNativeBlobRecord(name, platform, digest, options=tuple(extra) + pins)
+
+
+def _split_manifest(ref: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``reg/repo:tag@sha256:…`` → (``reg/repo:tag``, (("manifest", "sha256:…"),))."""
+    name, at, manifest = ref.partition("@")
+    return name, ((("manifest", manifest),) if at else ())
+
+
+def _with_options(options: tuple[tuple[str, str], ...], new: dict[str, str | None]) -> tuple[tuple[str, str], ...]:
+    """``options`` with the lines of ``new`` replaced (a None value drops the line)."""
+    return tuple((k, v) for k, v in options if k not in new) + tuple((k, v) for k, v in new.items() if v is not None)
 
 
 def pinned_record(record: OciLayerRecord, src: Any) -> OciNativeBlobRecord:
     """The ``OCI_NATIVE_BLOB`` record for what an ``OCI_LAYER`` record resolved to (credentials
     and option lines kept as they were)."""
-    return OciNativeBlobRecord(str(src.ref), src.platform, src.digest, record.username, record.password,
-                               record.options)
+    name, pins = _split_manifest(str(src.ref))
+    return OciNativeBlobRecord(name, src.platform, src.digest, record.username, record.password,
+                               _with_options(record.options, dict(pins)))
+
+
+def override_record(record: Record, raw: dict[str, str]) -> Record:
+    """``--reattach DEV -o oci.KEY[=VALUE],…`` (``raw``: keys without ``oci.``, as
+    options.MountOptions.oci holds them): the record with what the user said now."""
+    if not raw:
+        return record
+    names = {k: (k if k == "cache_limit" else f"oci.{k}") for k in raw}
+    given = ", ".join(names.values())
+    if isinstance(record, LocalRecord):
+        raise UsageError(f"{given}: the device serves the local file {record.path}, not a registry blob")
+    if "layer" in raw or "blob" in raw:
+        raise UsageError("oci.layer/oci.blob cannot be given to --reattach: the device keeps serving the blob "
+                         "its record names")
+    from ...sources.oci.options import parse_fields
+
+    fields = parse_fields({names[k]: (v if v != "" else None) for k, v in raw.items()})
+    out = record
+    if "platform" in fields:
+        out = replace(out, platform=fields.pop("platform"))
+    if "password" in fields or "password_file" in fields:
+        user = fields.pop("username", None) or out.username or dict(out.options).get("username")
+        if not user:
+            raise UsageError("oci.password/oci.password_file need oci.username (the record names no user)")
+        if "password" in fields:  # typed now: kept in the record, as at mount time
+            out = replace(out, username=user, password=fields.pop("password"))
+            out = replace(out, options=tuple(o for o in out.options if o[0] not in ("password_file", "username")))
+        else:
+            out = replace(out, username=None, password=None)
+            fields["username"] = user
+    elif "username" in fields and out.password is not None:
+        out = replace(out, username=fields.pop("username"))
+    lines: dict[str, str | None] = {}
+    for key, value in fields.items():
+        kind = _OCI_KEEP.get(key)
+        if value is None:       # oci.cache=none
+            lines[key] = None
+        elif kind is bool:
+            lines[key] = "1" if value else None
+        else:
+            lines[key] = repr(value) if kind is float else str(value)
+    return replace(out, options=_with_options(out.options, lines))
 
 
 async def open_source(record: Record) -> Any:
@@ -86,7 +154,9 @@ async def open_source(record: Record) -> Any:
 
         options = oci_options_from_record(record)
         if isinstance(record, OciNativeBlobRecord):
-            return await open_oci_source(record.ref, options=options, blob=record.digest, platform=record.platform)
+            manifest = dict(record.options).get("manifest")
+            ref = record.ref if manifest is None or "@" in record.ref else f"{record.ref}@{manifest}"
+            return await open_oci_source(ref, options=options, blob=record.digest, platform=record.platform)
         # erofs-utils' OCI_LAYER re-resolves the tag: we read it, but never write it
         return await open_oci_source(record.ref, options=options, layer=record.layer_index,
                                      platform=record.platform)

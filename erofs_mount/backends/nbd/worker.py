@@ -321,7 +321,27 @@ def _pin_layer_record(index: int, ident: str, record: OciLayerRecord, source: An
     return pinned
 
 
-async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions, ready: Readiness) -> int:
+def reattach_size(index: int, device_size: int, export_size: int) -> int:
+    """The size to serve on reattach.  A device smaller than the image is another image: refused.
+    A larger one is erofs-utils' (mount/main.c connects every device with EROFSMOUNT_NBD_DISK_SIZE,
+    8 EiB) or one whose image was padded: we serve the device's size, and reads past the image's
+    end get zeros.  Safe: the kernel's erofs driver never asks for a byte past the blocks its
+    superblock names, only block-device read-ahead may, and zeros there fail no reader (an error
+    would fail a whole request that also holds the image's last bytes)."""
+    if device_size and device_size < export_size:
+        raise ErofsMountError(f"/dev/nbd{index} has {device_size} bytes but the source now gives {export_size}: "
+                              "not the image this device was serving", errno=_errno.EINVAL)
+    if device_size > export_size:
+        log.info("nbd%d: the device has %d bytes, the image %d (a device connected by erofs-utils, or padded): "
+                 "serving the device's size, reads past the image's end get zeros", index, device_size, export_size)
+        return device_size
+    return export_size
+
+
+async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions, ready: Readiness,
+                        rewrite: bool = False) -> int:
+    """``rewrite``: the record was changed by ``--reattach -o oci.*``: written back once the
+    source opened, so the next reattach (or the supervisor) reaches the registry the same way."""
     try:
         source = await open_source(record)
     except BaseException as exc:
@@ -332,13 +352,13 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
         pidlock.acquire()  # refuses while a live daemon serves the device
         head = await source.read_at(0, min(source.size, 4096))
         bs, export_size = export_geometry(head, source.size, opts.block_size)
-        have = sysfs.size_bytes(index)
-        if have and have != export_size:
-            raise ErofsMountError(f"/dev/nbd{index} has {have} bytes but the source now gives {export_size}",
-                                  errno=_errno.EINVAL)
+        export_size = reattach_size(index, sysfs.size_bytes(index), export_size)
         previous = state.read_json(state.stats_path(ident))  # what the dead daemon published
         if isinstance(record, OciLayerRecord):
             record = _pin_layer_record(index, ident, record, source, previous)
+        elif rewrite:
+            state.write_record(ident, record)
+            log.info("nbd%d: record %s rewritten with the options given to --reattach", index, ident)
         sock = await trio.to_thread.run_sync(_reconfigure_until_taken, index, ident)
         tune_queue(index, opts)
         log.info("nbd%d: reattached to %s", index, describe(record))
@@ -351,7 +371,7 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
         return await _finish(stats, index, ident, pidlock)
     except BaseException as exc:
         if not ready.reported:
-            pidlock.release(remove=False)
+            pidlock.release(remove=True)  # ours (we held its lock): a failed attempt leaves no file
             _report(ready, exc)
         raise
     finally:

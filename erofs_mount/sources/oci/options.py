@@ -84,17 +84,7 @@ class OciOptions:
 
     @classmethod
     def from_mount_options(cls, opts: dict[str, str | None]) -> "OciOptions":
-        kw: dict = {}
-        for name, value in opts.items():
-            spec = _OPTION_TABLE.get(name)
-            if spec is None:
-                if name.startswith("oci."):
-                    known = ", ".join(sorted(_OPTION_TABLE))
-                    raise UsageError(f"unknown option {name!r} (known: {known})")
-                continue
-            field_name, parse = spec
-            kw[field_name] = parse(name, value)
-        out = cls(**kw)
+        out = cls(**parse_fields(opts))
         out.validate()
         return out
 
@@ -125,6 +115,22 @@ class OciOptions:
             if value != getattr(default, field_name):
                 out[name] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return out
+
+
+def parse_fields(opts: dict[str, str | None]) -> dict:
+    """Option name -> value string, parsed into OciOptions field name -> value, each on its own
+    (no cross-field checks: a reattach merges these into what its record holds)."""
+    kw: dict = {}
+    for name, value in opts.items():
+        spec = _OPTION_TABLE.get(name)
+        if spec is None:
+            if name.startswith("oci."):
+                known = ", ".join(sorted(_OPTION_TABLE))
+                raise UsageError(f"unknown option {name!r} (known: {known})")
+            continue
+        field_name, parse = spec
+        kw[field_name] = parse(name, value)
+    return kw
 
 
 def _str(name: str, value: str | None) -> str:
