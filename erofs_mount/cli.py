@@ -224,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        if argv and argv[0] in TOOLS:
-            return run_tool(argv[0], argv[1:])
-        return run_mount(argv)
+        try:
+            if argv and argv[0] in TOOLS:
+                return run_tool(argv[0], argv[1:])
+            return run_mount(argv)
+        except BaseExceptionGroup as group:  # a trio nursery's: its telling leaf is the error
+            from .daemon import _leaf
+
+            raise _leaf(group) from None
     except ErofsMountError as exc:
         return _fail(_SUBJECT, exc, exc.exit_status)
     except BrokenPipeError:

@@ -112,7 +112,19 @@ def open_sync(source: str, opts: MountOptions) -> SyncSource:
     if opts.oci:
         raise UsageError("oci.* options need oci.layer=N or oci.blob=sha256:… to name the layer")
     from .sources.local import LocalSource
+    from .sources.tarlayer import local_kind
 
+    kind = local_kind(source)
+    if kind is not None:  # a tar layer file: served through its tar index (built once, cached)
+        from .sources.tarlayer.openlayer import open_local_layer
+
+        loop = TrioThread()
+        try:
+            src = loop.call(lambda: open_local_layer(source, kind))
+        except BaseException:
+            loop.close()
+            raise
+        return SyncSource(src, loop)
     return SyncSource(LocalSource.open(source))
 
 

@@ -37,6 +37,9 @@ _VERIFIED = 1
 
 
 def default_root() -> str:
+    """``$EROFS_MOUNT_CACHE_DIR``, else ``/var/cache/erofs-mount/blobs`` for root, else the XDG cache."""
+    if os.environ.get("EROFS_MOUNT_CACHE_DIR"):
+        return os.environ["EROFS_MOUNT_CACHE_DIR"]
     if os.geteuid() == 0:
         return "/var/cache/erofs-mount/blobs"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -211,8 +214,8 @@ def usage(root: str) -> list[tuple[float, int, str]]:
         for name in os.listdir(adir):
             path = os.path.join(adir, name)
             try:
-                used = sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in ("data", "map")
-                           if os.path.exists(os.path.join(path, f)))
+                # data + map, and a tar layer's index files (sources/tarlayer/store.py)
+                used = sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path))
                 out.append((os.stat(os.path.join(path, "map")).st_mtime, used, path))
             except OSError:
                 continue

@@ -183,6 +183,12 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
 
 
 def _local_opener(source: str, devices: tuple[str, ...]):
+    from ...sources.tarlayer import local_kind
+
+    kind = local_kind(source)
+    if kind is not None:  # a tar / tar.gz / tar.zst layer file: served through its tar index
+        return _layer_opener(source, kind, devices)
+
     async def opener():
         image, opened = open_image(source, devices)  # a few small reads: fine before serving
         # the descriptors the image reads (local sources honour inline.nowait())
@@ -190,15 +196,31 @@ def _local_opener(source: str, devices: tuple[str, ...]):
     return opener
 
 
+def _layer_opener(path: str, kind: str, devices: tuple[str, ...]):
+    async def open_layer():
+        from ...sources.tarlayer.openlayer import open_local_layer
+
+        return await open_local_layer(path, kind)
+    return _async_opener(path, open_layer, devices)
+
+
 def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
+    async def open_oci():
+        from ...sources.oci.blob import open_oci_source
+
+        return await open_oci_source(ref, options=oci_options)
+    return _async_opener(ref, open_oci, devices)
+
+
+def _async_opener(name: str, open_source, devices: tuple[str, ...]):
+    """An image over an async source (a registry blob, a tar layer), read through the bridge."""
     async def opener():
         import trio
 
         from ...erofs.image import Image
         from ...sources.bridge import SyncReadAt
-        from ...sources.oci.blob import open_oci_source
 
-        src = await open_oci_source(ref, options=oci_options)
+        src = await open_source()
         closers: list = [src.aclose]
         try:
             extra = []
@@ -218,8 +240,8 @@ def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
                     if hasattr(res, "__await__"):
                         await res
             raise
-        log.info("OCI layer %s of %s (%d bytes)", getattr(src, "digest", "?"), ref, src.size)
-        return image, closers, (), src     # OCI reads always go to worker threads
+        log.info("%s: %r (%d bytes)", name, src, src.size)
+        return image, closers, (), src     # async sources: reads always go to worker threads
     return opener
 
 

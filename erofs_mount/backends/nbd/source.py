@@ -147,7 +147,13 @@ async def open_source(record: Record) -> Any:
     """Open the source ``record`` describes (the digest of an OCI_NATIVE_BLOB record is pinned)."""
     if isinstance(record, LocalRecord):
         from ...sources.local import LocalSource
+        from ...sources.tarlayer import local_kind
 
+        kind = local_kind(record.path)
+        if kind is not None:  # a tar layer file: index + tar, the index from the cache after the first time
+            from ...sources.tarlayer.openlayer import open_local_layer
+
+            return await open_local_layer(record.path, kind)
         return LocalSource.open(record.path)
     if isinstance(record, (OciLayerRecord, OciNativeBlobRecord)):
         from ...sources.oci.blob import open_oci_source

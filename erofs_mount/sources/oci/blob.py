@@ -33,6 +33,7 @@ from .reference import Reference, parse_reference
 from .resolve import options_with, resolve
 from .stream import STOPPED, Fetch, Streams
 from .zstdsource import ZstdSeekableSource, is_zstd_layer, open_zstd_layer
+from ..tarlayer.kinds import layer_kind
 
 log = logging.getLogger("erofs_mount.sources.oci")
 PROMOTE_GAP = 4 << 20  # a chunk further than this ahead of its stream is fetched by its reader at once
@@ -368,7 +369,9 @@ async def open_oci_source(
     try:
         res = await resolve(client, ref, options)
         index, desc = select_layer(res.manifest, layer=options.layer, blob=options.blob)
-        check_layer_media_type(desc)
+        tar_kind = layer_kind(desc.media_type)
+        if tar_kind is None:
+            check_layer_media_type(desc)
         src = OciBlobSource(
             client, digest=desc.digest, size=desc.size, media_type=desc.media_type,
             ref=res.ref, platform=res.platform, layer_index=index,
@@ -377,6 +380,13 @@ async def open_oci_source(
         if options.cache is not None:
             await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
         what = f"{ref} layer {index} ({desc.digest})"
+        if tar_kind is not None:  # served through an EROFS tar index, made once and cached
+            from ..tarlayer.openlayer import open_tar_layer
+            from ..tarlayer.store import digest_dir
+
+            entry = digest_dir(options.cache or default_root(), desc.digest) if options.cache is not None else None
+            return await open_tar_layer(src, tar_kind, what=what, digest=desc.digest, entry=entry,
+                                        memory_limit=options.memory_limit)
         if is_zstd_layer(desc.media_type):  # random access through its seek table, or refused
             src = await open_zstd_layer(src, what)
         if check_magic:  # on the decompressed bytes of a +zstd layer

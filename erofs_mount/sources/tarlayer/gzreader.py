@@ -1,0 +1,132 @@
+"""Random reads of the uncompressed tar inside a tar+gzip blob, through its gzip checkpoints.
+
+The uncompressed stream is cut into spans, one per checkpoint (``gzindex``: a bit offset in the
+blob and the 32 KiB of output before it, zlib's zran technique).  A read decodes the spans it
+touches, each once: the span's compressed bytes are fetched from the blob (one ranged read, as
+``RangeInflater.want`` asks), inflated from the checkpoint in a worker thread (zlib through
+ctypes releases the GIL), and kept in a byte-bounded LRU.  Concurrent readers of one span share
+its decode (the in-flight table is updated before the first await, as in ``zstdsource``).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ...errors import CorruptedError, ErofsMountError, SourceError
+from ...gzindex import GzIndex, RangeInflater
+from ..cache import ChunkCache, clamp
+
+MIN_CACHE = 16 << 20
+THREAD_MIN = 256 << 10    # compressed input above this is inflated in a worker thread
+
+
+class _Decode:
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class GzTarReader:
+    def __init__(self, inner, index: GzIndex, *, what: str, cache_bytes: int = 64 << 20) -> None:
+        if index.uncompressed_size is None:
+            raise ValueError("the gzip index must know the uncompressed size")
+        self._inner = inner
+        self.index = index
+        self.what = what
+        self.size = index.uncompressed_size
+        self.starts = [cp.out_offset for cp in index.checkpoints] + [self.size]
+        self.spans = ChunkCache(max(MIN_CACHE, cache_bytes))
+        self._inflight: dict[int, _Decode] = {}
+        self._n = {"gz_reads": 0, "spans_decoded": 0, "gz_bytes_in": 0, "gz_bytes_out": 0, "spans_coalesced": 0}
+
+    def _span_range(self, i: int) -> tuple[int, int]:
+        return self.starts[i], self.starts[i + 1]
+
+    def _spans_for(self, offset: int, length: int) -> range:
+        first = self.index.position(offset)
+        last = self.index.position(offset + length - 1)
+        return range(first, last + 1)
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        offset, length = clamp(offset, length, self.size)
+        if length == 0:
+            return b""
+        self._n["gz_reads"] += 1
+        wanted = self._spans_for(offset, length)
+        out = bytearray()
+        for i in wanted:
+            data = self.spans.get(i)
+            if data is None:
+                data = await self._span(i)
+            lo, hi = self._span_range(i)
+            a = max(offset, lo) - lo
+            b = min(offset + length, hi) - lo
+            out += memoryview(data)[a:b]
+        return bytes(out)
+
+    async def _span(self, i: int) -> bytes:
+        f = self._inflight.get(i)
+        if f is not None:
+            self._n["spans_coalesced"] += 1
+            await f.event.wait()
+            if f.data is None:
+                if not isinstance(f.error, Exception):   # its owner was cancelled: decode it here
+                    return await self._span(i)
+                raise _as_error(f.error, self, i)
+            return f.data
+        f = self._inflight[i] = _Decode()   # before the first await: later readers wait for this one
+        try:
+            f.data = await self._decode(i)
+            self.spans.put(i, f.data)
+            return f.data
+        except Exception as exc:
+            f.error = exc
+            raise _as_error(exc, self, i) from None
+        except BaseException as exc:
+            f.error = exc
+            raise
+        finally:
+            del self._inflight[i]
+            f.event.set()
+
+    async def _decode(self, i: int) -> bytes:
+        lo, hi = self._span_range(i)
+        r = RangeInflater(self.index, lo, hi - lo)
+        parts = []
+        try:
+            while (want := r.want()) is not None:
+                raw = await self._inner.read_at(*want)
+                self._n["gz_bytes_in"] += len(raw)
+                if len(raw) > THREAD_MIN:
+                    parts.append(await trio.to_thread.run_sync(r.feed, raw))
+                else:
+                    parts.append(r.feed(raw))
+        finally:
+            r.close()
+        data = b"".join(parts)
+        if len(data) != hi - lo:
+            raise CorruptedError(f"the gzip stream ends at uncompressed offset {lo + len(data)}, "
+                                 f"inside span {i} ({lo}..{hi})")
+        self._n["spans_decoded"] += 1
+        self._n["gz_bytes_out"] += len(data)
+        return data
+
+    def stats(self) -> dict:
+        st = dict(self._inner.stats()) if hasattr(self._inner, "stats") else {}
+        st.update(self._n)
+        st.update({"gz_checkpoints": len(self.index.checkpoints), "span_cache_bytes": self.spans.used,
+                   "span_cache_hits": self.spans.hits, "span_cache_misses": self.spans.misses})
+        return st
+
+    async def aclose(self) -> None:
+        """The blob source is closed by its owner (``TarLayerSource``)."""
+
+
+def _as_error(exc: Exception | None, r: GzTarReader, i: int) -> Exception:
+    lo, hi = r._span_range(i)
+    if isinstance(exc, CorruptedError):
+        return CorruptedError(f"{r.what}: gzip data of tar bytes {lo}..{hi}: {exc}")
+    if isinstance(exc, ErofsMountError):
+        return exc
+    return SourceError(f"{r.what}: reading gzip span {i} failed: {exc!r}")

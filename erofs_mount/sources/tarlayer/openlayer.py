@@ -1,0 +1,121 @@
+"""Opening a tar layer as an image: from the index cache when it holds one, else by one pass.
+
+``open_tar_layer(blob, kind, what=…, digest=…, entry=…)``: ``blob`` is the layer as stored (a
+registry blob or a local file), ``kind`` ``"tar"``/``"gzip"``/``"zstd"``, ``entry`` the cache
+directory for its index files (``store.py``; None: keep nothing, index at every open).
+``open_local_layer(path, kind)``: the same for a local file, cached under the default cache root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+import trio
+
+from ...errors import ErofsMountError
+from ...gzindex import from_zinfo, to_zinfo
+from . import store
+from .build import index_layer
+from .gzreader import GzTarReader
+from .source import TarLayerSource
+
+log = logging.getLogger("erofs_mount.sources.tarlayer")
+
+
+async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = None, entry: str | None = None,
+                         memory_limit: int = 256 << 20) -> TarLayerSource:
+    stored = None
+    if entry is not None:
+        stored = await trio.to_thread.run_sync(lambda: store.load(entry, kind=kind, source_size=blob.size))
+    if stored is not None:
+        log.info("%s: tar index from the cache (%s, %d bytes)", what, entry, len(stored.index))
+        index, tar_size, tar_path = stored.index, stored.tar_size, stored.tar_path
+        gz = from_zinfo(stored.zinfo, compressed_size=blob.size, uncompressed_size=tar_size) if kind == "gzip" else None
+        tmpdir = None
+    else:
+        tmpdir = None
+        spill = None
+        if kind == "zstd":     # one zstd frame cannot be entered in the middle: keep the stream itself
+            if entry is None:
+                tmpdir = tempfile.mkdtemp(prefix="erofs-mount-zstd-")
+                log.info("%s: no cache: the decompressed tar is kept in %s while mounted", what, tmpdir)
+            spill = store.TarSpill(entry or tmpdir)
+        try:
+            built = await index_layer(blob, kind, what=what, digest=digest, spill=spill)
+            tar_path = spill.commit() if spill is not None else None
+        except BaseException:
+            if spill is not None:
+                spill.discard()
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        index, tar_size, gz = built.index, built.tar_size, built.gz
+        if entry is not None:
+            zinfo = to_zinfo(gz) if gz is not None else None
+            try:
+                await trio.to_thread.run_sync(lambda: store.save(entry, kind=kind, source_size=blob.size, index=index,
+                                                                 tar_size=tar_size, zinfo=zinfo))
+            except OSError as exc:
+                log.warning("%s: cannot keep the tar index in %s: %s", what, entry, exc.strerror)
+    return _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit)
+
+
+def _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit) -> TarLayerSource:
+    closers: tuple = ()
+    if kind == "tar":
+        if blob.size < tar_size:
+            raise ErofsMountError(f"{what}: the tar is {tar_size} bytes but the blob only {blob.size}")
+        tar = _Prefix(blob, tar_size)
+    elif kind == "gzip":
+        tar = GzTarReader(blob, gz, what=what, cache_bytes=memory_limit // 4)
+    else:
+        from ..local import LocalSource
+
+        tar = LocalSource.open(tar_path)
+        if tmpdir:
+            closers = (lambda: shutil.rmtree(tmpdir, ignore_errors=True),)
+    return TarLayerSource(index, tar, kind=kind, what=what, inner=blob, closers=closers)
+
+
+class _Prefix:
+    """The first ``size`` bytes of a source (a plain tar's stream, without what follows it)."""
+
+    def __init__(self, inner, size: int) -> None:
+        self._inner = inner
+        self.size = size
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        return await self._inner.read_at(offset, length) if length else b""
+
+    def stats(self) -> dict:
+        return dict(self._inner.stats()) if hasattr(self._inner, "stats") else {}
+
+    async def aclose(self) -> None:
+        """The blob is closed by TarLayerSource."""
+
+
+def local_cache_root() -> str:
+    from ..diskcache import default_root
+
+    return default_root()
+
+
+async def open_local_layer(path: str, kind: str, *, cache_root: str | None = "") -> TarLayerSource:
+    """A local tar / tar.gz / tar.zst file as an image; its index kept under ``cache_root``
+    (``""``: the default cache root; None: nowhere)."""
+    from ..local import LocalSource
+
+    src = LocalSource.open(path)
+    try:
+        entry = None
+        if cache_root is not None:
+            st = os.stat(path)
+            entry = store.local_dir(cache_root or local_cache_root(), path, st)
+        return await open_tar_layer(src, kind, what=path, entry=entry)
+    except BaseException:
+        await src.aclose() if hasattr(src, "aclose") else src.close()
+        raise
