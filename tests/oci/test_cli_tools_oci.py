@@ -44,7 +44,7 @@ def test_oci_inspect(world):
 
 
 @pytest.mark.parametrize("repo, opt, message", [
-    ("team/app:v1", "oci.layer=1", "media type"),
+    ("team/app:v1", "oci.layer=1", "layer 1 (sha256:"),  # a tar+gzip layer that is not gzip: names it
     ("team/app:v1", "oci.layer=7", "3"),             # out of range names the layer count
     ("team/notmagic:v1", "oci.layer=0", "EROFS"),
     ("team/nosuchrepo:v1", "oci.layer=0", "nosuchrepo"),
