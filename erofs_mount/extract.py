@@ -167,6 +167,8 @@ class Extractor:
         self._unlink_existing(dirfd, name)
         if fmt == stat.S_IFLNK:
             target = self.img.readlink(nid)
+            if not target or b"\0" in target:
+                raise CorruptedError(f"inode {nid}: invalid symlink target {target[:64]!r}")
             os.symlink(target, name, dir_fd=dirfd)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK):
             if not self.root:
@@ -230,6 +232,9 @@ class Extractor:
         os.utime(target, ns=(inode.mtime * 1_000_000_000 + inode.mtime_nsec,) * 2, **kw)
 
     def _setxattr(self, fd: int, name: bytes | None, key: bytes, value: bytes, path: str) -> None:
+        if not key or b"\0" in key:   # no xattr name holds a NUL (listxattr separates names with them)
+            self._error(path, CorruptedError(f"invalid xattr name {key!r}"))
+            return
         try:
             if name is None:
                 os.setxattr(fd, key, value)

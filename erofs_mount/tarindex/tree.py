@@ -19,8 +19,10 @@ Rules (what extracting the layer with containerd leaves on disk, minus symlink f
   left out with a warning otherwise;
 * xattrs EROFS cannot name with a built-in prefix (user., trusted., security., exactly
   system.posix_acl_access / _default) are dropped with a warning: the long-prefix feature would
-  need a packed inode, and Linux refuses such names in setxattr(2) anyway; so are values over
-  65535 bytes (e_value_size is a u16) and entries beyond the 16-bit i_xattr_icount.
+  need a packed inode, and Linux refuses such names in setxattr(2) anyway; so are names holding
+  a NUL byte (no xattr name can: listxattr(2) separates names with NULs), values over 65535
+  bytes (e_value_size is a u16) and entries beyond the 16-bit i_xattr_icount;
+* a symlink with an empty target is left out with a warning (symlink(2) refuses one: ENOENT).
 
 Refused with :class:`~erofs_mount.errors.UnsupportedError` (EROFS cannot represent them): a name
 component over 255 bytes, uid/gid beyond 32 bits, a device number beyond new_encode_dev's 12-bit
@@ -31,6 +33,12 @@ a ``bytes`` key (~33 bytes + the name) and its slot in the parent's dict, and ~3
 for mtime and data offset: ~210 bytes per entry measured with tracemalloc for 20-byte names
 (tests/unit/test_tarindex_tree.py checks < 300), so the default bound of 4,000,000 live entries
 is ~0.85-1.2 GB.  More than ``max_entries`` raise :class:`~erofs_mount.errors.ImageError`.
+What a member may carry besides its name is bounded as a whole: xattrs (up to ~256 KiB per
+inode) and symlink targets (up to 4095 bytes) are kept in the tree and copied into every inode
+of the index, so a few MB of gzip of PAX records (~60 KB of zeros each) would otherwise become
+GBs of tree and index.  More than ``max_meta`` bytes of them in the layer (counted as they are
+added, as the index stores them: xattr body + target; 128 MiB by default, ~2.5 million
+SELinux labels) raise :class:`~erofs_mount.errors.ImageError` naming the member and offset.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from ..erofs import layout as L
 from .tarparse import Member
 
 MAX_ENTRIES = 4_000_000
+MAX_META = 128 << 20      # bytes of xattr bodies and symlink targets in one layer
 MAX_WARNINGS = 1000
 _XATTR_BODY_MAX = L.XATTR_IBODY_HEADER.size + 4 * (0xFFFF - 1)   # i_xattr_icount is a u16
 _PREFIXES = sorted(((p, i) for i, p in L.XATTR_PREFIXES.items()), key=lambda t: -len(t[0]))
@@ -97,10 +106,12 @@ def _implicit_dir(mtime_ns: int) -> Node:
 class Tree:
     """The tree; feed members with :meth:`add` (or use :func:`build_tree`)."""
 
-    def __init__(self, *, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, *, max_entries: int = MAX_ENTRIES, max_meta: int = MAX_META) -> None:
         self.root = _implicit_dir(0)
         self.max_entries = max_entries
+        self.max_meta = max_meta
         self.entries = 1                    # live names, the root included
+        self.meta_bytes = 0                 # xattr bodies and symlink targets added so far
         self.warnings: list[str] = []
         self.warnings_dropped = 0
         self.tar_end = 0                    # end of the furthest regular file data (build_index checks it)
@@ -125,6 +136,9 @@ class Tree:
                 self.warn(f"{where}: a {m.kind} cannot replace the root directory; left out")
                 return
             self._set_attrs(self.root, self._node(m, where))
+            return
+        if m.kind == "symlink" and not m.linkname:
+            self.warn(f"{where}: symlink with an empty target; left out")
             return
         parts = m.path.encode("utf-8", "surrogateescape").split(b"/")
         for p in parts:
@@ -222,6 +236,7 @@ class Tree:
             if len(extra) > 4095:
                 raise UnsupportedError(f"tar: {where}: symlink target of {len(extra)} bytes (at most 4095)")
             size = len(extra)
+            self._meta(size, where)
         elif m.kind in ("chr", "blk"):
             if m.devmajor > 0xFFF or m.devminor > 0xFFFFF or m.devmajor < 0 or m.devminor < 0:
                 raise UnsupportedError(f"tar: {where}: device {m.devmajor}:{m.devminor} does not fit "
@@ -236,6 +251,9 @@ class Tree:
         out = []
         body = L.XATTR_IBODY_HEADER.size
         for name, value in sorted(xattrs.items()):
+            if b"\0" in name:
+                self.warn(f"{where}: xattr name {name!r} holds a NUL byte; dropped")
+                continue
             split = xattr_split(name)
             if split is None:
                 self.warn(f"{where}: xattr {name!r} has no EROFS built-in prefix; dropped")
@@ -249,11 +267,19 @@ class Tree:
                 continue
             body += size
             out.append((name, value))
+        if out:
+            self._meta(body, where)
         return tuple(out) or None
 
+    def _meta(self, n: int, where: str) -> None:
+        self.meta_bytes += n
+        if self.meta_bytes > self.max_meta:
+            raise ImageError(f"tar: {where}: more than {self.max_meta} bytes of xattrs and symlink targets "
+                             "in the layer (max_meta)")
 
-def build_tree(members: Iterable[Member], *, max_entries: int = MAX_ENTRIES) -> Tree:
-    tree = Tree(max_entries=max_entries)
+
+def build_tree(members: Iterable[Member], *, max_entries: int = MAX_ENTRIES, max_meta: int = MAX_META) -> Tree:
+    tree = Tree(max_entries=max_entries, max_meta=max_meta)
     for m in members:
         tree.add(m)
     return tree

@@ -84,12 +84,20 @@ def _dir_blocks(entries: list[tuple[bytes, Node]]) -> tuple[list[int], int]:
     return starts, (len(starts) - 1) * BS + used
 
 
+def _xattr_size(node: Node) -> int:
+    """``len(_xattr_body(node))`` without building it (a plan keeps sizes, not copies of the xattrs)."""
+    if not node.xattrs:
+        return 0
+    return L.XATTR_IBODY_HEADER.size + sum(xattr_entry_size(xattr_split(name)[1], value)
+                                           for name, value in node.xattrs)
+
+
 class _Plan:
-    __slots__ = ("node", "xattrs", "entries", "starts", "size", "layout", "inline", "blocks", "pos", "blkaddr")
+    __slots__ = ("node", "xsize", "entries", "starts", "size", "layout", "inline", "blocks", "pos", "blkaddr")
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.xattrs = _xattr_body(node)
+        self.xsize = _xattr_size(node)
         self.entries: list[tuple[bytes, Node]] | None = None
         self.starts: list[int] | None = None
         self.size = node.size
@@ -129,11 +137,11 @@ def _layout(plans: list[_Plan]) -> int:
     for p in plans:
         if p.node.kind in ("dir", "symlink") and p.size:
             tail = p.size % BS
-            if tail and L.INODE_EXTENDED.size + len(p.xattrs) + tail <= BS:
+            if tail and L.INODE_EXTENDED.size + p.xsize + tail <= BS:
                 p.layout, p.inline, p.blocks = L.EROFS_INODE_FLAT_INLINE, tail, p.size // BS
             else:
                 p.blocks = -(-p.size // BS)
-        rec = L.INODE_EXTENDED.size + len(p.xattrs) + p.inline
+        rec = L.INODE_EXTENDED.size + p.xsize + p.inline
         pos = -(-pos // (1 << L.EROFS_ISLOTBITS)) << L.EROFS_ISLOTBITS
         if rec <= BS and pos % BS + rec > BS:
             pos = -(-pos // BS) * BS
@@ -196,9 +204,9 @@ def build_index(tree: Tree, tar_size: int, *, uuid: bytes | None = None, build_t
             nlink = 2 + sum(c.kind == "dir" for name, c in p.entries if name not in (b".", b".."))
         sec, nsec = divmod(n.mtime_ns, 1_000_000_000)
         ifmt = L.EROFS_INODE_LAYOUT_EXTENDED | (p.layout << L.EROFS_I_DATALAYOUT_BIT)
-        icount = (len(p.xattrs) - L.XATTR_IBODY_HEADER.size) // 4 + 1 if p.xattrs else 0
+        icount = (p.xsize - L.XATTR_IBODY_HEADER.size) // 4 + 1 if p.xsize else 0
         rec = L.INODE_EXTENDED.pack(ifmt, icount, _IFMT[n.kind] | n.mode, 0, p.size, u, i + 1, n.uid, n.gid,
-                                    sec & ((1 << 64) - 1), nsec, nlink, bytes(16)) + p.xattrs
+                                    sec & ((1 << 64) - 1), nsec, nlink, bytes(16)) + _xattr_body(n)
         data = _data(p, nids, index) if n.kind in ("dir", "symlink") else b""
         if p.inline:
             rec += data[len(data) - p.inline:]
@@ -211,8 +219,10 @@ def build_index(tree: Tree, tar_size: int, *, uuid: bytes | None = None, build_t
         build_time_ns = max(newest, 0)
     epoch, fixed_nsec = divmod(build_time_ns, 1_000_000_000)
     _superblock(out, nids[0], len(plans), epoch, fixed_nsec, blocks, bytes(16))
-    if uuid is None:
-        h = bytearray(hashlib.sha256(bytes(out) + tar_size.to_bytes(8, "little")).digest()[:16])
+    if uuid is None:   # hashed in place: the index may be large, no copy of it
+        digest = hashlib.sha256(out)
+        digest.update(tar_size.to_bytes(8, "little"))
+        h = bytearray(digest.digest()[:16])
         h[6] = (h[6] & 0x0F) | 0x80   # RFC 9562 version 8 (custom), variant 10
         h[8] = (h[8] & 0x3F) | 0x80
         uuid = bytes(h)

@@ -48,6 +48,8 @@ def reg(tmp_path_factory, layers):
     try:
         for tag, (name, mt, docker) in TAGS.items():
             p.image(REPO, tag, [(mt, layers.path(name).read_bytes())], docker=docker)
+        # the corpus' own tar.gz, for erofs-utils' index and zinfo of it (oci.tarindex=, oci.zinfo=)
+        p.image(REPO, "corpus-gz", [(OCI + "+gzip", (corpuslib.DATA / "images" / "tree.tar.gz").read_bytes())])
         # content that does not match its digest: a plain tar whose stored bytes are changed afterwards
         tar = layers.path("gnutar.tar").read_bytes()
         p.image("layers/tampered", "v1", [(OCI, tar)])
@@ -162,3 +164,23 @@ def test_rootless_fuse_mount_of_a_gzip_layer(reg, user, user_python, session):  
     finally:
         res = _run(user, user_python, ["-m", "erofs_mount", "-u", mnt], env)
         assert res.returncode == 0, res.stderr
+
+
+def test_erofs_utils_tarindex_and_zinfo(reg, tmp_path):
+    """-o oci.tarindex=,oci.zinfo= take the files `mkfs.erofs --tar=i --gzinfo` made (erofs-utils 1.9.3,
+    the corpus' tar-index-gzinfo): no indexing pass, the tree equals the kernel's view."""
+    index = corpuslib.image("tar-index-gzinfo").path
+    zinfo = corpuslib._materialise("images/tar-index-gzinfo.zinfo")
+    ref = f"{reg.host}/{REPO}:corpus-gz"
+    dest = tmp_path / "out"
+    res = run_cli("extract", "-o", f"oci.layer=0,oci.insecure,oci.tarindex={index},oci.zinfo={zinfo}", ref, str(dest),
+                  env=_cli_env(tmp_path / "c"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    bad = corpuslib.compare_tree(oracle(), dest, dir_size=False)
+    assert bad == [], bad[:10]
+    assert not (tmp_path / "c").exists(), "no index of our own was made"
+    # a tar+gzip layer needs the zinfo with the index; a zinfo alone is refused
+    for opts, needle in ((f"oci.tarindex={index}", "oci.zinfo"), (f"oci.zinfo={zinfo}", "needs oci.tarindex")):
+        res = run_cli("ls", "-o", f"oci.layer=0,oci.insecure,{opts}", ref, "/", env=_cli_env(tmp_path / "c"))
+        err = res.stderr.decode()
+        assert res.returncode != 0 and needle in err and err.count("\n") == 1, err

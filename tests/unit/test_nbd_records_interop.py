@@ -211,3 +211,28 @@ def test_reattach_size():
     assert reattach_size(0, 0, 4096) == 4096
     with pytest.raises(ErofsMountError, match="not the image"):
         reattach_size(0, 4096, 8192)
+
+
+# ---- TARINDEX_OCI_BLOB: a layer mounted with oci.tarindex=/oci.zinfo= ---------------------------
+def test_erofs_utils_tarindex_record_parses():
+    """mount/main.c: "TARINDEX_OCI_BLOB %s %s %s %s %s %s\n" (ref, platform, digest, cred or "",
+    tarindex, zinfo or ""), read back by splitting on single spaces with empty fields kept."""
+    rec = parse_record(f"TARINDEX_OCI_BLOB reg.io/app:v1 linux/amd64 {BLOB}  /var/lib/idx.erofs /var/lib/l.zinfo\n")
+    assert isinstance(rec, OciNativeBlobRecord) and rec.digest == BLOB and rec.username is None
+    assert dict(rec.options) == {"tarindex": "/var/lib/idx.erofs", "zinfo": "/var/lib/l.zinfo"}
+    rec = parse_record(f"TARINDEX_OCI_BLOB reg.io/app:v1 linux/amd64 {BLOB} {CRED} /idx.erofs \n")
+    assert (rec.username, rec.password) == ("alice", "s3cret pass") and dict(rec.options) == {"tarindex": "/idx.erofs"}
+    with pytest.raises(ErofsMountError):
+        parse_record(f"TARINDEX_OCI_BLOB reg.io/app:v1 linux/amd64 {BLOB}\n")
+
+
+def test_our_tarindex_record_is_erofs_utils_form():
+    rec = OciNativeBlobRecord("127.0.0.1:5000/app:v1", "linux/amd64", BLOB,
+                              options=(("insecure", "1"), ("tarindex", "/i.erofs"), ("zinfo", "/z.zinfo")))
+    text = format_record(rec)
+    first, rest = text.split("\n", 1)
+    assert first == f"TARINDEX_OCI_BLOB 127.0.0.1:5000/app:v1 linux/amd64 {BLOB}  /i.erofs /z.zinfo"
+    assert rest == "insecure=1\n"
+    assert parse_record(text) == OciNativeBlobRecord("127.0.0.1:5000/app:v1", "linux/amd64", BLOB,
+                                                     options=(("insecure", "1"), ("tarindex", "/i.erofs"),
+                                                              ("zinfo", "/z.zinfo")))

@@ -15,8 +15,9 @@ Tokens after the type are separated by runs of spaces; erofs-utils writes a
 trailing space when there are no credentials.  erofs-utils reads only the first
 line, so what it cannot express (for instance ``insecure=1`` for a plain-HTTP
 registry, which erofs-utils 1.9.3 loses) goes on following ``key=value`` lines,
-which we read back as ``options``.  ``TARINDEX_OCI_BLOB`` and ``S3_OBJECT``
-records are recognised and refused with a clear message.
+which we read back as ``options``.  ``TARINDEX_OCI_BLOB`` (a layer mounted with
+``oci.tarindex=``/``oci.zinfo=``) is read and written in erofs-utils' six-field form, its paths
+becoming ``tarindex``/``zinfo`` options; ``S3_OBJECT`` records are refused with a clear message.
 
 We write ``LOCAL`` and, for OCI, ``OCI_NATIVE_BLOB`` with the pinned digest so a
 reattach never serves another image after a tag moved (erofs-utils' OCI_LAYER
@@ -131,13 +132,25 @@ def format_record(record: Record) -> str:
                 raise RecordError(f"recovery record: digest {record.digest!r} is not sha256:<64 hex>")
             kind = "OCI_NATIVE_BLOB"
             parts.append(record.digest)
-        if record.username is not None or record.password is not None:
-            parts.append(encode_credentials(record.username, record.password))
+        cred = (encode_credentials(record.username, record.password)
+                if record.username is not None or record.password is not None else None)
+        opts = dict(record.options)
+        if kind == "OCI_NATIVE_BLOB" and "tarindex" in opts:
+            # erofs-utils' record of a mount with oci.tarindex= (mount/main.c erofsmount_write_recovery_oci):
+            # six single-space-separated fields, empty ones kept (erofsmount_reattach_gzran_oci)
+            kind = "TARINDEX_OCI_BLOB"
+            parts += [cred or "", _check_token("tar index path", opts["tarindex"]),
+                      _check_token("zinfo path", opts["zinfo"]) if opts.get("zinfo") else ""]
+        elif cred is not None:
+            parts.append(cred)
         first = kind + " " + " ".join(parts)
     else:
         raise TypeError(f"not a recovery record: {record!r}")
     lines = [first]
+    in_first = ("tarindex", "zinfo") if first.startswith("TARINDEX_OCI_BLOB ") else ()
     for key, value in record.options:
+        if key in in_first:
+            continue
         if not _OPTION_KEY.match(key) or "\n" in value:
             raise RecordError(f"recovery record: bad option {key!r}")
         lines.append(f"{key}={value}")
@@ -192,6 +205,32 @@ def parse_record(text: str) -> Record:
         if not _DIGEST.match(third):
             raise RecordError(f"recovery record: digest {third!r} is not sha256:<64 hex>")
         return OciNativeBlobRecord(ref, platform, third, user, password, options)
-    if kind in ("TARINDEX_OCI_BLOB", "S3_OBJECT"):
+    if kind == "TARINDEX_OCI_BLOB":
+        return _parse_tarindex(rest, options)
+    if kind == "S3_OBJECT":
         raise RecordError(f"recovery record type {kind} is not supported by erofs-mount", errno=_errno.EOPNOTSUPP)
     raise RecordError(f"unknown recovery record type {kind!r}")
+
+
+def _parse_tarindex(rest: str, options: tuple[tuple[str, str], ...]) -> OciNativeBlobRecord:
+    """``TARINDEX_OCI_BLOB <ref> <platform> <digest> <b64cred|""> <tarindex> <zinfo|"">``: split on
+    single spaces with empty fields kept, the zinfo path being the rest of the line (erofs-utils
+    mount/main.c erofsmount_reattach_gzran_oci).  Read as an OCI_NATIVE_BLOB record whose
+    ``tarindex``/``zinfo`` option lines name the prebuilt index."""
+    parts = rest.split(" ", 5)
+    if len(parts) < 5:
+        raise RecordError("recovery record: TARINDEX_OCI_BLOB needs <ref> <platform> <digest> <cred> <tarindex> [zinfo]")
+    ref, platform, digest, cred, tarindex = parts[:5]
+    zinfo = parts[5] if len(parts) > 5 else ""
+    if not ref or not platform:
+        raise RecordError("recovery record: TARINDEX_OCI_BLOB has an empty reference or platform")
+    if not _DIGEST.match(digest):
+        raise RecordError(f"recovery record: digest {digest!r} is not sha256:<64 hex>")
+    if not tarindex.startswith("/"):
+        raise RecordError(f"recovery record: tar index path {tarindex!r} is not absolute")
+    user = password = None
+    if cred:
+        user, password = decode_credentials(cred)
+    extra = [("tarindex", tarindex)] + ([("zinfo", zinfo)] if zinfo else [])
+    kept = tuple(o for o in options if o[0] not in ("tarindex", "zinfo"))
+    return OciNativeBlobRecord(ref, platform, digest, user, password, kept + tuple(extra))

@@ -35,7 +35,8 @@ from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record
 # when they differ from the default: e.g. oci.retries=20 must survive a reattach)
 _OCI_KEEP = {"insecure": bool, "cafile": str, "password_file": str, "cache": str, "username": str,
              "retries": int, "retry_time": float, "timeout": float, "chunk_size": int, "memory_limit": int,
-             "cache_limit": int, "readahead": int, "max_request": int, "connections": int}
+             "cache_limit": int, "readahead": int, "max_request": int, "connections": int,
+             "tarindex": str, "zinfo": str}
 
 
 def oci_options_from_record(record: OciLayerRecord | OciNativeBlobRecord) -> Any:

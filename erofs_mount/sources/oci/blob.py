@@ -23,7 +23,7 @@ import logging
 
 import trio
 
-from ...errors import NotErofsError, SourceError
+from ...errors import NotErofsError, SourceError, UsageError
 from ..cache import ChunkCache, ReadAhead, assemble, chunk_extent, chunk_range, clamp, runs
 from ..diskcache import DiskCache, default_root, enforce_limit
 from .client import RegistryClient
@@ -380,6 +380,13 @@ async def open_oci_source(
         if options.cache is not None:
             await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
         what = f"{ref} layer {index} ({desc.digest})"
+        if options.tarindex is not None:  # erofs-utils' oci.tarindex=/oci.zinfo=: an index made elsewhere
+            from ..tarlayer.openlayer import open_prebuilt
+
+            if tar_kind is None:
+                raise UsageError(f"{what}: oci.tarindex is for tar layers, not {desc.media_type}")
+            return await open_prebuilt(src, tar_kind, what=what, index_path=options.tarindex,
+                                       zinfo_path=options.zinfo, memory_limit=options.memory_limit)
         if tar_kind is not None:  # served through an EROFS tar index, made once and cached
             from ..tarlayer.openlayer import open_tar_layer
             from ..tarlayer.store import digest_dir

@@ -81,6 +81,8 @@ class OciOptions:
     retries: int = 6  # attempts per GET beyond the first
     retry_time: float = 60.0  # give up on a GET after this many seconds overall
     timeout: float = 20.0  # per-request connect/stall timeout; a read-ahead stream left idle this long ends
+    tarindex: str | None = None  # an EROFS tar index made elsewhere (mkfs.erofs --tar=i) for a tar layer
+    zinfo: str | None = None     # its gzip checkpoints (mkfs.erofs --gzinfo, SOCI zinfo v2)
 
     @classmethod
     def from_mount_options(cls, opts: dict[str, str | None]) -> "OciOptions":
@@ -101,6 +103,8 @@ class OciOptions:
             raise UsageError(f"oci.memory_limit={self.memory_limit} is smaller than one chunk ({self.chunk_size})")
         if self.platform is not None:
             parse_platform(self.platform)
+        if self.zinfo is not None and self.tarindex is None:
+            raise UsageError("oci.zinfo needs oci.tarindex (the index the checkpoints belong to)")
 
     @property
     def password_on_argv(self) -> bool:
@@ -181,6 +185,8 @@ _OPTION_TABLE = {
     "oci.retries": ("retries", lambda n, v: _parse_int(n, v, 0, 100)),
     "oci.retry_time": ("retry_time", lambda n, v: _parse_float(n, v, 0.1, 3600)),
     "oci.timeout": ("timeout", lambda n, v: _parse_float(n, v, 0.1, 600)),
+    "oci.tarindex": ("tarindex", _str),
+    "oci.zinfo": ("zinfo", _str),
 }
 OPTION_NAMES = tuple(_OPTION_TABLE)
 assert {f for f, _ in _OPTION_TABLE.values()} == {f.name for f in fields(OciOptions)}

@@ -119,3 +119,53 @@ async def open_local_layer(path: str, kind: str, *, cache_root: str | None = "")
     except BaseException:
         await src.aclose() if hasattr(src, "aclose") else src.close()
         raise
+
+
+def prebuilt_tar_size(index: bytes, what: str) -> int:
+    """The tar's size as an index made elsewhere records it: its extra device's blocks (erofs-utils
+    ``--tar=i``: the tar is device 1, mapped right after the index), else the superblock's blocks past
+    the index (our own layout: one device, index then tar)."""
+    from ...erofs.layout import EROFS_DEVT_SLOT_SIZE
+    from ...erofs.superblock import parse_device_table, parse_superblock
+
+    try:
+        sb = parse_superblock(index[:4096])
+        if sb.extra_devices:
+            table = index[sb.devt_slotoff * EROFS_DEVT_SLOT_SIZE:][:sb.extra_devices * EROFS_DEVT_SLOT_SIZE]
+            dev = parse_device_table(sb, table)[0]
+            if dev.uniaddr * sb.block_size != len(index):
+                raise ErofsMountError(f"{what}: oci.tarindex maps its tar at block {dev.uniaddr}, not right after "
+                                      f"the index ({len(index)} bytes)")
+            return dev.blocks * sb.block_size
+        return sb.blocks * sb.block_size - len(index)
+    except ErofsMountError as exc:
+        raise ErofsMountError(f"{what}: oci.tarindex: {exc}", errno=exc.errno) from None
+
+
+async def open_prebuilt(blob, kind: str, *, what: str, index_path: str, zinfo_path: str | None,
+                        memory_limit: int = 256 << 20) -> TarLayerSource:
+    """``-o oci.tarindex=PATH[,oci.zinfo=PATH]`` (erofs-utils mount.erofs): an index made by
+    ``mkfs.erofs --tar=i [--gzinfo]`` instead of our own pass; the device is the index followed by
+    the uncompressed tar (mount/main.c erofsmount_tarindex_pread)."""
+    from ...errors import UsageError
+
+    def read(path: str, name: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise UsageError(f"{name}={path}: {exc.strerror}") from None
+
+    if kind not in ("tar", "gzip"):
+        raise UsageError(f"{what}: oci.tarindex applies to tar and tar+gzip layers, not a {kind} one")
+    index = read(index_path, "oci.tarindex")
+    if len(index) % 512:
+        raise UsageError(f"oci.tarindex={index_path}: {len(index)} bytes, not a whole number of 512-byte blocks")
+    tar_size = prebuilt_tar_size(index, what)
+    gz = None
+    if kind == "gzip":
+        if zinfo_path is None:
+            raise UsageError(f"{what} is a tar+gzip layer: oci.tarindex needs oci.zinfo (mkfs.erofs --gzinfo)")
+        gz = from_zinfo(read(zinfo_path, "oci.zinfo"), compressed_size=blob.size, uncompressed_size=tar_size)
+    log.info("%s: tar index %s%s (%d bytes of tar)", what, index_path, f" with {zinfo_path}" if gz else "", tar_size)
+    return _assemble(blob, kind, what, index, tar_size, gz, None, None, memory_limit)
