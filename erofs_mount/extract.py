@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .erofs.image import Image
@@ -27,6 +27,7 @@ from .erofs.inode import Inode
 from .errors import CorruptedError, ErofsMountError, LoopError, ShortReadError, errno_of
 
 CHUNK = 1 << 20
+OPEN_LEVELS = 64       # directory fds kept open along the path being extracted
 
 
 @dataclass
@@ -36,6 +37,24 @@ class ExtractReport:
     bytes: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)   # (path, "message (ERRNO)")
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Frame:
+    """A directory being filled: its open fd, its inode (None: the starting one), its path in the
+    image, its path relative to DEST (for hard links) and its entries still to make."""
+    fd: int
+    inode: Inode | None
+    path: str
+    rel: bytes
+    entries: Iterator
+    dev_ino: tuple[int, int]
+    failed: bool = False
+
+
+def _dev_ino(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _errtext(exc: BaseException) -> str:
@@ -68,7 +87,7 @@ class Extractor:
             inode = self.img.inode(nid)
             if inode.is_dir:
                 self._dirs_seen.add(nid)
-                self._fill_dir(rootfd, nid, "/" if path.strip("/") == "" else "/" + path.strip("/"), b"")
+                self._walk(rootfd, nid, "/" if path.strip("/") == "" else "/" + path.strip("/"))
                 self._finish(rootfd, None, inode, "/")
             else:
                 name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -79,7 +98,73 @@ class Extractor:
         return self.report
 
     # ------------------------------------------------------------------ walking
-    def _fill_dir(self, dirfd: int, nid: int, path: str, rel: bytes) -> None:
+    def _walk(self, rootfd: int, nid: int, path: str) -> None:
+        """The tree under directory ``nid`` into ``rootfd``, depth first with an explicit stack: an
+        image may nest directories thousands deep (a 4096-byte tar path holds 2048), deeper than
+        Python's recursion limit.  At most ``OPEN_LEVELS`` directory fds stay open: a deeper
+        ancestor's is closed and, when the walk climbs back to it, opened again as ``..`` of its
+        child (O_NOFOLLOW; it must be the same directory, by device and inode).  A directory gets
+        its attributes once its entries are done (mode last, so a read-only one still fills)."""
+        stack = [_Frame(rootfd, None, path, b"", self._entries(nid, path), _dev_ino(rootfd))]
+        try:
+            while stack:
+                top = stack[-1]
+                e = next(top.entries, None)
+                if e is None:
+                    stack.pop()
+                    if top.inode is None:          # the starting directory: run() finishes it
+                        continue
+                    if stack and stack[-1].fd < 0:
+                        self._reopen(stack[-1], top)
+                    self._close_dir(top)
+                    continue
+                child = top.path.rstrip("/") + "/" + e.name.decode("utf-8", "surrogateescape")
+                frame = self._entry(top.fd, e.name, e.nid, child, top.rel)
+                if frame is not None:
+                    stack.append(frame)
+                    if len(stack) > OPEN_LEVELS:
+                        far = stack[-1 - OPEN_LEVELS]
+                        if far.inode is not None and far.fd >= 0:
+                            os.close(far.fd)
+                            far.fd = -1
+        finally:
+            for frame in stack:                    # only when an exception escapes
+                if frame.inode is not None and frame.fd >= 0:
+                    os.close(frame.fd)
+
+    def _reopen(self, parent: _Frame, child: _Frame) -> None:
+        """Open ``parent`` again as ``..`` of ``child`` (before the child's mode is set: it may
+        deny search); if that is not the directory opened before, make nothing more in it."""
+        err: OSError | None = None
+        if child.fd < 0:
+            err = OSError(errno.EBADF, f"{child.path} could not be opened again")
+        else:
+            try:
+                fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=child.fd)
+            except OSError as exc:
+                err = exc
+            else:
+                if _dev_ino(fd) == parent.dev_ino:
+                    parent.fd = fd
+                    return
+                os.close(fd)
+                err = OSError(errno.ESTALE, "the directory was replaced during the extraction")
+        self._error(parent.path, err)
+        parent.entries = iter(())
+        parent.failed = True
+
+    def _close_dir(self, frame: _Frame) -> None:
+        if frame.failed:            # reported already; its fd could not be opened again
+            return
+        try:
+            self._finish(frame.fd, None, frame.inode, frame.path)
+            self.report.dirs += 1
+        except (ErofsMountError, OSError) as exc:
+            self._error(frame.path, exc)
+        finally:
+            os.close(frame.fd)
+
+    def _entries(self, nid: int, path: str):
         entries = []
         try:
             dots: set[bytes] = set()
@@ -94,11 +179,11 @@ class Extractor:
         except ErofsMountError as exc:
             self._error(path, exc)
             # the kernel lists what it can before the damaged block: keep what was read
-        for e in entries:
-            child = path.rstrip("/") + "/" + e.name.decode("utf-8", "surrogateescape")
-            self._entry(dirfd, e.name, e.nid, child, rel)
+        return iter(entries)
 
-    def _entry(self, dirfd: int, name: bytes, nid: int, path: str, parent_rel: bytes) -> None:
+    def _entry(self, dirfd: int, name: bytes, nid: int, path: str, parent_rel: bytes) -> _Frame | None:
+        """Make one entry; a directory is created and opened and returned as a frame for ``_walk``
+        to fill (None otherwise, or when it failed: the error is reported for its path)."""
         try:
             if b"/" in name or b"\0" in name or name in (b".", b"..") or not name:
                 raise CorruptedError(f"invalid file name {name!r} in the image")
@@ -109,16 +194,15 @@ class Extractor:
                 self._dirs_seen.add(nid)
                 childfd = self._mkdir(dirfd, name)
                 try:
-                    self._fill_dir(childfd, nid, path, parent_rel + name + b"/")
-                    self._finish(childfd, None, inode, path)
-                finally:
+                    return _Frame(childfd, inode, path, parent_rel + name + b"/", self._entries(nid, path),
+                                  _dev_ino(childfd))
+                except BaseException:
                     os.close(childfd)
-                self.report.dirs += 1
-                return
+                    raise
             if inode.nlink > 1 and nid in self._links:
                 self._unlink_existing(dirfd, name)
                 os.link(self._links[nid], name, src_dir_fd=self._rootfd, dst_dir_fd=dirfd, follow_symlinks=False)
-                return
+                return None
             self._make_leaf(dirfd, name, nid, inode, path)
             if inode.nlink > 1:
                 self._links[nid] = parent_rel + name
@@ -126,6 +210,7 @@ class Extractor:
             self._error(path, exc)
         except OSError as exc:
             self._error(path, exc)
+        return None
 
     # ------------------------------------------------------------------ creating
     def _mkdir(self, dirfd: int, name: bytes) -> int:

@@ -39,6 +39,8 @@ of the index, so a few MB of gzip of PAX records (~60 KB of zeros each) would ot
 GBs of tree and index.  More than ``max_meta`` bytes of them in the layer (counted as they are
 added, as the index stores them: xattr body + target; 128 MiB by default, ~2.5 million
 SELinux labels) raise :class:`~erofs_mount.errors.ImageError` naming the member and offset.
+Just below the bound, building the index holds them three times (tree, index being written, the
+index as bytes): ~410 MB peak RSS measured, against ~720 MB for a layer of 0.9 MB of gzip before.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ...errors import CorruptedError
+from ...errors import CorruptedError, ErofsMountError
 from ...gzindex import GzIndex, GzIndexBuilder
 from ...gzindex.zstd import ZstdStreamIndexer
 from ...tarindex.tarparse import TarParser
@@ -95,12 +95,13 @@ class _Pass:
     def feed(self, chunk: bytes) -> None:
         try:
             self._feed(chunk)
-        except CorruptedError as exc:
+        except ErofsMountError as exc:
             raise self._named(exc) from None
 
-    def _named(self, exc: CorruptedError) -> CorruptedError:
+    def _named(self, exc: ErofsMountError) -> ErofsMountError:
+        """The same error, its message led by the layer's name (every error of the pass says which layer)."""
         text = str(exc)
-        return exc if text.startswith(self.what) else CorruptedError(f"{self.what}: {text}")
+        return exc if text.startswith(self.what) else type(exc)(f"{self.what}: {text}", errno=exc.errno)
 
     def _feed(self, chunk: bytes) -> None:
         if self.sha is not None:
@@ -117,7 +118,7 @@ class _Pass:
     def finish(self) -> tuple[GzIndex | None, bytes]:
         try:
             return self._finish()
-        except CorruptedError as exc:
+        except ErofsMountError as exc:
             raise self._named(exc) from None
 
     def _finish(self) -> tuple[GzIndex | None, bytes]:

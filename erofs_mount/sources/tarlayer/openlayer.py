@@ -51,6 +51,8 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
                 spill.discard()
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+            if entry is not None:
+                _remove_if_empty(entry)
             raise
         index, tar_size, gz = built.index, built.tar_size, built.gz
         if entry is not None:
@@ -61,6 +63,14 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
             except OSError as exc:
                 log.warning("%s: cannot keep the tar index in %s: %s", what, entry, exc.strerror)
     return _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit)
+
+
+def _remove_if_empty(entry: str) -> None:
+    """A failed first pass leaves no directory of its own behind (a blob-cache entry keeps its files)."""
+    try:
+        os.rmdir(entry)
+    except OSError:
+        pass
 
 
 def _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit) -> TarLayerSource:
