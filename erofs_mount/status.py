@@ -18,7 +18,10 @@ SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "ret
                     "disk_errors", "reads", "coalesced", "prefetched_chunks", "fetch_failures", "streams",
                     "streams_active", "dropped_behind", "chunk_size",
                     # +zstd layers (sources/oci/zstdsource.py)
-                    "compressed_size", "frames_decoded", "bytes_decompressed", "frame_errors")
+                    "compressed_size", "frames_decoded", "bytes_decompressed", "frame_errors",
+                    # tar layers (sources/tarlayer/): the index, the tar, gzip spans decoded
+                    "tar_index_bytes", "tar_bytes", "spans_decoded", "spans_prefetched", "gz_bytes_in",
+                    "gz_bytes_out", "span_cache_hits", "span_cache_misses")
 
 
 def _int(value: Any) -> int:

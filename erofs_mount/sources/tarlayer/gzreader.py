@@ -6,6 +6,8 @@ touches, each once: the span's compressed bytes are fetched from the blob (one r
 ``RangeInflater.want`` asks), inflated from the checkpoint in a worker thread (zlib through
 ctypes releases the GIL), and kept in a byte-bounded LRU.  Concurrent readers of one span share
 its decode (the in-flight table is updated before the first await, as in ``zstdsource``).
+A reader going through the spans in order gets the next span decoded ahead, in a background task
+whose inflate runs in a worker thread: the second core works while the first serves the reader.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ class GzTarReader:
         self.starts = [cp.out_offset for cp in index.checkpoints] + [self.size]
         self.spans = ChunkCache(max(MIN_CACHE, cache_bytes))
         self._inflight: dict[int, _Decode] = {}
-        self._n = {"gz_reads": 0, "spans_decoded": 0, "gz_bytes_in": 0, "gz_bytes_out": 0, "spans_coalesced": 0}
+        self._last = -2                  # the span the previous read ended in: a sequential reader's trail
+        self._prefetch: trio.CancelScope | None = None
+        self._closed = False
+        self._n = {"gz_reads": 0, "spans_decoded": 0, "gz_bytes_in": 0, "gz_bytes_out": 0, "spans_coalesced": 0,
+                   "spans_prefetched": 0}
 
     def _span_range(self, i: int) -> tuple[int, int]:
         return self.starts[i], self.starts[i + 1]
@@ -54,6 +60,9 @@ class GzTarReader:
             return b""
         self._n["gz_reads"] += 1
         wanted = self._spans_for(offset, length)
+        if wanted[0] in (self._last, self._last + 1):
+            self._ahead(wanted[-1] + 1)
+        self._last = wanted[-1]
         out = bytearray()
         for i in wanted:
             data = self.spans.get(i)
@@ -64,6 +73,29 @@ class GzTarReader:
             b = min(offset + length, hi) - lo
             out += memoryview(data)[a:b]
         return bytes(out)
+
+    def _ahead(self, i: int) -> None:
+        """Decode span ``i`` in the background unless it is there, under way, or one is already."""
+        if (self._closed or i >= len(self.starts) - 1 or self._prefetch is not None or i in self._inflight
+                or self.spans.peek(i) is not None):
+            return
+        try:
+            trio.lowlevel.spawn_system_task(self._prefetch_span, i, name=f"gz span {i} ahead")
+        except RuntimeError:        # no trio run (a sync caller): nothing ahead
+            pass
+
+    async def _prefetch_span(self, i: int) -> None:
+        with trio.CancelScope() as scope:
+            self._prefetch = scope
+            try:
+                if self.spans.peek(i) is not None or i in self._inflight:
+                    return                  # a read got there first
+                self._n["spans_prefetched"] += 1
+                await self._span(i)
+            except Exception:  # noqa: BLE001 - a failed read-ahead is retried, and reported, by the read itself
+                pass
+            finally:
+                self._prefetch = None
 
     async def _span(self, i: int) -> bytes:
         f = self._inflight.get(i)
@@ -120,7 +152,10 @@ class GzTarReader:
         return st
 
     async def aclose(self) -> None:
-        """The blob source is closed by its owner (``TarLayerSource``)."""
+        """Stop the read-ahead; the blob source is closed by its owner (``TarLayerSource``)."""
+        self._closed = True
+        if self._prefetch is not None:
+            self._prefetch.cancel()
 
 
 def _as_error(exc: Exception | None, r: GzTarReader, i: int) -> Exception:

@@ -65,7 +65,10 @@ class TarLayerSource:
             for k, v in self._inner.stats().items():
                 st.setdefault(k, v)
         st.update(self._n)
-        st.update({"layer_kind": self.kind, "tar_index_bytes": self.index_size, "tar_bytes": self.tar.size})
+        st.update({"layer_kind": self.kind, "tar_index_bytes": self.index_size, "tar_bytes": self.tar.size,
+                   "size": self.size})
+        if self._inner is not None:
+            st["compressed_size"] = self._inner.size
         return st
 
     async def aclose(self) -> None:
