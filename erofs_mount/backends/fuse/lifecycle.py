@@ -112,7 +112,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     ready.fail(f"{mountpoint}: the mount point does not show the new mount")
                     pyfuse3.terminate()
                     return
-                kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=image.sb.marks_compression)
+                # big READs pay for compressed images and for sources behind a bridge (registry blobs,
+                # tar layers): fewer requests, each crossing two threads
+                kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=image.sb.marks_compression or not inline)
                 if kb:
                     why = set_read_ahead_kb(st.st_dev, kb)
                     if why is None:
