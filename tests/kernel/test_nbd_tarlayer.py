@@ -48,7 +48,8 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("name", ["gnutar.tar.gz", "one-frame.tar.zst"])
+@pytest.mark.parametrize("name", ["gnutar.tar", "gnutar.tar.gz", "pymembers.tar.gz", "pax.tar.gz",
+                                  "one-frame.tar.zst", "frames.tar.zst"])
 def test_local_layer_over_nbd(layers, name, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -76,7 +76,7 @@ def test_extract_every_media_type(reg, tag, tmp_path):
     assert bad == [], bad[:10]
 
 
-@pytest.mark.parametrize("tag", ["gzip", "zstd"])
+@pytest.mark.parametrize("tag", list(TAGS))
 def test_fuse_mount_as_root(reg, tag, tmp_path):
     reason = fuse_unavailable_reason()
     if reason:
@@ -87,7 +87,7 @@ def test_fuse_mount_as_root(reg, tag, tmp_path):
         res = run_cli("--mode", "fuse", "-o", f"oci.layer=0,oci.insecure,oci.cache={tmp_path / 'c'}",
                       f"{reg.host}/{REPO}:{tag}", mnt, timeout=300)
         assert res.returncode == 0, res.stderr
-        bad = corpuslib.compare_tree(oracle(), mnt)
+        bad = corpuslib.compare_tree(oracle(), mnt, skip=VARIANTS[TAGS[tag][0]])
         assert bad == [], bad[:10]
     finally:
         run_cli("-u", mnt)
@@ -136,11 +136,12 @@ def test_content_not_matching_its_digest(reg, tmp_path):
     assert not list((tmp_path / "c").glob("sha256/*/tarindex.*")), "an index of bad content was kept"
 
 
-def test_rootless_fuse_mount_of_a_gzip_layer(reg, user, user_python, session):  # noqa: F811
-    """An unprivileged user mounts a tar+gzip layer from the registry (index in the user's XDG cache)."""
+@pytest.mark.parametrize("tag", ["tar", "gzip-members", "zstd"])
+def test_rootless_fuse_mount(reg, tag, user, user_python, session):  # noqa: F811
+    """An unprivileged user mounts a tar layer from the registry (index in the user's XDG cache)."""
     mnt = session["mnt"]
     env = {"HOME": session["home"], "XDG_RUNTIME_DIR": session["runtime"]}
-    ref = f"{reg.host}/{REPO}:gzip"
+    ref = f"{reg.host}/{REPO}:{tag}"
     res = _run(user, user_python, ["-m", "erofs_mount", "--mode", "fuse", "-o", "oci.layer=0,oci.insecure,oci.cache",
                                    ref, mnt], env, timeout=300)
     assert res.returncode == 0, res.stderr
