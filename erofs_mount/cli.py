@@ -75,8 +75,16 @@ def mount_parser() -> argparse.ArgumentParser:
 def open_image(source: str, opts: MountOptions):
     """An Image over SOURCE: a local file or block device, or an OCI layer (with -o oci.layer/oci.blob)."""
     from .erofs.image import Image
-    from .opener import open_devices, open_sync
+    from .opener import classify, open_devices, open_layers_sync, open_sync
 
+    if classify(source, opts)[0] == "image" and not opts.devices:  # the whole image: its layers merged
+        sources = open_layers_sync(source, opts)
+        images = [Image(s, size=s.size) for s in sources]
+        if len(images) == 1:
+            return images[0]
+        from .merge.image import MergedImage
+
+        return MergedImage(images)
     primary = open_sync(source, opts)
     devices = open_devices(opts)
     return Image(primary, size=primary.size, devices=devices)

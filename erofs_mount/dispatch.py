@@ -50,13 +50,19 @@ def nbd_options(opts: MountOptions, foreground: bool):
 
 
 def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -> int:
+    from .opener import classify
+
+    kind, why = classify(source, opts)
+    if kind == "image":
+        print(f"erofs-mount: {why}", file=sys.stderr)
+    is_oci = kind != "local"
     mode, reason = choose_mode(opts)
     if opts.mode == "auto":
         print(f"erofs-mount: {mode.upper()} mode ({reason})", file=sys.stderr)
     if mode == "fuse":
         if opts.nbd:
             raise UsageError(f"nbd.* options do not apply to FUSE mode ({', '.join('nbd.' + k for k in opts.nbd)})")
-        if opts.is_oci:
+        if is_oci:
             from .backends.fuse import lifecycle as fuse
 
             if not hasattr(fuse, "mount_oci"):
@@ -73,7 +79,7 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         raise UsageError("multi-device images are not supported in NBD mode yet (use --mode fuse)")
     from .backends.nbd import lifecycle as nbd
 
-    if opts.is_oci:
+    if is_oci:
         from .opener import oci_options
 
         return nbd.mount_oci(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))

@@ -19,6 +19,29 @@ def is_oci(opts: MountOptions) -> bool:
     return opts.is_oci
 
 
+def classify(source: str, opts: MountOptions) -> tuple[str, str]:
+    """(``"layer"`` | ``"image"`` | ``"local"``, why) for SOURCE on the command line.
+
+    ``oci.layer``/``oci.blob`` name one layer of a registry image.  Otherwise an existing local path
+    wins; anything else that parses as an image reference is one (the whole image), with no
+    ``oci.*`` option needed; the rest is a local path that the opener reports missing."""
+    import os
+
+    if opts.is_oci:
+        return "layer", "oci.layer/oci.blob name a layer"
+    if os.path.exists(source):
+        if opts.oci:
+            raise UsageError(f"{source} is a local file: oci.* options apply to registry images")
+        return "local", f"{source} is a local path"
+    from .sources.oci.reference import parse_reference
+
+    try:
+        ref = parse_reference(source)
+    except UsageError:
+        return "local", f"{source} is neither a local path nor an image reference"
+    return "image", f"{source} is not a local path: the image reference {ref}"
+
+
 def oci_options(opts: MountOptions):
     """MountOptions (``oci.*``, ``cache_limit``) -> sources.oci.options.OciOptions."""
     from .sources.oci.options import OciOptions
@@ -98,7 +121,8 @@ class SyncSource:
 
 def open_sync(source: str, opts: MountOptions) -> SyncSource:
     """The primary source named on the command line."""
-    if is_oci(opts):
+    kind, _why = classify(source, opts)
+    if kind != "local":
         from .sources.oci.blob import open_oci_source
 
         options = oci_options(opts)
@@ -109,8 +133,6 @@ def open_sync(source: str, opts: MountOptions) -> SyncSource:
             loop.close()
             raise
         return SyncSource(src, loop)
-    if opts.oci:
-        raise UsageError("oci.* options need oci.layer=N or oci.blob=sha256:… to name the layer")
     from .sources.local import LocalSource
     from .sources.tarlayer import local_kind
 
@@ -126,6 +148,20 @@ def open_sync(source: str, opts: MountOptions) -> SyncSource:
             raise
         return SyncSource(src, loop)
     return SyncSource(LocalSource.open(source))
+
+
+def open_layers_sync(source: str, opts: MountOptions) -> list[SyncSource]:
+    """Every layer of the image SOURCE names, bottom first, on one trio thread."""
+    from .sources.oci.image import open_oci_layers
+
+    loop = TrioThread()
+    try:
+        sources, _res = loop.call(lambda: open_oci_layers(source, options=oci_options(opts)))
+    except BaseException:
+        loop.close()
+        raise
+    # the loop ends with the process (the tools run once); each source closes on its own loop
+    return [SyncSource(s, loop) for s in sources]
 
 
 def open_devices(opts: MountOptions) -> list[SyncSource]:

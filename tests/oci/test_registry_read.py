@@ -212,7 +212,7 @@ async def test_inspect(world):
     assert lines[-1] == f"layer 0: {world.digests['Z']} {len(world.blobs['Z'])} application/vnd.erofs erofs"
     res = await inspect_oci(world.ref("team/app:v1"), options=INSECURE)
     assert res.index is None and res.manifest_digest == res.top_digest == world.manifests["team/app:v1"]
-    assert [l.split()[-1] for l in inspection_lines(res) if l.startswith("layer")] == ["erofs", "-", "erofs"]
+    assert [l.split()[-1] for l in inspection_lines(res) if l.startswith("layer")] == ["erofs", "tar+gzip", "erofs"]
 
 
 async def test_persistent_cache_shared_and_verified(world, tmp_path):

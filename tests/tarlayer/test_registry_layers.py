@@ -51,7 +51,9 @@ def reg(tmp_path_factory, layers):
         # the corpus' own tar.gz, for erofs-utils' index and zinfo of it (oci.tarindex=, oci.zinfo=)
         p.image(REPO, "corpus-gz", [(OCI + "+gzip", (corpuslib.DATA / "images" / "tree.tar.gz").read_bytes())])
         # content that does not match its digest: a plain tar whose stored bytes are changed afterwards
-        tar = layers.path("gnutar.tar").read_bytes()
+        # (a blob no other tag uses: the registry stores a digest once, so tampering would reach them too)
+        tar = layers.path("gnu.tar").read_bytes()
+        assert all(TAGS[t][0] != "gnu.tar" for t in TAGS)
         p.image("layers/tampered", "v1", [(OCI, tar)])
         r.storage = root / "storage"
         r.tampered_digest = sha256(tar)

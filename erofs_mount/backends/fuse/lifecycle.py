@@ -207,11 +207,68 @@ def _layer_opener(path: str, kind: str, devices: tuple[str, ...]):
 
 
 def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
+    if oci_options.layer is None and oci_options.blob is None and not devices:
+        return _image_opener(ref, oci_options)
+
     async def open_oci():
         from ...sources.oci.blob import open_oci_source
 
         return await open_oci_source(ref, options=oci_options)
     return _async_opener(ref, open_oci, devices)
+
+
+def _image_opener(ref: str, oci_options):
+    """The whole image: every layer opened (bottom first) and, when there are several, merged."""
+    async def opener():
+        import trio
+
+        from ...erofs.image import Image
+        from ...sources.bridge import SyncReadAt
+        from ...sources.oci.image import open_oci_layers
+
+        sources, res = await open_oci_layers(ref, options=oci_options)
+        closers: list = [s.aclose for s in sources]
+        try:
+            token = trio.lowlevel.current_trio_token()
+            bridges = [SyncReadAt(s, token) for s in sources]
+
+            def build():
+                images = [Image(b.read_at, size=s.size, **IMAGE_CACHES) for b, s in zip(bridges, sources)]
+                if len(images) == 1:
+                    return images[0]
+                from ...merge.image import MergedImage
+
+                return MergedImage(images)
+            image = await trio.to_thread.run_sync(build)
+            tune_image(image)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for close in reversed(closers):
+                    await close()
+            raise
+        log.info("%s: the whole image, %d layer(s) (%s)", ref, len(sources), res.platform)
+        return image, closers, (), (sources[0] if len(sources) == 1 else _Layers(sources))
+    return opener
+
+
+class _Layers:
+    """The status figures of a merged image: its layers' counters added up."""
+
+    def __init__(self, sources: list) -> None:
+        self.sources = sources
+        first = sources[0]
+        self.ref, self.platform, self.manifest_digest = first.ref, first.platform, first.manifest_digest
+        self.digest = ",".join(s.digest for s in sources)
+        self.size = sum(s.size for s in sources)
+
+    def stats(self) -> dict:
+        out: dict = {}
+        for s in self.sources:
+            for k, v in s.stats().items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+        out["layers"] = len(self.sources)
+        return out
 
 
 def _async_opener(name: str, open_source, devices: tuple[str, ...]):

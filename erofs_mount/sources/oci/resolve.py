@@ -69,8 +69,12 @@ def inspection_lines(res: Resolution) -> list[str]:
         out.append("platforms: " + ", ".join(str(d.platform) for d in res.index.manifests if d.platform))
         out.append(f"manifest: {res.manifest_digest} ({res.manifest.media_type})")
     out.append(f"platform: {res.platform}")
+    from ..tarlayer.kinds import layer_kind
+
     for i, d in enumerate(res.manifest.layers):
-        mark = "erofs" if is_erofs_media_type(d.media_type) else "-"
+        tar = layer_kind(d.media_type)
+        mark = "erofs" if is_erofs_media_type(d.media_type) else ("tar" if tar == "tar" else
+                                                                   f"tar+{tar}" if tar else "-")
         out.append(f"layer {i}: {d.digest} {d.size} {d.media_type} {mark}")
     return out
 

@@ -1,0 +1,65 @@
+"""All the layers of an image, for a whole-image (merged) mount: resolved once, then each layer
+opened as a source pinned to the manifest digest and its own blob digest, so every layer comes
+from the same image even if the tag moves while they open.
+
+The in-memory chunk cache (``oci.memory_limit``) is shared out among the layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import trio
+
+from ...errors import UsageError
+from .blob import open_oci_source
+from .client import RegistryClient
+from .options import OciOptions
+from .reference import Reference, parse_reference
+from .resolve import Resolution, options_with, resolve
+
+log = logging.getLogger("erofs_mount.sources.oci")
+
+MAX_LAYERS = 64         # the merged view's inode numbering (merge/) holds this many
+
+
+async def resolve_image(ref: str | Reference, *, options: OciOptions, env: dict | None = None) -> Resolution:
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    client = RegistryClient(ref, options, env=env)
+    try:
+        return await resolve(client, ref, options)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def open_oci_layers(ref: str | Reference, *, options: OciOptions | None = None,
+                          env: dict | None = None) -> tuple[list, Resolution]:
+    """(one source per layer, bottom first; the resolution) for the image ``ref`` names."""
+    options = options or OciOptions()
+    if options.layer is not None or options.blob is not None:
+        raise UsageError("a whole-image mount takes no oci.layer/oci.blob")
+    res = await resolve_image(ref, options=options, env=env)
+    layers = res.manifest.layers
+    if not layers:
+        raise UsageError(f"{res.ref}: the image has no layers")
+    if len(layers) > MAX_LAYERS:
+        raise UsageError(f"{res.ref}: {len(layers)} layers; at most {MAX_LAYERS} can be merged")
+    per = max(options.chunk_size, options.memory_limit // len(layers))
+    layer_opts = dataclasses.replace(options, memory_limit=per, readahead=min(options.readahead, per // 2))
+    pinned = res.ref  # with the digest of what was resolved (the tag kept for display)
+    sources: list = []
+    try:
+        for i, d in enumerate(layers):
+            src = await open_oci_source(pinned, options=options_with(layer_opts, blob=d.digest),
+                                        platform=res.platform, env=env)
+            sources.append(src)
+            log.info("%s: layer %d of %d: %s %s (%d bytes)", res.ref, i, len(layers), d.digest, d.media_type, d.size)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for src in sources:
+                await src.aclose()
+        raise
+    return sources, res
