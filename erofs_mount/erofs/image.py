@@ -372,17 +372,7 @@ class Image:
 
     def resolve(self, path: str | bytes) -> int:
         """nid of an absolute path inside the image (symlinks are not followed)."""
-        if isinstance(path, str):
-            path = path.encode("utf-8", "surrogateescape")
-        nid = self.root_nid
-        try:
-            for part in path.split(b"/"):
-                if part in (b"", b"."):
-                    continue
-                nid = self.lookup(nid, part)
-        except (NotFoundError, NotADirError) as exc:
-            raise type(exc)(f"{path.decode('utf-8', 'surrogateescape')}: {exc.strerror.split(': ')[-1]}") from None
-        return nid
+        return resolve_path(self, path)
 
     # ------------------------------------------------------------------ xattrs
     @property
@@ -460,3 +450,19 @@ class Image:
 def _with_devices(sb: Superblock, devices) -> Superblock:
     from dataclasses import replace
     return replace(sb, devices=devices)
+
+
+def resolve_path(image, path: str | bytes) -> int:
+    """nid of an absolute path through ``image.lookup`` from ``image.root_nid`` (symlinks are not
+    followed); shared by Image and merge.MergedImage."""
+    if isinstance(path, str):
+        path = path.encode("utf-8", "surrogateescape")
+    nid = image.root_nid
+    try:
+        for part in path.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            nid = image.lookup(nid, part)
+    except (NotFoundError, NotADirError) as exc:
+        raise type(exc)(f"{path.decode('utf-8', 'surrogateescape')}: {exc.strerror.split(': ')[-1]}") from None
+    return nid

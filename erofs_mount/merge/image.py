@@ -41,7 +41,7 @@ from typing import Any
 
 from ..erofs import layout as L
 from ..erofs.dirent import DirEntry
-from ..erofs.image import Image
+from ..erofs.image import Image, resolve_path
 from ..erofs.inode import Inode
 from ..errors import CorruptedError, NoDataError, NotADirError, NotFoundError
 from .core import (Listing, check_layer_count, decode_nid, encode_nid, fold_nid, is_opaque_xattrs,
@@ -188,17 +188,7 @@ class MergedImage:
 
     def resolve(self, path: str | bytes) -> int:
         """nid of an absolute path in the merged tree (symlinks are not followed)."""
-        if isinstance(path, str):
-            path = path.encode("utf-8", "surrogateescape")
-        nid = self.root_nid
-        try:
-            for part in path.split(b"/"):
-                if part in (b"", b"."):
-                    continue
-                nid = self.lookup(nid, part)
-        except (NotFoundError, NotADirError) as exc:
-            raise type(exc)(f"{path.decode('utf-8', 'surrogateescape')}: {exc.strerror.split(': ')[-1]}") from None
-        return nid
+        return resolve_path(self, path)
 
     # ------------------------------------------------------------------ inodes
     def inode(self, nid: int) -> Inode:

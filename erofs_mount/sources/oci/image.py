@@ -14,25 +14,13 @@ import trio
 
 from ...errors import UsageError
 from .blob import open_oci_source
-from .client import RegistryClient
 from .options import OciOptions
-from .reference import Reference, parse_reference
-from .resolve import Resolution, options_with, resolve
+from .reference import Reference
+from .resolve import Resolution, inspect_oci, options_with
 
 log = logging.getLogger("erofs_mount.sources.oci")
 
 MAX_LAYERS = 64         # the merged view's inode numbering (merge/) holds this many
-
-
-async def resolve_image(ref: str | Reference, *, options: OciOptions, env: dict | None = None) -> Resolution:
-    if isinstance(ref, str):
-        ref = parse_reference(ref)
-    client = RegistryClient(ref, options, env=env)
-    try:
-        return await resolve(client, ref, options)
-    finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
 
 
 async def open_oci_layers(ref: str | Reference, *, options: OciOptions | None = None,
@@ -41,7 +29,7 @@ async def open_oci_layers(ref: str | Reference, *, options: OciOptions | None = 
     options = options or OciOptions()
     if options.layer is not None or options.blob is not None:
         raise UsageError("a whole-image mount takes no oci.layer/oci.blob")
-    res = await resolve_image(ref, options=options, env=env)
+    res = await inspect_oci(ref, options=options, env=env)
     layers = res.manifest.layers
     if not layers:
         raise UsageError(f"{res.ref}: the image has no layers")
