@@ -218,7 +218,8 @@ def select_layer(manifest: Manifest, *, layer: int | None, blob: str | None) -> 
     erofs = [(i, d) for i, d in enumerate(manifest.layers) if is_erofs_media_type(d.media_type)]
     if len(erofs) == 1:
         return erofs[0]
-    raise UsageError(f"the image has {n} layers: choose one with -o oci.layer=0..{n - 1} or -o oci.blob=sha256:…")
+    raise UsageError(f"the image has {n} layers: choose one with -o oci.layer=0..{n - 1} or -o oci.blob=sha256:… "
+                     "(NBD mode serves one layer; FUSE mode and the tools merge them all)")
 
 
 def is_erofs_media_type(media_type: str) -> bool:
