@@ -114,3 +114,23 @@ class LocalReader:
         if n != length:
             raise WouldBlock
         return bytes(buf)
+
+
+class ResidentReader:
+    """Positional reads of an async source through its bridge, answered on the trio thread when the
+    bytes are already in memory (the source's ``read_cached``: a tar layer's index, decoded gzip
+    spans): inside ``nowait()`` it returns them or raises ``WouldBlock``; elsewhere (a worker
+    thread) it goes through the bridge as before."""
+
+    def __init__(self, source, bridge) -> None:
+        self.size = source.size
+        self._cached = source.read_cached
+        self._bridge_read = bridge.read_at
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if nowait_active():
+            data = self._cached(offset, length)
+            if data is None:
+                raise WouldBlock()
+            return data
+        return self._bridge_read(offset, length)

@@ -32,7 +32,7 @@ from ...errors import ErofsMountError, UsageError
 from . import decoder
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
-from .inline import LocalReader
+from .inline import LocalReader, ResidentReader
 from .mountinfo import find_mount
 from .publish import Publisher
 from .readahead import set_read_ahead_kb
@@ -163,13 +163,12 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
 
 
 async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) -> None:
-    image, closers, fds, stats_source = await opener()
+    image, closers, fds, stats_source, inline = await opener()
     dec = None
     try:
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
-        inline = bool(fds)
-        if inline:  # forked now, before /dev/fuse is open: the process must not hold the session
+        if fds:  # forked now, before /dev/fuse is open: the process must not hold the session
             dec = decoder.start(image, fds, opts.decoder)
         elif opts.decoder:
             log.info("no decoder process: it serves local images only")
@@ -194,7 +193,8 @@ def _local_opener(source: str, devices: tuple[str, ...]):
     async def opener():
         image, opened = open_image(source, devices)  # a few small reads: fine before serving
         # the descriptors the image reads (local sources honour inline.nowait())
-        return image, [src.close for src in opened], tuple(src.fileno() for src in opened), opened[0]
+        fds = tuple(src.fileno() for src in opened)
+        return image, [src.close for src in opened], fds, opened[0], True
     return opener
 
 
@@ -247,7 +247,7 @@ def _image_opener(ref: str, oci_options):
                     await close()
             raise
         log.info("%s: the whole image, %d layer(s) (%s)", ref, len(sources), res.platform)
-        return image, closers, (), (sources[0] if len(sources) == 1 else _Layers(sources))
+        return image, closers, (), (sources[0] if len(sources) == 1 else _Layers(sources)), False
     return opener
 
 
@@ -288,9 +288,11 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
                 closers.append(d.close)
                 extra.append(LocalReader(d).read_at)
             bridge = SyncReadAt(src, trio.lowlevel.current_trio_token())
+            resident = hasattr(src, "read_cached") and not devices
+            read_at = ResidentReader(src, bridge).read_at if resident else bridge.read_at
             # the reader is sync: build the Image in a worker thread, whose reads come back to this loop
             image = await trio.to_thread.run_sync(
-                lambda: Image(bridge.read_at, size=src.size, devices=extra, **IMAGE_CACHES))
+                lambda: Image(read_at, size=src.size, devices=extra, **IMAGE_CACHES))
             tune_image(image)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -300,7 +302,8 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
                         await res
             raise
         log.info("%s: %r (%d bytes)", name, src, src.size)
-        return image, closers, (), src     # async sources: reads always go to worker threads
+        # async sources: reads go to worker threads, but what is in memory is answered inline
+        return image, closers, (), src, resident
     return opener
 
 

@@ -97,6 +97,20 @@ class GzTarReader:
             finally:
                 self._prefetch = None
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes if every span they need is decoded and cached, else None (no I/O, no decode)."""
+        offset, length = clamp(offset, length, self.size)
+        if length == 0:
+            return b""
+        out = bytearray()
+        for i in self._spans_for(offset, length):
+            data = self.spans.peek(i)
+            if data is None:
+                return None
+            lo, hi = self._span_range(i)
+            out += memoryview(data)[max(offset, lo) - lo:min(offset + length, hi) - lo]
+        return bytes(out)
+
     async def _span(self, i: int) -> bytes:
         f = self._inflight.get(i)
         if f is not None:

@@ -59,6 +59,23 @@ class TarLayerSource:
         head = self.index[offset:isz]
         return head + await self.tar.read_at(0, end - isz)
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes if they are in memory now (the index; the tar's resident parts), else None.
+        Sync and without I/O: for callers on the trio thread that must not wait."""
+        end = min(offset + max(0, length), self.size)
+        if offset >= end or self._closed:
+            return b""
+        isz = self.index_size
+        if end <= isz:
+            return self.index[offset:end]
+        cached = getattr(self.tar, "read_cached", None)
+        if cached is None:
+            return None
+        tail = cached(max(offset, isz) - isz, end - max(offset, isz))
+        if tail is None:
+            return None
+        return (self.index[offset:isz] + tail) if offset < isz else tail
+
     def stats(self) -> dict:
         st = dict(self.tar.stats()) if hasattr(self.tar, "stats") else {}
         if self._inner is not None and self._inner is not self.tar and hasattr(self._inner, "stats"):
