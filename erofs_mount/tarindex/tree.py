@@ -13,8 +13,13 @@ Rules (what extracting the layer with containerd leaves on disk, minus symlink f
   looked up in the tree as it stands) and shares its inode, so ``nlink`` counts the names; a
   link whose target is missing, later or a directory is left out with a warning (erofs-utils
   lib/tar.c refuses the whole tar then: -ENOENT / -EISDIR);
-* whiteouts (``.wh.NAME``, ``.wh..wh..opq``) are ordinary entries here (merging layers is
-  another step's job);
+* OCI whiteouts become overlayfs ones when the index is written (:meth:`Tree.overlay_whiteouts`,
+  what ``mkfs.erofs --aufs`` and containerd's overlayfs snapshotter do): ``.wh.NAME`` a character
+  device 0/0 named NAME, ``.wh..wh..opq`` the xattr ``trusted.overlay.opaque`` = ``y`` on its
+  directory; so the kernel's overlayfs (NBD mode, whole images) and erofs-mount's merge read a
+  layer the same way.  A whiteout never hides an entry of its own layer (OCI image spec: whiteouts
+  apply to lower layers only): a same-layer file or symlink of that name hides the lower one by
+  itself, a same-layer directory is made opaque;
 * a member for the root itself (``./``) sets the root's attributes if it is a directory and is
   left out with a warning otherwise;
 * xattrs EROFS cannot name with a built-in prefix (user., trusted., security., exactly
@@ -278,6 +283,43 @@ class Tree:
         if self.meta_bytes > self.max_meta:
             raise ImageError(f"tar: {where}: more than {self.max_meta} bytes of xattrs and symlink targets "
                              "in the layer (max_meta)")
+
+
+OPAQUE = (b"trusted.overlay.opaque", b"y")
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+
+def _with_opaque(node: Node) -> None:
+    xattrs = dict(node.xattrs or ())
+    xattrs[OPAQUE[0]] = OPAQUE[1]
+    node.xattrs = tuple(sorted(xattrs.items()))
+
+
+def overlay_whiteouts(tree: Tree) -> None:
+    """Turn the OCI whiteout entries of ``tree`` into overlayfs whiteouts, in place (module doc)."""
+    stack = [tree.root]
+    while stack:
+        d = stack.pop()
+        names = [n for n in d.extra if n.startswith(WHITEOUT_PREFIX)]
+        for name in names:
+            node = d.extra.pop(name)
+            tree._drop(node)
+            if name == OPAQUE_MARKER:
+                _with_opaque(d)
+                continue
+            target = name[len(WHITEOUT_PREFIX):]
+            if not target or target in (b".", b"..") or target.startswith(WHITEOUT_PREFIX):
+                tree.warn(f"whiteout {name!r}: names nothing a layer below can have; left out")
+                continue
+            same = d.extra.get(target)
+            if same is not None:
+                if same.kind == "dir":
+                    _with_opaque(same)
+                continue
+            tree.entries += 1
+            d.extra[target] = Node("chr", 0, node.uid, node.gid, node.mtime_ns, extra=(0, 0))
+        stack.extend(c for c in d.extra.values() if c.kind == "dir")
 
 
 def build_tree(members: Iterable[Member], *, max_entries: int = MAX_ENTRIES, max_meta: int = MAX_META) -> Tree:

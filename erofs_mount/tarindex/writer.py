@@ -42,7 +42,7 @@ from ..errors import ImageError, UnsupportedError
 from ..erofs import layout as L
 from ..erofs.superblock import crc32c_raw
 from .tarparse import TarParser
-from .tree import MAX_ENTRIES, Node, Tree, xattr_entry_size, xattr_split
+from .tree import MAX_ENTRIES, Node, Tree, overlay_whiteouts, xattr_entry_size, xattr_split
 
 BLKSZBITS = 9
 BS = 1 << BLKSZBITS
@@ -179,6 +179,7 @@ def build_index(tree: Tree, tar_size: int, *, uuid: bytes | None = None, build_t
         raise ImageError(f"tar_size {tar_size} is less than the end of the last member's data ({tree.tar_end})")
     if uuid is not None and len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
+    overlay_whiteouts(tree)
     plans, index = _plan(tree)
     size = _layout(plans)
     nids = [p.pos >> L.EROFS_ISLOTBITS for p in plans]

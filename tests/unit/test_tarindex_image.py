@@ -89,7 +89,6 @@ def spec() -> list[Ent]:
     out.append(Ent("dev/sda", "blk", 0o660, gid=6, dev=(8, 0)))
     out.append(Ent("dev/fifo", "fifo", 0o600))
     f("implicit/child", 5, mtime_ns=T0 + 99_000_000_000)   # no member for implicit/
-    f("files/.wh.gone", 0)
     return out
 
 

@@ -94,6 +94,25 @@ def test_whiteouts_kept_and_root_misuse():
     assert sum("cannot replace the root" in w for w in t.warnings) == 2 and t.root.kind == "dir"
 
 
+def test_overlay_whiteouts():
+    """OCI whiteouts → overlayfs ones (mkfs.erofs --aufs, containerd's overlayfs snapshotter): char 0/0,
+    trusted.overlay.opaque=y; never hiding an entry of the same layer."""
+    from erofs_mount.tarindex.tree import overlay_whiteouts
+
+    t = build_tree([M("a/.wh.b"), M("a/.wh..wh..opq"), M("c/x"), M("c/.wh.x"), M("d/"), M("e/y"),
+                    M("d/.wh.e"), M(".wh.e"), M("f/.wh."), M("f/.wh..wh.z")])
+    n = t.entries
+    overlay_whiteouts(t)
+    a = t.lookup("a")
+    assert names(a) == [b"b"] and t.lookup("a/b").kind == "chr" and t.lookup("a/b").extra == (0, 0)
+    assert t.lookup("a/b").mode == 0 and dict(a.xattrs)[b"trusted.overlay.opaque"] == b"y"
+    assert t.lookup("c/x").kind == "reg"                     # the layer's own file stays
+    assert t.lookup("d/e").kind == "chr"
+    assert t.lookup("e").kind == "dir" and dict(t.lookup("e").xattrs)[b"trusted.overlay.opaque"] == b"y"
+    assert names(t.lookup("f")) == [] and sum("names nothing" in w for w in t.warnings) == 2
+    assert t.entries == n - 5     # gone: .wh..wh..opq, c/.wh.x, /.wh.e, f/.wh., f/.wh..wh.z (2 became devices)
+
+
 def test_xattr_prefixes():
     t = build_tree([M("f", xattrs={b"user.a": b"1", b"trusted.t": b"", b"security.capability": b"c",
                                    b"system.posix_acl_access": b"acl", b"system.posix_acl_accessX": b"no",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("erofs_mount.sources.tarlayer")
 
-FORMAT = 1
+FORMAT = 2      # 2: OCI whiteouts written as overlayfs ones
 NAMES = ("tarindex.erofs", "tarindex.zinfo", "tarindex.tar", "tarindex.json")
 
 
