@@ -82,6 +82,8 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
     if is_oci:
         from .opener import oci_options
 
+        if kind == "image":   # every layer on its own device, under the kernel's overlayfs
+            return nbd.mount_image(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))
         return nbd.mount_oci(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))
     return nbd.mount(source, mountpoint, nbd_options(opts, foreground))
 
@@ -100,6 +102,14 @@ def _unmount(mountpoint: str) -> int:
         from .backends.nbd.lifecycle import unmount
 
         return unmount(mountpoint)
+    if entry.fstype == "overlay":
+        from .backends.nbd.image import is_ours, lower_dirs
+
+        lowers = lower_dirs(entry.super_options)
+        if is_ours(lowers):   # a whole image in NBD mode: the overlay, then each layer's mount
+            from .backends.nbd.lifecycle import unmount_image
+
+            return unmount_image(mountpoint, lowers)
     raise UsageError(f"{mountpoint}: not an erofs-mount mount ({entry.fstype} from {entry.source})")
 
 

@@ -97,6 +97,19 @@ def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
 
+def mount_image(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -> int:
+    """The whole image: one device per layer under the overlayfs at ``mountpoint`` (image.py)."""
+    from .image import mount_image as mount_layers
+
+    return mount_layers(ref, mountpoint, opts or NbdOptions(), oci_options, mount_oci, unmount)
+
+
+def unmount_image(mountpoint: str, lowers: list[str]) -> int:
+    from .image import unmount_image as unmount_layers
+
+    return unmount_layers(mountpoint, lowers, unmount)
+
+
 def reattach(device: str, opts: NbdOptions | None = None, oci: dict[str, str] | None = None) -> int:
     """``oci``: ``-o oci.*`` given with --reattach (keys without ``oci.``), overriding the record."""
     opts = opts or NbdOptions()
@@ -291,4 +304,4 @@ if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
 
-__all__ = ["mount", "mount_oci", "unmount", "reattach", "disconnect", "status", "status_entries", "supervise", "choose_mode", "NbdOptions"]
+__all__ = ["mount", "mount_oci", "mount_image", "unmount_image", "unmount", "reattach", "disconnect", "status", "status_entries", "supervise", "choose_mode", "NbdOptions"]
