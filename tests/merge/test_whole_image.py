@@ -124,10 +124,15 @@ def test_tools_and_extract_on_the_merged_image(images, tmp_path):
     assert res.returncode == 0, res.stderr
     want = sorted(n for n in os.listdir(images["oracle"]))
     assert sorted(res.stdout.decode().split()) == want
-    dest = tmp_path / "rootfs"
+    dest = tmp_path / "out" / "rootfs"
+    dest.parent.mkdir()
+    sentinel = tmp_path / "out" / "sentinel"
+    sentinel.write_bytes(b"untouched")
     res = run_cli("extract", "-o", "oci.insecure", ref, str(dest), env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     _same(dest, images["oracle"])
+    # the layers' symlinks pointing outside were written as symlinks, never followed
+    assert sorted(os.listdir(tmp_path / "out")) == ["rootfs", "sentinel"] and sentinel.read_bytes() == b"untouched"
     # a one-layer image needs no merge; oci-inspect says what each layer is
     res = run_cli("ls", "-o", "oci.insecure", f"{images['host']}/whole/one:v1", "/", env=env, timeout=300)
     assert res.returncode == 0, res.stderr
