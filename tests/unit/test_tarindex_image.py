@@ -306,7 +306,7 @@ def _fsck(binary: str, built: Built) -> subprocess.CompletedProcess:
 def test_fsck_new(built, tmp_path):
     binary = os.environ.get("EROFS_FSCK_NEW", "")
     if not os.access(binary, os.X_OK):
-        pytest.skip(f"{binary} absent (set EROFS_FSCK_NEW)")
+        pytest.skip("EROFS_FSCK_NEW does not name a fsck.erofs >= 1.6 (1.5 rejects 512-byte blocks)")
     r = _fsck(binary, built)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "x"
