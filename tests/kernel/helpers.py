@@ -75,6 +75,20 @@ def nothing_left(index: int) -> list[str]:
     return left
 
 
+def proc_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` (``D``: blocked in the kernel), ``?`` when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
+def wait_for_blocked_reader(readers, timeout: float = 20) -> None:
+    """Until one of ``readers`` waits in D state: it needs the device whose server is dead."""
+    wait_until(lambda: any(proc_state(pid) == "D" for pid in readers.pids), timeout, "a reader blocked on the device")
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:

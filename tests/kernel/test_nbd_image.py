@@ -19,7 +19,7 @@ from erofs_mount.backends.nbd import state, sysfs
 from erofs_mount.backends.nbd.image import IMAGES_DIR, lower_dirs
 from tests.merge.layers import MKFS, make_tar, materialize, unpack, walk_tree
 
-from .helpers import Readers, daemon_pid, drop_caches, wait_until
+from .helpers import Readers, daemon_pid, drop_caches, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
@@ -144,7 +144,7 @@ def test_whole_image_over_nbd_and_overlayfs(image, tmp_path):
             os.kill(daemon_pid(victim), signal.SIGKILL)
             wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
             drop_caches()
-            time.sleep(0.5)
+            wait_for_blocked_reader(readers)
             res = cli("--reattach", f"/dev/nbd{victim}", timeout=120)
             assert res.returncode == 0, res.stderr
         finally:

@@ -32,7 +32,7 @@ from erofs_mount.backends.nbd import sysfs
 from erofs_mount.backends.nbd.recovery import NBD_RUN_DIR
 from tests import corpuslib
 
-from .helpers import Readers, daemon_pid, drop_caches, wait_until
+from .helpers import Readers, daemon_pid, drop_caches, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, USERS, Pusher, TokenIssuer, make_tls, start_registry
@@ -162,12 +162,6 @@ def run_dir_files() -> list[str]:
     return sorted(n for n in os.listdir(NBD_RUN_DIR) if not n.startswith(".")) if os.path.isdir(NBD_RUN_DIR) else []
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "?"
 
 
 def files_of(manifest: dict, limit: int = 60) -> list[tuple[str, str]]:
@@ -183,7 +177,7 @@ def kill_and_reattach(regs: Registries, mnt: Path, index: int, kill, reattach_cm
         time.sleep(0.3)
         kill()
         drop_caches()  # the readers now need the device, whose server is dead: they block
-        wait_until(lambda: any(_state(pid) == "D" for pid in readers.pids), 20, "a reader blocked on the device")
+        wait_for_blocked_reader(readers)
         res = run(reattach_cmd)
         assert res.returncode == 0, res.stdout[-3000:]
     finally:

@@ -31,7 +31,7 @@ from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import NBD_RUN_DIR, parse_record
 from tests import corpuslib
 
-from .helpers import Readers, daemon_pid, drop_caches, nothing_left, wait_until
+from .helpers import Readers, daemon_pid, drop_caches, nothing_left, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import (REGISTRY_BIN, USERS, Pusher, Registry, TokenIssuer, docker_auth, env_with,
@@ -198,12 +198,6 @@ def read_all(mnt: Path) -> int:
     return n
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "?"
 
 
 def record_text(ident: str) -> str:
@@ -228,7 +222,7 @@ def kill_retag_reattach_under_load(env: Env, mnt: Path, index: int, ident: str, 
         dead_pid = daemon_pid(index)
         kill(index, ident)
         drop_caches()  # the readers now need the device, whose daemon is dead: they block
-        wait_until(lambda: any(_state(pid) == "D" for pid in readers.pids), 20, "a reader blocked on the device")
+        wait_for_blocked_reader(readers)
         e = next(e for e in lifecycle.status_entries() if e["index"] == index)
         assert (e["alive"], e["pid"], e["kind"]) == (False, dead_pid, "oci") and e["digest"], e
         env.tag("v1", env.blobs[MOVED_TO], env.blobs[ORIGINAL])  # REF now names another image

@@ -19,7 +19,7 @@ from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 from tests.tarlayer.conftest import Layers, oracle
 
-from .helpers import Readers, daemon_pid, drop_caches, mount, nothing_left, options, wait_until
+from .helpers import Readers, daemon_pid, drop_caches, mount, nothing_left, options, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, sha256, start_registry
@@ -29,12 +29,6 @@ except ImportError:  # pragma: no cover
 REPO = str(Path(__file__).resolve().parents[2])
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "?"
 OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
@@ -98,7 +92,7 @@ def test_registry_gzip_layer_kill_and_reattach(layers, tmp_path):
             os.kill(daemon_pid(index), signal.SIGKILL)
             wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
             drop_caches()
-            wait_until(lambda: any(_state(pid) == "D" for pid in readers.pids), 20, "a reader blocked on the device")
+            wait_for_blocked_reader(readers)
             res = subprocess.run([sys.executable, "-m", "erofs_mount", "--reattach", f"/dev/nbd{index}"],
                                  capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
             assert res.returncode == 0, res.stderr
