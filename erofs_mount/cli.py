@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 
 from . import __version__
-from .errors import ErofsMountError, UsageError
+from .errors import ErofsMountError, UsageError, leaf_error
 from .options import MountOptions, parse_options
 
 TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract", "oci-inspect")
@@ -237,9 +237,7 @@ def _main(argv: list[str]) -> int:
                 return run_tool(argv[0], argv[1:])
             return run_mount(argv)
         except BaseExceptionGroup as group:  # a trio nursery's: its telling leaf is the error
-            from .daemon import _leaf
-
-            raise _leaf(group) from None
+            raise leaf_error(group) from None
     except ErofsMountError as exc:
         return _fail(_SUBJECT, exc, exc.exit_status)
     except BrokenPipeError:

@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from typing import IO
 
-from .errors import ErofsMountError
+from .errors import ErofsMountError, leaf_error
 
 __all__ = ["Readiness", "run_detached", "log_dir", "log_path", "setup_logging"]
 
@@ -104,7 +104,7 @@ def _run_worker(worker: Callable[[Readiness], int | None], ready: Readiness) -> 
     try:
         rc = worker(ready)
     except BaseException as exc:  # noqa: BLE001 - the daemon's last words go to its log
-        leaf = _leaf(exc)
+        leaf = leaf_error(exc)
         if isinstance(leaf, ErofsMountError):
             logging.getLogger("erofs_mount").error("%s", leaf)
             ready.fail(str(leaf), leaf.errno)
@@ -115,14 +115,6 @@ def _run_worker(worker: Callable[[Readiness], int | None], ready: Readiness) -> 
     if ready.reported is None:
         ready.fail("daemon exited before it was ready")
     return int(rc or 0)
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """Unwrap exception groups (trio nurseries): prefer an ErofsMountError leaf."""
-    while isinstance(exc, BaseExceptionGroup):
-        leaves = [_leaf(e) for e in exc.exceptions]
-        exc = next((e for e in leaves if isinstance(e, ErofsMountError)), leaves[0])
-    return exc
 
 
 def run_detached(worker: Callable[[Readiness], int | None], *, log_file: str, foreground: bool = False) -> int:

@@ -155,3 +155,12 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return _errno.EIO
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The most telling leaf of an exception group (a trio nursery's): an ErofsMountError if there is
+    one, else the first leaf; ``exc`` itself when it is no group."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [leaf_error(e) for e in exc.exceptions]
+        exc = next((e for e in leaves if isinstance(e, ErofsMountError)), leaves[0])
+    return exc

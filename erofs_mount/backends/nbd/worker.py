@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from ...daemon import Readiness
-from ...errors import ErofsMountError, NotErofsError
+from ...errors import ErofsMountError, NotErofsError, leaf_error
 from . import ioctl, netlink, state, sysfs
 from .config import MS_RDONLY, NbdOptions
 from .publish import base_document, serve_published
@@ -254,16 +254,8 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
         await source.aclose()
 
 
-def first_error(exc: BaseException) -> BaseException:
-    """The most telling leaf of an exception group (an ErofsMountError if there is one)."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [first_error(e) for e in exc.exceptions]
-        return next((e for e in leaves if isinstance(e, ErofsMountError)), leaves[0])
-    return exc
-
-
 def _report(ready: Readiness, exc: BaseException) -> None:
-    leaf = first_error(exc)
+    leaf = leaf_error(exc)
     if isinstance(leaf, ErofsMountError):
         ready.fail(str(leaf), leaf.errno)
     elif not isinstance(leaf, (KeyboardInterrupt, SystemExit, trio.Cancelled)):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import trio
 
-from ...errors import CorruptedError, ErofsMountError
+from ...errors import CorruptedError, ErofsMountError, leaf_error
 from ...gzindex import GzIndex, GzIndexBuilder
 from ...gzindex.zstd import ZstdStreamIndexer
 from ...tarindex.tarparse import TarParser
@@ -164,9 +163,7 @@ async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, 
                     done += len(chunk)
                     progress.update(done)
     except BaseExceptionGroup as group:
-        from ...daemon import _leaf
-
-        raise _leaf(group) from None
+        raise leaf_error(group) from None
     gz, index = await trio.to_thread.run_sync(work.finish)
     progress.update(size, final=True)
     for w in work.tree.warnings:
@@ -176,6 +173,3 @@ async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, 
              work.tar_size, len(index), secs)
     return Built(index, work.tar_size, gz, work.members, list(work.tree.warnings), secs)
 
-
-def spill_dir_for_temp() -> str:
-    return os.environ.get("TMPDIR", "/tmp")
