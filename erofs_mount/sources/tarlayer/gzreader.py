@@ -63,16 +63,19 @@ class GzTarReader:
         if wanted[0] in (self._last, self._last + 1):
             self._ahead(wanted[-1] + 1)
         self._last = wanted[-1]
-        out = bytearray()
+        spans = []
         for i in wanted:
             data = self.spans.get(i)
-            if data is None:
-                data = await self._span(i)
+            spans.append((i, data if data is not None else await self._span(i)))
+        return self._cut(offset, length, spans)
+
+    def _cut(self, offset: int, length: int, spans: list[tuple[int, bytes]]) -> bytes:
+        """``[offset, offset+length)`` out of the decoded spans that cover it (one copy)."""
+        parts = []
+        for i, data in spans:
             lo, hi = self._span_range(i)
-            a = max(offset, lo) - lo
-            b = min(offset + length, hi) - lo
-            out += memoryview(data)[a:b]
-        return bytes(out)
+            parts.append(memoryview(data)[max(offset, lo) - lo:min(offset + length, hi) - lo])
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def _ahead(self, i: int) -> None:
         """Decode span ``i`` in the background unless it is there, under way, or one is already."""
@@ -102,14 +105,13 @@ class GzTarReader:
         offset, length = clamp(offset, length, self.size)
         if length == 0:
             return b""
-        out = bytearray()
+        spans = []
         for i in self._spans_for(offset, length):
             data = self.spans.peek(i)
             if data is None:
                 return None
-            lo, hi = self._span_range(i)
-            out += memoryview(data)[max(offset, lo) - lo:min(offset + length, hi) - lo]
-        return bytes(out)
+            spans.append((i, data))
+        return self._cut(offset, length, spans)
 
     async def _span(self, i: int) -> bytes:
         f = self._inflight.get(i)
