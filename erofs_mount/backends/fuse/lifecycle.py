@@ -219,36 +219,12 @@ def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
 
 def _image_opener(ref: str, oci_options):
     """The whole image: every layer opened (bottom first) and, when there are several, merged."""
-    async def opener():
-        import trio
-
-        from ...erofs.image import Image
-        from ...sources.bridge import SyncReadAt
+    async def open_layers():
         from ...sources.oci.image import open_oci_layers
 
-        sources, res = await open_oci_layers(ref, options=oci_options)
-        closers: list = [s.aclose for s in sources]
-        try:
-            token = trio.lowlevel.current_trio_token()
-            bridges = [SyncReadAt(s, token) for s in sources]
-
-            def build():
-                images = [Image(b.read_at, size=s.size, **IMAGE_CACHES) for b, s in zip(bridges, sources)]
-                if len(images) == 1:
-                    return images[0]
-                from ...merge.image import MergedImage
-
-                return MergedImage(images)
-            image = await trio.to_thread.run_sync(build)
-            tune_image(image)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for close in reversed(closers):
-                    await close()
-            raise
-        log.info("%s: the whole image, %d layer(s) (%s)", ref, len(sources), res.platform)
-        return image, closers, (), (sources[0] if len(sources) == 1 else _Layers(sources)), False
-    return opener
+        sources, _res = await open_oci_layers(ref, options=oci_options)
+        return sources
+    return _async_opener(ref, open_layers, ())
 
 
 class _Layers:
@@ -272,27 +248,37 @@ class _Layers:
 
 
 def _async_opener(name: str, open_source, devices: tuple[str, ...]):
-    """An image over an async source (a registry blob, a tar layer), read through the bridge."""
+    """An image over async sources (a registry blob, a tar layer; or every layer of an image, when
+    ``open_source`` returns a list: merged), read through the bridge."""
     async def opener():
         import trio
 
         from ...erofs.image import Image
         from ...sources.bridge import SyncReadAt
 
-        src = await open_source()
-        closers: list = [src.aclose]
+        opened = await open_source()
+        sources = opened if isinstance(opened, list) else [opened]
+        closers: list = [s.aclose for s in sources]
         try:
             extra = []
             for dev in devices:
                 d = open_local(dev)
                 closers.append(d.close)
                 extra.append(LocalReader(d).read_at)
-            bridge = SyncReadAt(src, trio.lowlevel.current_trio_token())
-            resident = hasattr(src, "read_cached") and not devices
-            read_at = ResidentReader(src, bridge).read_at if resident else bridge.read_at
-            # the reader is sync: build the Image in a worker thread, whose reads come back to this loop
-            image = await trio.to_thread.run_sync(
-                lambda: Image(read_at, size=src.size, devices=extra, **IMAGE_CACHES))
+            token = trio.lowlevel.current_trio_token()
+            # a single tar layer: what is in memory (its index, decoded spans) is answered inline
+            resident = len(sources) == 1 and hasattr(sources[0], "read_cached") and not devices
+            readers = [ResidentReader(s, SyncReadAt(s, token)).read_at if resident else SyncReadAt(s, token).read_at
+                       for s in sources]
+
+            def build():  # the reader is sync: built in a worker thread, whose reads come back to this loop
+                images = [Image(r, size=s.size, devices=extra, **IMAGE_CACHES) for r, s in zip(readers, sources)]
+                if len(images) == 1:
+                    return images[0]
+                from ...merge.image import MergedImage
+
+                return MergedImage(images)
+            image = await trio.to_thread.run_sync(build)
             tune_image(image)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -301,9 +287,10 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
                     if hasattr(res, "__await__"):
                         await res
             raise
-        log.info("%s: %r (%d bytes)", name, src, src.size)
-        # async sources: reads go to worker threads, but what is in memory is answered inline
-        return image, closers, (), src, resident
+        log.info("%s: %d source(s), %s (%d bytes)", name, len(sources), sources[0], sum(s.size for s in sources))
+        stats = sources[0] if len(sources) == 1 else _Layers(sources)
+        # async sources: reads go to worker threads, except what ``resident`` answers inline
+        return image, closers, (), stats, resident
     return opener
 
 

@@ -108,15 +108,10 @@ class _Prefix:
         """The blob is closed by TarLayerSource."""
 
 
-def local_cache_root() -> str:
-    from ..diskcache import default_root
-
-    return default_root()
-
-
 async def open_local_layer(path: str, kind: str, *, cache_root: str | None = "") -> TarLayerSource:
     """A local tar / tar.gz / tar.zst file as an image; its index kept under ``cache_root``
     (``""``: the default cache root; None: nowhere)."""
+    from ..diskcache import default_root
     from ..local import LocalSource
 
     src = LocalSource.open(path)
@@ -124,10 +119,10 @@ async def open_local_layer(path: str, kind: str, *, cache_root: str | None = "")
         entry = None
         if cache_root is not None:
             st = os.stat(path)
-            entry = store.local_dir(cache_root or local_cache_root(), path, st)
+            entry = store.local_dir(cache_root or default_root(), path, st)
         return await open_tar_layer(src, kind, what=path, entry=entry)
     except BaseException:
-        await src.aclose() if hasattr(src, "aclose") else src.close()
+        await src.aclose()
         raise
 
 
