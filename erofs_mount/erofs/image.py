@@ -44,7 +44,9 @@ def as_read_at(src: Any) -> ReadAt:
     return fn
 
 
-class _LRU:
+class LRU:
+    """A bounded least-recently-used mapping (callers hold their own lock)."""
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.data: OrderedDict = OrderedDict()
@@ -85,10 +87,10 @@ class Image:
         self.root_nid = sb.root_nid
         self._device_id_mask = (1 << (sb.extra_devices).bit_length()) - 1 if sb.extra_devices else 0
         self._lock = threading.Lock()
-        self._inodes = _LRU(inode_cache)
-        self._blocks = _LRU(block_cache)   # metadata blocks
-        self._dirblocks = _LRU(block_cache)  # parsed directory blocks
-        self._xattrs = _LRU(4096)
+        self._inodes = LRU(inode_cache)
+        self._blocks = LRU(block_cache)   # metadata blocks
+        self._dirblocks = LRU(block_cache)  # parsed directory blocks
+        self._xattrs = LRU(4096)
         self._zreader = None
         self._prefixes: list[bytes] | None = None
         if sb.has_incompat(L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS) or sb.has_metabox:

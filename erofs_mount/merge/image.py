@@ -41,7 +41,7 @@ from typing import Any
 
 from ..erofs import layout as L
 from ..erofs.dirent import DirEntry
-from ..erofs.image import Image, resolve_path
+from ..erofs.image import LRU, Image, resolve_path
 from ..erofs.inode import Inode
 from ..errors import CorruptedError, NoDataError, NotADirError, NotFoundError
 from .core import (Listing, check_layer_count, decode_nid, encode_nid, fold_nid, is_opaque_xattrs,
@@ -100,8 +100,7 @@ class MergedImage:
         self._listings: OrderedDict[int, Listing] = OrderedDict()
         self._listed = 0                    # names held by _listings
         self._listing_cache = listing_cache
-        self._inodes: OrderedDict[int, Inode] = OrderedDict()
-        self._inode_cache = inode_cache
+        self._inodes = LRU(inode_cache)
         self._zreader: _ZReaders | None = None
 
     # ------------------------------------------------------------------ numbering
@@ -194,9 +193,8 @@ class MergedImage:
     def inode(self, nid: int) -> Inode:
         with self._lock:
             hit = self._inodes.get(nid)
-            if hit is not None:
-                self._inodes.move_to_end(nid)
-                return hit
+        if hit is not None:
+            return hit
         img, lnid = self._owner(nid)
         ino = img.inode(lnid)
         if ino.is_dir:
@@ -204,9 +202,7 @@ class MergedImage:
         else:
             ino = dataclasses.replace(ino, nid=nid)
         with self._lock:
-            self._inodes[nid] = ino
-            if len(self._inodes) > self._inode_cache:
-                self._inodes.popitem(last=False)
+            self._inodes.put(nid, ino)
         return ino
 
     # ------------------------------------------------------------------ data: the owner layer's
