@@ -112,8 +112,10 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                     ready.fail(f"{mountpoint}: the mount point does not show the new mount")
                     pyfuse3.terminate()
                     return
-                # big READs pay for compressed images and for sources behind a bridge (registry blobs,
-                # tar layers): fewer requests, each crossing two threads
+                # big READs pay for compressed images and for sources whose every read crosses the bridge
+                # (registry blobs): fewer requests, each crossing two threads.  A tar layer answered
+                # inline (ResidentReader) keeps the kernel's 128 KiB: measured faster (0.51 vs 0.69 s
+                # for a cold 100 MB sequential read, bench_tarlayer)
                 kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=image.sb.marks_compression or not inline)
                 if kb:
                     why = set_read_ahead_kb(st.st_dev, kb)
