@@ -30,7 +30,7 @@ from .client import RegistryClient
 from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_type, select_layer
 from .options import OciOptions
 from .reference import Reference, parse_reference
-from .resolve import options_with, resolve
+from .resolve import Resolution, options_with, resolve
 from .stream import STOPPED, Fetch, Streams
 from .zstdsource import ZstdSeekableSource, is_zstd_layer, open_zstd_layer
 from ..tarlayer.kinds import layer_kind
@@ -355,19 +355,21 @@ async def open_oci_source(
     platform: str | None = None,
     env: dict | None = None,
     check_magic: bool = True,
+    resolution: Resolution | None = None,
 ) -> OciBlobSource | ZstdSeekableSource:
     """Resolve *ref* once, pin the blob digest and return a source reading it.
 
     *layer*/*blob*/*platform* override the same fields of *options*; *env*
     replaces ``os.environ`` for credential look-ups; ``check_magic=False``
-    skips the superblock check (extra devices of a multi-device image).  A ``+zstd`` layer
-    is served decompressed through its zstd seek table (``zstdsource.py``)."""
+    skips the superblock check (extra devices of a multi-device image); ``resolution``: what
+    resolving *ref* gave already (the layers of one image: no manifest request per layer).  A
+    ``+zstd`` layer is served decompressed through its zstd seek table (``zstdsource.py``)."""
     options = options_with(options, layer=layer, blob=blob, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
     client = RegistryClient(ref, options, env=env)
     try:
-        res = await resolve(client, ref, options)
+        res = resolution if resolution is not None else await resolve(client, ref, options)
         index, desc = select_layer(res.manifest, layer=options.layer, blob=options.blob)
         tar_kind = layer_kind(desc.media_type)
         if tar_kind is None:

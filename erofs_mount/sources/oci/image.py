@@ -1,6 +1,6 @@
 """All the layers of an image, for a whole-image (merged) mount: resolved once, then each layer
-opened as a source pinned to the manifest digest and its own blob digest, so every layer comes
-from the same image even if the tag moves while they open.
+opened (concurrently, with no further manifest request) as a source pinned to the manifest digest
+and its own blob digest, so every layer comes from the same image even if the tag moves meanwhile.
 
 The in-memory chunk cache (``oci.memory_limit``) is shared out among the layers.
 """
@@ -12,7 +12,7 @@ import logging
 
 import trio
 
-from ...errors import UsageError
+from ...errors import UsageError, leaf_error
 from .blob import open_oci_source
 from .options import OciOptions
 from .reference import Reference
@@ -38,16 +38,26 @@ async def open_oci_layers(ref: str | Reference, *, options: OciOptions | None = 
     per = max(options.chunk_size, options.memory_limit // len(layers))
     layer_opts = dataclasses.replace(options, memory_limit=per, readahead=min(options.readahead, per // 2))
     pinned = res.ref  # with the digest of what was resolved (the tag kept for display)
-    sources: list = []
+    opened: list = [None] * len(layers)
+
+    async def open_one(i: int, d) -> None:
+        opened[i] = await open_oci_source(pinned, options=options_with(layer_opts, blob=d.digest),
+                                          platform=res.platform, env=env, resolution=res)
+        log.info("%s: layer %d of %d: %s %s (%d bytes)", res.ref, i, len(layers), d.digest, d.media_type, d.size)
+
     try:
-        for i, d in enumerate(layers):
-            src = await open_oci_source(pinned, options=options_with(layer_opts, blob=d.digest),
-                                        platform=res.platform, env=env)
-            sources.append(src)
-            log.info("%s: layer %d of %d: %s %s (%d bytes)", res.ref, i, len(layers), d.digest, d.media_type, d.size)
-    except BaseException:
+        # concurrently: each layer's first reads (its superblock, or its cached tar index) overlap
+        async with trio.open_nursery() as nursery:
+            for i, d in enumerate(layers):
+                nursery.start_soon(open_one, i, d)
+    except BaseException as exc:
         with trio.CancelScope(shield=True):
-            for src in sources:
-                await src.aclose()
+            for src in opened:
+                if src is not None:
+                    await src.aclose()
+        leaf = leaf_error(exc)
+        if leaf is not exc and isinstance(leaf, Exception):
+            raise leaf from None
         raise
+    sources = opened
     return sources, res
