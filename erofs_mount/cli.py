@@ -1,7 +1,7 @@
 """Command line: mount.erofs-compatible mounting plus inspection tools.
 
-    erofs-mount [--mode auto|nbd|fuse] [-t erofs[.nbd|.fuse]] [-o OPTS] [--device PATH] SOURCE MNT
-    erofs-mount -u MNT | --reattach /dev/nbdN | --disconnect /dev/nbdN | status
+    erofs-mount [--mode auto|nbd|fanotify|fuse] [-t erofs[.nbd|.fanotify|.fuse]] [-o OPTS] [--device PATH] SOURCE MNT
+    erofs-mount -u MNT | --reattach /dev/nbdN|MNT | --disconnect /dev/nbdN | status
     erofs-mount inspect|ls [-l]|cat|stat|getfattr|extract IMAGE [PATH|DEST [PATH]]
 
 Every failure is one line on stderr, ``erofs-mount: <what>: <problem>``, and a
@@ -55,13 +55,14 @@ def tool_parser(name: str) -> argparse.ArgumentParser:
 
 
 def mount_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Mount an EROFS image (local file or OCI layer) over NBD or FUSE.",
+    p = _Parser(prog=PROG, description="Mount an EROFS image (local file, OCI layer or whole image) over NBD, fanotify or FUSE.",
                 epilog=f"tools: {PROG} {{{','.join(TOOLS)}}} IMAGE ...; {PROG} status")
     _common(p)
-    p.add_argument("-t", dest="fstype", metavar="TYPE", help="erofs, erofs.nbd or erofs.fuse")
-    p.add_argument("--mode", choices=("auto", "nbd", "fuse"), help="backend (default: auto)")
+    p.add_argument("-t", dest="fstype", metavar="TYPE", help="erofs, erofs.nbd, erofs.fanotify or erofs.fuse")
+    p.add_argument("--mode", choices=("auto", "nbd", "fanotify", "fuse"), help="backend (default: auto)")
     p.add_argument("-u", dest="unmount", action="store_true", help="unmount MNT")
-    p.add_argument("--reattach", metavar="DEV", help="attach a new daemon to a live NBD device")
+    p.add_argument("--reattach", metavar="DEV|MNT",
+                   help="attach a new daemon to a live NBD device or fanotify mount")
     p.add_argument("--disconnect", metavar="DEV", help="force-disconnect an NBD device")
     p.add_argument("--supervise", action="store_true",
                    help="start a supervisor that reattaches NBD devices whose daemon died (NBD_CMD_LINK_DEAD)")

@@ -1,8 +1,9 @@
 """Route mount actions to a backend.
 
 ``--mode auto`` (the default) picks NBD when running as root and the kernel's
-``nbd`` generic-netlink family answers, FUSE otherwise, and says which and why
-in one line on stderr.  ``-u MNT`` finds the backend from the mount table.
+``nbd`` generic-netlink family answers, else fanotify when the probe says it works
+(backends/fanotify/kernel.py), FUSE otherwise, and says which and why in one line
+on stderr.  ``-u MNT`` finds the backend from the mount table.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from .errors import UsageError
 from .options import MountOptions
 
 
-def choose_mode(opts: MountOptions) -> tuple[str, str]:
-    """(mode, reason) for ``--mode auto``."""
+def choose_mode(opts: MountOptions, kind: str = "local") -> tuple[str, str]:
+    """(mode, reason) for ``--mode auto``: NBD, else fanotify (probed: root, pre-content events,
+    a cache directory that takes the marks, erofs file-backed mounts), else FUSE."""
     if opts.mode != "auto":
         return opts.mode, f"--mode {opts.mode}"
     if os.geteuid() != 0:
@@ -26,9 +28,36 @@ def choose_mode(opts: MountOptions) -> tuple[str, str]:
         present = netlink.family_available()
     except Exception:  # noqa: BLE001 - any failure to ask means no NBD here
         present = False
-    if not present:
-        return "fuse", "no nbd netlink family in this kernel; modprobe nbd for NBD mode"
-    return "nbd", "root and the kernel's nbd netlink family answers"
+    if present:
+        return "nbd", "root and the kernel's nbd netlink family answers"
+    why_not = _fanotify_unsuitable(opts, kind)
+    if why_not is None:
+        return "fanotify", "no nbd netlink family; the kernel serves erofs over a sparse file with fanotify"
+    return "fuse", f"no nbd netlink family in this kernel (modprobe nbd for NBD mode); not fanotify: {why_not}"
+
+
+def _fanotify_unsuitable(opts: MountOptions, kind: str) -> str | None:
+    if kind == "image":
+        return "whole images are not served in fanotify mode yet"
+    if opts.devices:
+        return "multi-device images are not served in fanotify mode"
+    if opts.fuse or opts.nbd:
+        return "FUSE or NBD options were given"
+    from .backends.fanotify import kernel
+    from .backends.fanotify.lifecycle import _cache_root
+
+    try:
+        root = _cache_root(_raw_oci(opts))
+    except UsageError as exc:
+        return str(exc)
+    return kernel.unsupported_reason(root)
+
+
+def _raw_oci(opts: MountOptions) -> dict:
+    raw: dict = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
+    if "limit" in opts.cache:
+        raw["cache_limit"] = opts.cache["limit"]
+    return raw
 
 
 def fuse_options(opts: MountOptions, foreground: bool):
@@ -56,9 +85,15 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
     if kind == "image":
         print(f"erofs-mount: {why}", file=sys.stderr)
     is_oci = kind != "local"
-    mode, reason = choose_mode(opts)
+    mode, reason = choose_mode(opts, kind)
     if opts.mode == "auto":
         print(f"erofs-mount: {mode.upper()} mode ({reason})", file=sys.stderr)
+    if mode == "fanotify":
+        if opts.nbd or opts.fuse or opts.devices:
+            raise UsageError("nbd.*, FUSE options and --device do not apply to fanotify mode")
+        from .backends.fanotify import lifecycle as fan
+
+        return fan.mount(source, kind, mountpoint, _raw_oci(opts), foreground=foreground)
     if mode == "fuse":
         if opts.nbd:
             raise UsageError(f"nbd.* options do not apply to FUSE mode ({', '.join('nbd.' + k for k in opts.nbd)})")
@@ -98,6 +133,11 @@ def _unmount(mountpoint: str) -> int:
         from .backends.fuse.lifecycle import unmount
 
         return unmount(mountpoint)
+    if entry.fstype == "erofs" and not entry.source.startswith("/dev/"):
+        from .backends.fanotify import lifecycle as fan
+
+        if fan.owns(mountpoint):
+            return fan.unmount(mountpoint)
     if entry.fstype == "erofs" and entry.source.startswith("/dev/nbd"):
         from .backends.nbd.lifecycle import unmount
 
@@ -130,13 +170,20 @@ def run(action: str, arg, opts: MountOptions) -> int:
     from .backends.nbd import lifecycle as nbd
 
     if action == "reattach":
+        from .backends.fanotify import lifecycle as fan
+
+        if os.path.isdir(arg) and fan.owns(arg):
+            return fan.reattach(arg)
         return nbd.reattach(arg, nbd_options(opts, False), oci=_reattach_oci(opts))
     if action == "disconnect":
         return nbd.disconnect(arg)
     if action == "status":
         from .backends.fuse.status import status as fuse_status
 
+        from .backends.fanotify.lifecycle import status as fanotify_status
+
         rc = nbd.status()
+        rc = fanotify_status() or rc
         return fuse_status() or rc
     if action == "supervise":
         return nbd.supervise(nbd_options(opts, bool(arg)))

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
-MODES = ("auto", "nbd", "fuse")
+MODES = ("auto", "nbd", "fanotify", "fuse")
 
-FSTYPES = {"erofs": "auto", "erofs.nbd": "nbd", "erofs.fuse": "fuse"}
+FSTYPES = {"erofs": "auto", "erofs.nbd": "nbd", "erofs.fanotify": "fanotify", "erofs.fuse": "fuse"}
 
 # mount(2) flags that make sense for a read-only filesystem (passed on by both modes)
 MOUNT_FLAGS = frozenset({
@@ -90,7 +90,7 @@ def mode_from_fstype(fstype: str) -> str:
     try:
         return FSTYPES[fstype]
     except KeyError:
-        raise UsageError(f"unknown filesystem type '{fstype}' (use erofs, erofs.nbd or erofs.fuse)") from None
+        raise UsageError(f"unknown filesystem type '{fstype}' (use erofs, erofs.nbd, erofs.fanotify or erofs.fuse)") from None
 
 
 def split_options(text: str) -> list[str]:
@@ -105,7 +105,7 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
         chosen = mode_from_fstype(fstype)
     if mode:
         if mode not in MODES:
-            raise UsageError(f"unknown mode '{mode}' (use auto, nbd or fuse)")
+            raise UsageError(f"unknown mode '{mode}' (use auto, nbd, fanotify or fuse)")
         if fstype and chosen != "auto" and chosen != mode:
             raise UsageError(f"-t {fstype} conflicts with --mode {mode}")
         chosen = mode

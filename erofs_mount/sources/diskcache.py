@@ -71,7 +71,9 @@ class DiskCache:
         self.written = 0
 
     @classmethod
-    def open(cls, root: str, digest: str, size: int) -> "DiskCache":
+    def open(cls, root: str, digest: str, size: int, *, data_fd: int | None = None) -> "DiskCache":
+        """``data_fd``: an fd of the entry's data file to use (a dup is taken) instead of opening it
+        (fanotify mode: an fd opened before the file was marked, whose I/O raises no events)."""
         path = _entry_dir(root, digest)
         os.makedirs(path, mode=0o700, exist_ok=True)
         nblocks = (size + BLOCK - 1) // BLOCK
@@ -93,7 +95,10 @@ class DiskCache:
                     fcntl.lockf(map_fd, fcntl.LOCK_UN)
                 flags = 0
             bitmap = bytearray(os.pread(map_fd, nbytes, _HEADER.size).ljust(nbytes, b"\0"))
-            data_fd = os.open(os.path.join(path, "data"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if data_fd is not None:
+                data_fd = os.dup(data_fd)
+            else:
+                data_fd = os.open(os.path.join(path, "data"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(data_fd).st_size != size:
                 os.ftruncate(data_fd, size)
             os.utime(os.path.join(path, "map"))  # LRU order for eviction
@@ -126,6 +131,10 @@ class DiskCache:
         new = bytes(a | b for a, b in zip(old, fresh))
         self._present += sum(bin(b).count("1") for b in new) - sum(bin(b).count("1") for b in old)
         self._bits[lo:lo + len(new)] = new
+
+    @property
+    def present_bytes(self) -> int:
+        return min(self.size, self._present * BLOCK)
 
     @property
     def complete(self) -> bool:

@@ -38,7 +38,7 @@ def test_auto_mode_mounts_and_unmounts(mnt):
     assert r.returncode == 0, r.stderr
     err = r.stderr.decode()
     if os.geteuid() == 0:
-        assert "FUSE mode (" in err or "NBD mode (" in err
+        assert "FUSE mode (" in err or "NBD mode (" in err or "FANOTIFY mode (" in err
     assert mounted(mnt)
     cat = run_cli("cat", DEMO, "/docs/lorem.txt").stdout
     with open(os.path.join(mnt, "docs", "lorem.txt"), "rb") as f:

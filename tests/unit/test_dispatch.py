@@ -12,6 +12,40 @@ def test_auto_picks_fuse_for_non_root(monkeypatch):
     assert dispatch.choose_mode(parse_options([])) == ("fuse", "not running as root")
 
 
+def _no_nbd(monkeypatch, fanotify_reason):
+    from erofs_mount.backends.fanotify import kernel
+    from erofs_mount.backends.nbd import netlink
+
+    monkeypatch.setattr(dispatch.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netlink, "family_available", lambda: False)
+    monkeypatch.setattr(kernel, "unsupported_reason", lambda root: fanotify_reason)
+
+
+def test_auto_without_nbd_picks_fanotify_when_the_probe_says_so(monkeypatch):
+    _no_nbd(monkeypatch, None)
+    mode, why = dispatch.choose_mode(parse_options([]))
+    assert mode == "fanotify" and "no nbd" in why
+    _no_nbd(monkeypatch, "no fanotify pre-content events in this kernel (Linux 6.14+): EINVAL")
+    mode, why = dispatch.choose_mode(parse_options([]))
+    assert mode == "fuse" and "not fanotify: no fanotify pre-content events" in why
+
+
+def test_auto_sends_what_fanotify_mode_cannot_serve_to_fuse(monkeypatch):
+    _no_nbd(monkeypatch, None)
+    assert dispatch.choose_mode(parse_options([]), "image") == (
+        "fuse", "no nbd netlink family in this kernel (modprobe nbd for NBD mode); not fanotify: "
+                "whole images are not served in fanotify mode yet")
+    assert dispatch.choose_mode(parse_options([], devices=("/x",)))[0] == "fuse"
+    assert dispatch.choose_mode(parse_options(["oci.layer=0,oci.cache=none"]), "layer")[0] == "fuse"
+
+
+def test_fanotify_mode_words():
+    assert parse_options([], fstype="erofs.fanotify").mode == "fanotify"
+    assert dispatch.choose_mode(parse_options([], mode="fanotify")) == ("fanotify", "--mode fanotify")
+    with pytest.raises(UsageError, match="do not apply to fanotify"):
+        dispatch.run("mount", ("x", "/", False), parse_options(["nbd.index=1"], mode="fanotify"))
+
+
 def test_explicit_mode_wins():
     assert dispatch.choose_mode(parse_options([], fstype="erofs.nbd"))[0] == "nbd"
     assert dispatch.choose_mode(parse_options([], mode="fuse"))[0] == "fuse"

@@ -1,0 +1,240 @@
+"""The fanotify-mode daemon (trio): open the source, make the metadata local, start the holder and
+the guard, mount, then fill what the holder asks for until the mount goes.
+
+    mount_main(spec, mountpoint, ready)      a new mount
+    reattach_main(record, ready)             a new daemon for a live mount whose daemon died
+
+The sparse file is the source's entry in the persistent blob cache (sources/diskcache.py): an
+EROFS blob's own digest entry (shared with FUSE and NBD mounts of the same blob), or a derived key
+for a tar layer's index+tar image and for a local file.  What the kernel reads without raising an
+event (erofs/metaranges.py) is fetched before mount(2); everything else on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import trio
+
+from ...erofs.metaranges import coalesce, metadata_ranges
+from ...errors import ErofsMountError, UsageError
+from . import kernel, link, record
+from .filler import Filler
+
+log = logging.getLogger("erofs_mount.fanotify")
+PREFETCH_GAP = 64 << 10          # metadata ranges closer than this are fetched as one
+PUBLISH_INTERVAL = 2.0
+
+
+def _local_key(path: str) -> str:
+    st = os.stat(path)
+    ident = f"erofs-mount fanotify local 1\0{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    return "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
+
+
+async def open_source(spec: dict):
+    """(source, cache key) for a record's source description."""
+    from ...sources.tarlayer import local_kind
+
+    if spec["kind"] == "local":
+        path = spec["source"]
+        if not os.path.exists(path):
+            raise ErofsMountError(f"{path}: no such file", errno=2)
+        tar = local_kind(path)
+        if tar is not None:
+            from ...sources.tarlayer.openlayer import open_local_layer
+
+            return await open_local_layer(path, tar), _local_key(path)
+        from ...sources.local import LocalSource
+
+        return LocalSource.open(path), _local_key(path)
+    from ...sources.oci.blob import open_oci_source
+    from ...sources.oci.options import OciOptions
+
+    options = OciOptions.from_mount_options(spec["oci"])
+    src = await open_oci_source(spec["source"], options=options)
+    digest = src.digest
+    if not hasattr(src, "attach_disk_cache"):   # a tar layer's index+tar, or a +zstd layer decoded
+        digest = "sha256:" + hashlib.sha256(f"erofs-mount fanotify derived 1\0{digest}".encode()).hexdigest()
+    return src, digest
+
+
+def _spawn(module: str, args: list[str], log_fd: int) -> subprocess.Popen:
+    """The holder or the guard: its own session (a signal to the daemon's group does not reach it),
+    stderr to the daemon's log; returns once it printed "ready"."""
+    proc = subprocess.Popen([sys.executable, "-m", f"erofs_mount.backends.fanotify.{module}", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+                            start_new_session=True, close_fds=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    line = proc.stdout.readline().decode(errors="replace").strip()
+    proc.stdout.close()
+    if line != "ready":
+        proc.wait(10)
+        raise ErofsMountError(f"fanotify {module}: {line.removeprefix('error ') or 'exited before it was ready'}",
+                              errno=5)
+    return proc
+
+
+def _connect(sock_path: str) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(30)
+    s.connect(sock_path)
+    _msg, fds, _flags, _addr = socket.recv_fds(s, 1, 1)
+    if not fds:
+        raise ErofsMountError("fanotify holder: no file descriptor received", errno=71)
+    s.settimeout(None)
+    return s, fds[0]
+
+
+async def _serve_link(sock: socket.socket, filler: Filler, counts: dict) -> None:
+    """FILL in, DONE out, each FILL in its own task (concurrent fills of one window coalesce)."""
+    tsock = trio.socket.from_stdlib_socket(sock)
+    stream = trio.SocketStream(tsock)
+    send_lock = trio.Lock()
+    decoder = link.Decoder()
+
+    async def handle(req: link.Fill) -> None:
+        err = 0
+        try:
+            await filler.ensure(req.offset, req.offset + req.count)
+        except Exception as exc:  # noqa: BLE001 - the reader gets EIO, the log one line
+            log.error("fill %d+%d: %s", req.offset, req.count, exc)
+            counts["denied"] += 1
+            err = 5
+        counts["answered"] += 1
+        async with send_lock:
+            await stream.send_all(link.done(req.id, err))
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            data = await stream.receive_some(64 * 1024)
+            if not data:
+                raise ErofsMountError("the fanotify holder closed the link", errno=5)
+            for req in decoder.feed(data):
+                if isinstance(req, link.Fill):
+                    counts["requests"] += 1
+                    nursery.start_soon(handle, req)
+
+
+async def _watch(mountpoint: str, data: str, filler: Filler, doc: dict, counts: dict, store) -> None:
+    """Publish the figures; return when the mount is gone."""
+    while True:
+        doc["stats"] = {**filler.stats, **counts, "size": filler.size,
+                        "bytes_local": store.present_bytes, "source": filler.source.stats()}
+        record.write(doc)
+        if not record.mounted(mountpoint, data):
+            log.info("%s is no longer mounted", mountpoint)
+            return
+        await trio.sleep(PUBLISH_INTERVAL)
+
+
+async def _prefetch(source, filler: Filler) -> int:
+    from ...erofs.image import Image
+    from ...sources.bridge import SyncReadAt
+
+    token = trio.lowlevel.current_trio_token()
+
+    def find():
+        img = Image(SyncReadAt(source, token).read_at, size=source.size)
+        return metadata_ranges(img, align=max(4096, img.block_size))
+    ranges = coalesce(await trio.to_thread.run_sync(find), PREFETCH_GAP)
+    limit = trio.CapacityLimiter(8)
+
+    async def one(off, length):
+        async with limit:
+            await filler.ensure(off, off + length)
+    async with trio.open_nursery() as nursery:
+        for off, length in ranges:
+            nursery.start_soon(one, off, length)
+    return sum(n for _o, n in ranges)
+
+
+async def _run(doc: dict, source, store, sock, ready, *, mount: bool) -> None:
+    mountpoint, data = doc["mountpoint"], doc["data"]
+    filler = Filler(source, store, window=doc["window"])
+    counts = {"requests": 0, "answered": 0, "denied": 0}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(filler.run)
+        if sock is not None:
+            nursery.start_soon(_serve_link, sock, filler, counts)
+        if mount:
+            await trio.to_thread.run_sync(kernel.mount_file, data, mountpoint)
+        doc["pids"]["daemon"] = os.getpid()
+        record.write(doc)
+        ready.ok()
+        log.info("serving %s at %s (%s)", doc["source"], mountpoint, "holder link" if sock else "complete: no events")
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async def on_signal():
+                async for _ in signals:
+                    log.info("signal: exiting")
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(on_signal)
+            await _watch(mountpoint, data, filler, doc, counts, store)
+            nursery.cancel_scope.cancel()
+
+
+def _log_fd() -> int:
+    return sys.stderr.fileno()
+
+
+async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
+    from ...sources.diskcache import DiskCache
+
+    source, key = await open_source(spec)
+    procs: list[subprocess.Popen] = []
+    try:
+        root = spec["cache_root"]
+        store = await trio.to_thread.run_sync(lambda: DiskCache.open(root, key, source.size))
+        data = os.path.join(store.path, "data")
+        doc = record.new(spec, mountpoint, data, key, source.size, window)
+        t0 = time.monotonic()
+        pre = Filler(source, store, window=window, readahead=0)
+        nbytes = await _prefetch(source, pre)
+        log.info("metadata made local: %d bytes in %d fetches, %.2f s", nbytes, pre.stats["fetches"],
+                 time.monotonic() - t0)
+        sock = None
+        if not store.complete:
+            procs.append(await trio.to_thread.run_sync(
+                _spawn, "holder", [data, doc["socket"], doc["lock"], mountpoint], _log_fd()))
+            procs.append(await trio.to_thread.run_sync(_spawn, "guard", [data, doc["lock"], mountpoint], _log_fd()))
+            doc["pids"].update(holder=procs[0].pid, guard=procs[1].pid)
+            sock, received = await trio.to_thread.run_sync(_connect, doc["socket"])
+            os.close(received)        # this daemon's own fd was opened before the mark already
+        await _run(doc, source, store, sock, ready, mount=True)
+    except BaseException:
+        if ready.reported is None:
+            for p in procs:
+                p.terminate()
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+    record.remove(mountpoint)
+    return 0
+
+
+async def reattach_main(doc: dict, ready) -> int:
+    from ...sources.diskcache import DiskCache
+
+    if not doc.get("pids", {}).get("holder"):
+        raise UsageError(f"{doc['mountpoint']}: its image was complete when mounted: nothing to reattach")
+    sock, wfd = _connect(doc["socket"])
+    source, key = await open_source(doc["spec"])
+    try:
+        store = await trio.to_thread.run_sync(lambda: DiskCache.open(doc["spec"]["cache_root"], key, source.size,
+                                                                     data_fd=wfd))
+        os.close(wfd)
+        doc["daemons"] = doc.get("daemons", 1) + 1
+        await _run(doc, source, store, sock, ready, mount=False)
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+    record.remove(doc["mountpoint"])
+    return 0

@@ -1,0 +1,106 @@
+"""Making ranges of the sparse file local (trio): the daemon's half of fanotify mode.
+
+    filler = Filler(source, store, window=...)
+    await filler.ensure(start, end)      # every block of [start, end) is in the file when it returns
+
+The file is divided into aligned windows (a fetch unit: fewer, larger ranged reads).  A missing
+window is read from the source once — concurrent requests for it wait on the same fetch — and
+written through ``store`` (sources/diskcache.py DiskCache: pwrite + fdatasync, then its bitmap), in
+a worker thread.  Two windows in a row start a read-ahead of the next ``readahead`` windows in the
+background.  A failed fetch fails every waiter (the holder then denies with EIO); nothing is
+written that did not come whole from the source.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import trio
+
+log = logging.getLogger("erofs_mount.fanotify")
+
+
+class _Fetch:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class Filler:
+    def __init__(self, source, store, *, window: int = 1 << 20, readahead: int = 4) -> None:
+        if window % 4096:
+            raise ValueError("window must be a multiple of 4096")
+        self.source, self.store = source, store
+        self.size = source.size
+        self.window = window
+        self.readahead = readahead
+        self._inflight: dict[int, _Fetch] = {}
+        self._recent: deque[int] = deque(maxlen=8)
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"fills": 0, "fetches": 0, "bytes_fetched": 0, "bytes_written": 0, "fetch_errors": 0,
+                      "readahead_windows": 0}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Host the background read-ahead (start it in the daemon's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _span(self, w: int) -> tuple[int, int]:
+        start = w * self.window
+        return start, min(start + self.window, self.size)
+
+    def local(self, start: int, end: int) -> bool:
+        return start >= end or self.store.has(start, end)
+
+    async def ensure(self, start: int, end: int) -> None:
+        end = min(end, self.size)
+        if start >= end:
+            return
+        self.stats["fills"] += 1
+        first, last = start // self.window, (end - 1) // self.window
+        async with trio.open_nursery() as nursery:
+            for w in range(first, last + 1):
+                nursery.start_soon(self._window, w)
+        if self.readahead and self._nursery is not None and first - 1 in self._recent:
+            for w in range(last + 1, min(last + 1 + self.readahead, (self.size - 1) // self.window + 1)):
+                if w not in self._inflight and not self.local(*self._span(w)):
+                    self.stats["readahead_windows"] += 1
+                    self._nursery.start_soon(self._background, w)
+        self._recent.append(last)
+
+    async def _background(self, w: int) -> None:
+        try:
+            await self._window(w)
+        except Exception as exc:  # noqa: BLE001 - a read-ahead failure is only logged; a reader asks again
+            log.warning("read-ahead of window %d: %s", w, exc)
+
+    async def _window(self, w: int) -> None:
+        start, end = self._span(w)
+        fetch = self._inflight.get(w)
+        if fetch is not None:
+            await fetch.done.wait()
+            if fetch.error is not None:
+                raise fetch.error
+            return
+        fetch = self._inflight[w] = _Fetch()     # before any await: one fetch per window
+        try:
+            if await trio.to_thread.run_sync(self.local, start, end):
+                return
+            data = await self.source.read_at(start, end - start)
+            if len(data) != end - start:
+                raise EOFError(f"short read from the source at {start}: {len(data)} of {end - start} bytes")
+            self.stats["fetches"] += 1
+            self.stats["bytes_fetched"] += len(data)
+            self.stats["bytes_written"] += await trio.to_thread.run_sync(self.store.write, start, data)
+        except BaseException as exc:
+            fetch.error = exc
+            self.stats["fetch_errors"] += isinstance(exc, Exception)
+            raise
+        finally:
+            del self._inflight[w]
+            fetch.done.set()

@@ -1,0 +1,125 @@
+"""The guard of fanotify mode: the fallback deny when the holder (and with it the pre-content group)
+is gone, so that a hole is never read as zeros.
+
+A second group, of class FAN_CLASS_CONTENT, with a FAN_ACCESS_PERM mark on the sparse file.  For
+a read of the backing file the kernel asks the pre-content groups first (FAN_PRE_ACCESS: the
+holder, which waits for the data) and the content groups after (``fsnotify_file_area_perm``).
+FAN_ACCESS_PERM events carry no range, so the guard decides per read:
+
+    the holder is alive (its POSIX lock on ``lock`` is held)   -> allow (the holder made it local)
+    the holder is gone and the file has no hole                 -> allow
+    the holder is gone and the file still has holes             -> deny (the reader gets EIO)
+
+Why the lock and not the holder's pid: a dying process drops its POSIX locks while closing its
+files (``filp_flush`` -> ``locks_remove_posix``), while the group is released later, from the
+deferred ``__fput`` of its last file; the accesses that the release lets through therefore find the
+lock gone.  The guard removes its mark once the file has no hole, and exits with the mount.
+
+    python -m erofs_mount.backends.fanotify.guard DATA LOCK MOUNTPOINT
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+
+from . import kernel, record, wire
+from .holder import MOUNT_WAIT
+
+log = logging.getLogger("erofs_mount.fanotify.guard")
+
+
+class Guard:
+    def __init__(self, data: str, lock_path: str, mountpoint: str) -> None:
+        self.data, self.mountpoint = data, mountpoint
+        self.group = kernel.guard_group()
+        kernel.mark(self.group, data, wire.FAN_ACCESS_PERM)
+        self.marked = True
+        self.fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)     # lseek only: raises no events
+        self.size = os.fstat(self.fd).st_size
+        self.lock = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        self.stop = False
+        self.denied = 0
+
+    def holder_alive(self) -> bool:
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.lockf(self.lock, fcntl.LOCK_UN)
+        return False
+
+    def complete(self) -> bool:
+        return kernel.first_hole(self.fd, 0, self.size) >= self.size
+
+    def on_group(self) -> None:
+        try:
+            buf = os.read(self.group, 64 * 1024)
+        except BlockingIOError:
+            return
+        try:
+            events = wire.parse_events(buf)
+        except Exception as exc:  # noqa: BLE001
+            log.error("%s", exc)
+            events = getattr(exc, "events", [])
+        verdict = None
+        for ev in events:
+            if ev.fd < 0:
+                continue
+            if ev.needs_response:
+                if verdict is None:
+                    verdict = self.holder_alive() or self.complete()
+                os.write(self.group, wire.allow(ev.fd) if verdict else wire.deny(ev.fd))
+                if not verdict:
+                    self.denied += 1
+                    if self.denied in (1, 10, 100) or self.denied % 1000 == 0:
+                        log.error("the holder is gone and %s has holes: read denied (%d so far)",
+                                  self.data, self.denied)
+            os.close(ev.fd)
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.group, selectors.EVENT_READ)
+        seen, started, last = False, time.monotonic(), 0.0
+        while not self.stop:
+            if sel.select(timeout=1.0):
+                self.on_group()
+            now = time.monotonic()
+            if now - last >= 1.0:
+                last = now
+                mounted = record.mounted(self.mountpoint, self.data)
+                if (seen and not mounted) or (not seen and now - started > MOUNT_WAIT):
+                    break
+                seen = seen or mounted
+                if self.marked and self.complete():
+                    kernel.mark(self.group, self.data, wire.FAN_ACCESS_PERM, remove=True)
+                    self.marked = False
+        os.close(self.group)
+        log.info("guard exits (%d reads denied)", self.denied)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s guard[%(process)d] %(levelname)s %(message)s")
+    data, lock_path, mountpoint = argv
+    try:
+        guard = Guard(data, lock_path, mountpoint)
+    except Exception as exc:  # noqa: BLE001
+        print(f"error {exc}", flush=True)
+        return 1
+
+    def on_term(_sig, _frame):
+        guard.stop = True
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    print("ready", flush=True)
+    guard.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,215 @@
+"""The holder of fanotify mode: the process that owns the pre-content group, so that a daemon may
+die and be replaced without a reader seeing zeros or an error.
+
+When a fanotify group's last fd closes the kernel ALLOWS every pending access and drops the marks
+(fs/notify/fanotify/fanotify_user.c fanotify_release): holes then read as zeros.  Linux 6.18 has no
+way to hand pending permission events to a new reader.  So the group lives here, in a small
+synchronous process that does no network I/O and parses nothing but the kernel's events:
+
+    * it opens the sparse file O_RDWR BEFORE marking it (I/O through an fd opened before the mark
+      raises no events) and hands that fd to each daemon (SCM_RIGHTS) for its writes;
+    * it reads the events; a range already local (no hole: lseek SEEK_HOLE) or past the end, and a
+      truncate (count 0), is allowed at once; any other range is remembered and sent to the daemon
+      (link.py FILL); the daemon's DONE makes it answer the kernel (allow, or deny with EIO);
+    * a daemon that dies leaves its FILLs pending here: the readers wait; the next daemon
+      (``erofs-mount --reattach MNT``) connects and gets them all again;
+    * a POSIX lock on ``lock`` says it is alive (guard.py: the lock goes when this process's files
+      are closed, before the group is released);
+    * once the file has no hole it removes its mark (reads no longer wait for anybody), and it exits
+      when the mount is gone, or on SIGTERM after denying (EIO) whatever is still pending.
+
+    python -m erofs_mount.backends.fanotify.holder DATA SOCKET LOCK MOUNTPOINT
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from . import kernel, link, record, wire
+
+log = logging.getLogger("erofs_mount.fanotify.holder")
+MOUNT_WAIT = 300.0      # give up when the mount never appears
+
+
+class Holder:
+    def __init__(self, data: str, sock_path: str, lock_path: str, mountpoint: str) -> None:
+        self.data, self.mountpoint = data, mountpoint
+        self.wfd = os.open(data, os.O_RDWR | os.O_CLOEXEC)          # before the mark: no events
+        self.size = os.fstat(self.wfd).st_size
+        self.lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.group = kernel.pre_content_group()
+        kernel.mark(self.group, data, wire.FAN_PRE_ACCESS)
+        self.marked = True
+        if os.path.exists(sock_path):
+            os.unlink(sock_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        self.listener.listen(2)
+        self.conn: socket.socket | None = None
+        self.decoder = link.Decoder()
+        self.pending: dict[int, tuple[int, int]] = {}     # event fd -> (offset, count)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.group, selectors.EVENT_READ, "group")
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.stop = False
+        self.counts = {"events": 0, "allowed_local": 0, "forwarded": 0, "denied": 0, "daemons": 0}
+
+    # -- the kernel's side ------------------------------------------------------------------
+    def _answer(self, fd: int, err: int) -> None:
+        try:
+            os.write(self.group, wire.deny(fd, err) if err else wire.allow(fd))
+        except OSError as exc:
+            log.error("answering event %d: %s", fd, exc)
+        if err:
+            self.counts["denied"] += 1
+        os.close(fd)
+
+    def _local(self, offset: int, count: int) -> bool:
+        end = min(offset + count, self.size)
+        return offset >= end or kernel.first_hole(self.wfd, offset, end) >= end
+
+    def on_group(self) -> None:
+        try:
+            buf = os.read(self.group, 64 * 1024)
+        except BlockingIOError:
+            return
+        try:
+            events = wire.parse_events(buf)
+        except Exception as exc:  # noqa: BLE001 - answer what was parsed, never leave a reader hanging
+            log.error("%s", exc)
+            events = getattr(exc, "events", [])
+        for ev in events:
+            if ev.is_overflow:
+                log.error("fanotify queue overflow (the kernel allowed an access unasked)")
+                continue
+            if ev.pidfd is not None and ev.pidfd >= 0:
+                os.close(ev.pidfd)
+            if not ev.needs_response:
+                if ev.fd >= 0:
+                    os.close(ev.fd)
+                continue
+            self.counts["events"] += 1
+            if not ev.has_range or ev.count == 0 or self._local(ev.offset, ev.count):
+                self.counts["allowed_local"] += 1
+                self._answer(ev.fd, 0)
+                continue
+            self.pending[ev.fd] = (ev.offset, ev.count)
+            self.counts["forwarded"] += 1
+            self._send(link.fill(ev.fd, ev.offset, ev.count))
+
+    # -- the daemon's side ------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        if self.conn is None:
+            return               # kept in pending: the next daemon gets it
+        try:
+            self.conn.sendall(data)
+        except OSError as exc:
+            log.error("daemon link: %s", exc)
+            self._drop_daemon()
+
+    def _drop_daemon(self) -> None:
+        if self.conn is not None:
+            self.sel.unregister(self.conn)
+            self.conn.close()
+            self.conn = None
+            self.decoder = link.Decoder()
+            log.warning("the daemon is gone; %d fill(s) wait for the next one", len(self.pending))
+
+    def on_listen(self) -> None:
+        conn, _ = self.listener.accept()
+        if self.conn is not None:
+            log.warning("a second daemon connected while one is attached: refused")
+            conn.close()
+            return
+        conn.setblocking(True)
+        socket.send_fds(conn, [b"F"], [self.wfd])
+        self.conn = conn
+        self.counts["daemons"] += 1
+        self.sel.register(conn, selectors.EVENT_READ, "conn")
+        log.info("daemon attached; %d pending fill(s) sent again", len(self.pending))
+        for fd, (offset, count) in list(self.pending.items()):
+            self._send(link.fill(fd, offset, count))
+
+    def on_conn(self) -> None:
+        try:
+            data = self.conn.recv(64 * 1024)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_daemon()
+            return
+        try:
+            records = self.decoder.feed(data)
+        except Exception as exc:  # noqa: BLE001
+            log.error("%s", exc)
+            self._drop_daemon()
+            return
+        for r in records:
+            if isinstance(r, link.Done) and r.id in self.pending:
+                del self.pending[r.id]
+                err = r.errno if r.errno in wire.DENY_ERRNOS else (_errno.EIO if r.errno else 0)
+                self._answer(r.id, err)
+
+    def _maybe_unmark(self) -> None:
+        if self.marked and not self.pending and kernel.first_hole(self.wfd, 0, self.size) >= self.size:
+            kernel.mark(self.group, self.data, wire.FAN_PRE_ACCESS, remove=True)
+            self.marked = False
+            log.info("%s has no hole left: mark removed", self.data)
+
+    def run(self) -> None:
+        seen, started, last = False, time.monotonic(), 0.0
+        while not self.stop:
+            for key, _ in self.sel.select(timeout=1.0):
+                getattr(self, "on_" + key.data)()
+            now = time.monotonic()
+            if now - last >= 1.0:
+                last = now
+                mounted = record.mounted(self.mountpoint, self.data)
+                if seen and not mounted:
+                    log.info("%s is no longer mounted", self.mountpoint)
+                    break
+                seen = seen or mounted
+                if not seen and now - started > MOUNT_WAIT:
+                    log.error("%s was never mounted", self.mountpoint)
+                    break
+                self._maybe_unmark()
+        self.close()
+
+    def close(self) -> None:
+        for fd in list(self.pending):
+            self._answer(fd, _errno.EIO)       # never let the group's release allow them: zeros
+        self.pending.clear()
+        os.close(self.group)
+        log.info("holder exits: %s", self.counts)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s holder[%(process)d] %(levelname)s %(message)s")
+    data, sock_path, lock_path, mountpoint = argv
+    try:
+        holder = Holder(data, sock_path, lock_path, mountpoint)
+    except Exception as exc:  # noqa: BLE001 - one line to the parent, which reports it
+        print(f"error {exc}", flush=True)
+        return 1
+
+    def on_term(_sig, _frame):
+        holder.stop = True
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    print("ready", flush=True)
+    holder.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
