@@ -128,3 +128,22 @@ def test_gz_image_file_is_not_an_image(fan, tmp_path):
     res, _mnt = fan.mount(str(bad))
     assert res.returncode != 0
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_not_root_is_one_line(tmp_path):
+    """fanotify permission events need CAP_SYS_ADMIN: an unprivileged user gets one line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fanotify.conftest import REPO
+
+    img = corpuslib.image("lz4").path
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    os.chmod(tmp_path, 0o755)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "erofs_mount", "--mode", "fanotify", str(img), str(mnt)], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/nonexistent"}, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "needs root" in r.stderr, r.stderr

@@ -6,21 +6,18 @@ the three changes."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import subprocess
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from tests.conftest import run_cli
 from tests.fuse.conftest import FuseMounts, fuse_unavailable_reason
-from tests.oci._faultproxy import FaultProxy
+from tests.oci._faultproxy import ProxyThread
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
@@ -79,31 +76,6 @@ def _small(entries: dict[str, bytes | None]) -> bytes:
     return _tar_gz(add)
 
 
-class _ProxyThread:
-    """The fault proxy (20 ms per request, all requests logged) in a thread of its own."""
-
-    def __init__(self, upstream_port: int, delay: float) -> None:
-        self.proxy = FaultProxy("127.0.0.1", upstream_port, delay=delay, match=lambda m, t: True)
-        self._started = threading.Event()
-        self._cancel: trio.CancelScope | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self._thread.start()
-        assert self._started.wait(30), "the proxy did not start"
-
-    async def _main(self) -> None:
-        with trio.CancelScope() as scope:
-            self._cancel, self._token = scope, trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as n:
-                await n.start(self.proxy.serve)
-                self._started.set()
-
-    def stop(self) -> None:
-        if self._cancel is not None:
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
-        self._thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     if REGISTRY_BIN is None:
@@ -132,7 +104,7 @@ def image(tmp_path_factory):
         p.image("real/app", "v1", [(TAR_GZ, data) for data in layers])
     finally:
         p.close()
-    proxy = _ProxyThread(reg.port, 0.02)
+    proxy = ProxyThread(reg.port, 0.02)
     try:
         yield {"ref": f"{proxy.proxy.host}/real/app:v1", "proxy": proxy.proxy, "modified": modified,
                "deleted": deleted, "opaque": opaque, "base_bytes": len(base), "n": len(layers)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -215,6 +216,32 @@ async def _next(conn: h11.Connection, stream: trio.SocketStream):
 
 def _rst(stream: trio.SocketStream) -> None:
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class ProxyThread:
+    """The fault proxy (20 ms per request, all requests logged) in a thread of its own
+    (for tests that run the CLI in another process)."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.proxy = FaultProxy("127.0.0.1", upstream_port, delay=delay, match=lambda m, t: True)
+        self._started = threading.Event()
+        self._cancel: trio.CancelScope | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._started.wait(30), "the proxy did not start"
+
+    async def _main(self) -> None:
+        with trio.CancelScope() as scope:
+            self._cancel, self._token = scope, trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as n:
+                await n.start(self.proxy.serve)
+                self._started.set()
+
+    def stop(self) -> None:
+        if self._cancel is not None:
+            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
+        self._thread.join(10)
 
 
 def main(argv: list[str] | None = None) -> None:

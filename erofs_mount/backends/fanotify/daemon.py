@@ -185,13 +185,16 @@ def _log_fd() -> int:
 
 
 async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
-    from ...sources.diskcache import DiskCache
+    from ...sources.diskcache import DiskCache, enforce_limit
+    from ...sources.oci.options import OciOptions
 
     source, key = await open_source(spec)
     procs: list[subprocess.Popen] = []
     try:
         root = spec["cache_root"]
         store = await trio.to_thread.run_sync(lambda: DiskCache.open(root, key, source.size))
+        limit = OciOptions.from_mount_options({k: v for k, v in spec["oci"].items() if k == "cache_limit"}).cache_limit
+        await trio.to_thread.run_sync(lambda: enforce_limit(root, limit, keep=store.path))  # in-use entries stay
         data = os.path.join(store.path, "data")
         doc = record.new(spec, mountpoint, data, key, source.size, window)
         t0 = time.monotonic()

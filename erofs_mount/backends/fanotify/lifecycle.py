@@ -40,6 +40,9 @@ def _cache_root(oci: dict) -> str:
 
 def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *, foreground: bool = False) -> int:
     """``kind``: "local" | "layer" (opener.classify); ``oci``: the raw ``oci.*`` options."""
+    if os.geteuid() != 0:
+        raise ErofsMountError("fanotify mode needs root (fanotify permission events need CAP_SYS_ADMIN); "
+                              "use --mode fuse", errno=_errno.EPERM)
     if kind == "image":
         raise UsageError("whole images are not served in fanotify mode yet: name a layer with "
                          "-o oci.layer=N, or use --mode fuse or --mode nbd")
