@@ -65,7 +65,8 @@ def mount_parser() -> argparse.ArgumentParser:
                    help="attach a new daemon to a live NBD device or fanotify mount")
     p.add_argument("--disconnect", metavar="DEV", help="force-disconnect an NBD device")
     p.add_argument("--supervise", action="store_true",
-                   help="start a supervisor that reattaches NBD devices whose daemon died (NBD_CMD_LINK_DEAD)")
+                   help="start a supervisor that reattaches NBD devices (NBD_CMD_LINK_DEAD) "
+                        "and fanotify mounts whose daemon died")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached (don't detach the daemon)")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("args", nargs="*", metavar="SOURCE MNT")

@@ -186,5 +186,28 @@ def run(action: str, arg, opts: MountOptions) -> int:
         rc = fanotify_status() or rc
         return fuse_status() or rc
     if action == "supervise":
-        return nbd.supervise(nbd_options(opts, bool(arg)))
+        return _supervise(nbd_options(opts, bool(arg)))
     raise UsageError(f"unknown action {action}")
+
+
+def _supervise(no) -> int:
+    """The supervisor: NBD devices (on NBD_CMD_LINK_DEAD, when the kernel has NBD) and fanotify
+    mounts (polled) whose daemon died get a new one."""
+    from .backends.fanotify.supervise import supervise as fanotify_loop
+    from .backends.nbd import netlink
+    from .daemon import log_path, run_detached
+
+    nbd_present = netlink.family_available()
+
+    def worker(ready):
+        import threading
+
+        ready.ok()
+        if not nbd_present:
+            return fanotify_loop()
+        from .backends.nbd.supervise import supervise as nbd_loop
+
+        threading.Thread(target=fanotify_loop, daemon=True, name="fanotify-supervise").start()
+        return nbd_loop(no)
+
+    return run_detached(worker, log_file=no.log_file or log_path("supervise"), foreground=no.foreground)

@@ -17,8 +17,12 @@ from erofs_mount.backends.fanotify import kernel, record
 REPO = Path(__file__).resolve().parents[2]
 
 
+def cli_argv() -> list[str]:
+    return [sys.executable, "-m", "erofs_mount"]
+
+
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "erofs_mount", *args], capture_output=True, text=True,
+    return subprocess.run([*cli_argv(), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 

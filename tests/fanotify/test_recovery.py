@@ -23,7 +23,7 @@ import pytest
 from erofs_mount.backends.fanotify import record
 from tests.kernel.helpers import Readers, drop_caches, wait_until
 
-from .conftest import cli
+from .conftest import REPO, cli, cli_argv
 
 try:
     from tests.oci._faultproxy import Fault, ProxyThread
@@ -158,4 +158,29 @@ def test_registry_gone_gives_eio_after_bounded_retries(fan, big):
     # and once the registry is back the same read succeeds with the right bytes
     rel, sha = big["files"][-1]
     assert hashlib.sha256(Path(mnt + rel).read_bytes()).hexdigest() == sha
+    assert fan.unmount(mnt).returncode == 0
+
+
+def test_the_supervisor_reattaches_by_itself(fan, big, tmp_path):
+    """``erofs-mount --supervise`` (here in the foreground) gives a mount whose daemon died a new one."""
+    res, mnt = fan.mount(big["ref"], "oci.layer=0", "oci.insecure")
+    assert res.returncode == 0, res.stderr
+    sup = subprocess.Popen([*cli_argv(), "--supervise", "-f"], stdout=subprocess.DEVNULL, cwd=REPO,
+                           stderr=open(tmp_path / "supervise.log", "w"), env={**os.environ, **fan.env})
+    readers = Readers(Path(mnt), big["files"], tmp_path, n=4, max_seconds=300)
+    try:
+        for i in range(3):
+            time.sleep(0.5)
+            old = _pids(fan, mnt)["daemon"]
+            _kill(old)
+            wait_until(lambda: record.alive(fan.doc(mnt)["pids"].get("daemon"))
+                       and fan.doc(mnt)["pids"]["daemon"] != old, 30, "the supervisor's reattach")
+    finally:
+        results = readers.finish(timeout=300)
+        sup.kill()
+        sup.wait(10)
+    for r in results:
+        assert r["errors"] == [] and r["bad"] == [], r
+    assert fan.doc(mnt)["daemons"] == 4
+    assert "reattached automatically" in (tmp_path / "supervise.log").read_text()
     assert fan.unmount(mnt).returncode == 0
