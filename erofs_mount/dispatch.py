@@ -37,8 +37,6 @@ def choose_mode(opts: MountOptions, kind: str = "local") -> tuple[str, str]:
 
 
 def _fanotify_unsuitable(opts: MountOptions, kind: str) -> str | None:
-    if kind == "image":
-        return "whole images are not served in fanotify mode yet"
     if opts.devices:
         return "multi-device images are not served in fanotify mode"
     if opts.fuse or opts.nbd:
@@ -64,6 +62,12 @@ def fuse_options(opts: MountOptions, foreground: bool):
     from .backends.fuse.lifecycle import FuseOptions
 
     return FuseOptions.from_strings(opts.flags, opts.fuse, foreground=foreground)
+
+
+def _mount_flags(opts: MountOptions) -> tuple[int, str]:
+    from .backends.nbd.config import split_mount_options
+
+    return split_mount_options([*opts.flags, *opts.kernel])
 
 
 def nbd_options(opts: MountOptions, foreground: bool):
@@ -93,6 +97,15 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
             raise UsageError("nbd.*, FUSE options and --device do not apply to fanotify mode")
         from .backends.fanotify import lifecycle as fan
 
+        if kind == "image":   # every layer its own fanotify mount, under the kernel's overlayfs
+            from .backends.image import mount_image
+            from .opener import oci_options
+
+            def mount_layer(pinned, d, o):
+                raw = {k: v for k, v in _raw_oci(opts).items() if k != "oci.layer"}
+                return fan.mount(pinned, "layer", d, {**raw, "oci.blob": o.blob, "oci.platform": o.platform})
+            flags, _data = _mount_flags(opts)
+            return mount_image(source, mountpoint, oci_options(opts), mount_layer, _unmount, flags=flags)
         return fan.mount(source, kind, mountpoint, _raw_oci(opts), foreground=foreground)
     if mode == "fuse":
         if opts.nbd:
@@ -143,13 +156,11 @@ def _unmount(mountpoint: str) -> int:
 
         return unmount(mountpoint)
     if entry.fstype == "overlay":
-        from .backends.nbd.image import is_ours, lower_dirs
+        from .backends.image import is_ours, lower_dirs, unmount_image
 
         lowers = lower_dirs(entry.super_options)
-        if is_ours(lowers):   # a whole image in NBD mode: the overlay, then each layer's mount
-            from .backends.nbd.lifecycle import unmount_image
-
-            return unmount_image(mountpoint, lowers)
+        if is_ours(lowers):   # a whole image (NBD or fanotify): the overlay, then each layer's mount
+            return unmount_image(mountpoint, lowers, _unmount)
     raise UsageError(f"{mountpoint}: not an erofs-mount mount ({entry.fstype} from {entry.source})")
 
 
@@ -180,11 +191,7 @@ def run(action: str, arg, opts: MountOptions) -> int:
     if action == "status":
         from .backends.fuse.status import status as fuse_status
 
-        from .backends.fanotify.lifecycle import status as fanotify_status
-
-        rc = nbd.status()
-        rc = fanotify_status() or rc
-        return fuse_status() or rc
+        return _status(nbd, fuse_status)
     if action == "supervise":
         return _supervise(nbd_options(opts, bool(arg)))
     raise UsageError(f"unknown action {action}")
@@ -211,3 +218,21 @@ def _supervise(no) -> int:
         return nbd_loop(no)
 
     return run_detached(worker, log_file=no.log_file or log_path("supervise"), foreground=no.foreground)
+
+
+def _status(nbd, fuse_status) -> int:
+    """Whole images (NBD or fanotify layers) with their layers under them, then the single NBD
+    devices and fanotify mounts, then FUSE mounts."""
+    from .backends.fanotify import lifecycle as fan
+    from .backends.image import live_images, status_lines
+
+    entries = [{**e, "key": ("nbd", e["index"]), "line": nbd._status_line(e)} for e in nbd.status_entries()]
+    entries += [{**e, "key": ("fanotify", e["mountpoint"]), "mountpoints": [e["mountpoint"]],
+                 "alive": e["alive"].get("daemon", False), "bytes_fetched_total": e["bytes_fetched"],
+                 "line": fan.status_line(e)} for e in fan.status_entries()]
+    lines = status_lines(entries, live_images())
+    for line in lines:
+        print(line)
+    if not lines:
+        print("no NBD devices or fanotify mounts served by erofs-mount")
+    return fuse_status()

@@ -18,7 +18,7 @@ import pytest
 
 from erofs_mount.backends.fuse.mountinfo import find_mount
 from erofs_mount.backends.nbd import state, sysfs
-from erofs_mount.backends.nbd.image import LAYERS_DIR, image_doc_path, lower_dirs
+from erofs_mount.backends.image import LAYERS_DIR, image_doc_path, lower_dirs
 from tests.merge.layers import MKFS, D, F, make_tar, materialize, unpack, walk_tree
 
 from .helpers import Readers, daemon_pid, drop_caches, wait_for_blocked_reader, wait_until

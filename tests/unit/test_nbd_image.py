@@ -1,4 +1,4 @@
-"""The pure parts of a whole image in NBD mode (backends/nbd/image.py): overlayfs mount data, how
+"""The pure parts of a whole image in NBD mode (backends/image.py): overlayfs mount data, how
 -u recognises our overlay, layer keys (what may be shared), the stack of a layer given twice, and
 how status groups devices under images."""
 
@@ -7,7 +7,7 @@ import io
 import pytest
 
 from erofs_mount.backends.nbd import lifecycle
-from erofs_mount.backends.nbd.image import (IMAGES_DIR, LAYERS_DIR, group_layers, image_doc_path, in_use_elsewhere,
+from erofs_mount.backends.image import (IMAGES_DIR, LAYERS_DIR, group_layers, image_doc_path, in_use_elsewhere,
                                             is_ours, layer_dir, layer_key, lower_dirs, overlay_data, stack_once)
 from erofs_mount.errors import ErofsMountError
 
@@ -71,7 +71,7 @@ def test_status_groups_devices_under_their_images_and_shared_layers_under_both()
 def test_status_prints_the_image_then_its_layers(monkeypatch):
     a = f"{LAYERS_DIR}/a"
     monkeypatch.setattr(lifecycle, "status_entries", lambda: [_entry(3, [a], fetched=2 << 20)])
-    from erofs_mount.backends.nbd import image
+    from erofs_mount.backends import image
 
     monkeypatch.setattr(image, "live_images", lambda: [
         {"mountpoint": "/mnt/one", "ref": "r/app:1", "platform": "linux/amd64", "manifest_digest": D2, "started": 1,
@@ -80,8 +80,8 @@ def test_status_prints_the_image_then_its_layers(monkeypatch):
     assert lifecycle.status(out) == 0
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("image /mnt/one ref=r/app:1 platform=linux/amd64 manifest=" + D2)
-    assert "layers=2 devices=1 daemons_alive=1/1 shared_when_mounted=1" in lines[0]
+    assert "layers=2 mounts=1 daemons_alive=1/1 shared_when_mounted=1" in lines[0]
     assert "bytes_fetched_total=2097152(2.0MiB)" in lines[0]
     assert lines[1].startswith(f"  L0 {D1} nbd3 ") and f"mount={a}" in lines[1]
-    assert lines[2] == f"  L1 {D2} no device serves {LAYERS_DIR}/x"
+    assert lines[2] == f"  L1 {D2} nothing serves {LAYERS_DIR}/x"
     assert len(lines) == 3

@@ -235,6 +235,9 @@ async def reattach_main(doc: dict, ready) -> int:
                                                                      data_fd=wfd))
         os.close(wfd)
         doc["daemons"] = doc.get("daemons", 1) + 1
+        last, carried = doc.get("stats") or {}, doc.get("carried") or {}
+        doc["carried"] = {k: int(carried.get(k, 0)) + int(last.get(k, 0))     # totals since the mount
+                          for k in ("fetches", "bytes_fetched", "requests", "denied")}
         await _run(doc, source, store, sock, ready, mount=False)
     finally:
         with trio.CancelScope(shield=True):

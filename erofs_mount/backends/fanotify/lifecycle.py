@@ -44,8 +44,7 @@ def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *
         raise ErofsMountError("fanotify mode needs root (fanotify permission events need CAP_SYS_ADMIN); "
                               "use --mode fuse", errno=_errno.EPERM)
     if kind == "image":
-        raise UsageError("whole images are not served in fanotify mode yet: name a layer with "
-                         "-o oci.layer=N, or use --mode fuse or --mode nbd")
+        raise UsageError("a whole image is mounted layer by layer (backends/image.py), not here")
     if not os.path.isdir(mountpoint):
         raise ErofsMountError(f"{mountpoint}: mount point is not a directory", errno=_errno.ENOTDIR)
     root = _cache_root(oci)
@@ -130,7 +129,9 @@ def status_entries() -> list[dict]:
     out = []
     for doc in record.every():
         pids = doc.get("pids") or {}
-        st = doc.get("stats") or {}
+        st = dict(doc.get("stats") or {})
+        for k, v in (doc.get("carried") or {}).items():     # what earlier daemons of the mount did
+            st[k] = int(st.get(k, 0)) + int(v)
         out.append({"mountpoint": doc["mountpoint"], "source": doc["source"], "kind": doc["kind"],
                     "mounted": record.mounted(doc["mountpoint"], doc["data"]),
                     "pids": pids, "alive": {k: record.alive(v) for k, v in pids.items()},
@@ -141,12 +142,16 @@ def status_entries() -> list[dict]:
     return out
 
 
+def status_line(e: dict) -> str:
+    procs = " ".join(f"{k}={v}({'alive' if e['alive'].get(k) else 'dead'})" for k, v in e["pids"].items())
+    return (f"fanotify {e['mountpoint']} source={e['source']} mounted={'yes' if e['mounted'] else 'no'} "
+            f"bytes_local={size_text(e['bytes_local'])} size={size_text(e['size'])} "
+            f"fetches={e['fetches']} bytes_fetched={size_text(e['bytes_fetched'])} fills={e['events']} "
+            f"denied={e['denied']} daemons={e['daemons']} {procs}")
+
+
 def status(out=None) -> int:
     out = out or sys.stdout
     for e in status_entries():
-        procs = " ".join(f"{k}={v}({'alive' if e['alive'].get(k) else 'dead'})" for k, v in e["pids"].items())
-        print(f"fanotify {e['mountpoint']} source={e['source']} mounted={'yes' if e['mounted'] else 'no'} "
-              f"bytes_local={size_text(e['bytes_local'])} size={size_text(e['size'])} "
-              f"fetches={e['fetches']} bytes_fetched={size_text(e['bytes_fetched'])} fills={e['events']} "
-              f"denied={e['denied']} daemons={e['daemons']} {procs}", file=out)
+        print(status_line(e), file=out)
     return 0

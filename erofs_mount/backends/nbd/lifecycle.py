@@ -98,16 +98,12 @@ def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -
 
 
 def mount_image(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -> int:
-    """The whole image: one device per layer under the overlayfs at ``mountpoint`` (image.py)."""
-    from .image import mount_image as mount_layers
+    """The whole image: one device per layer under the overlayfs at ``mountpoint`` (backends/image.py)."""
+    from ..image import mount_image as mount_layers
 
-    return mount_layers(ref, mountpoint, opts or NbdOptions(), oci_options, mount_oci, unmount)
-
-
-def unmount_image(mountpoint: str, lowers: list[str]) -> int:
-    from .image import unmount_image as unmount_layers
-
-    return unmount_layers(mountpoint, lowers, unmount)
+    opts = opts or NbdOptions()
+    return mount_layers(ref, mountpoint, oci_options, lambda pinned, d, o: mount_oci(pinned, d, opts, o),
+                        unmount, flags=opts.mount_flags)
 
 
 def reattach(device: str, opts: NbdOptions | None = None, oci: dict[str, str] | None = None) -> int:
@@ -259,33 +255,16 @@ def _status_line(e: dict) -> str:
     return " ".join(parts)
 
 
-def _image_line(doc: dict, layers: list) -> str:
-    served = list({e["index"]: e for _layer, e in layers if e is not None}.values())  # a layer given twice: once
-    alive = sum(1 for e in served if e["alive"])
-    fetched = sum(e.get("bytes_fetched_total", 0) for e in served)
-    shared = sum(1 for layer, _e in layers if layer.get("shared"))
-    return " ".join([f"image {doc.get('mountpoint')}", f"ref={doc.get('ref')}",
-                     f"platform={doc.get('platform') or '-'}", f"manifest={doc.get('manifest_digest') or '-'}",
-                     f"layers={len(layers)}", f"devices={len(served)}", f"daemons_alive={alive}/{len(served)}",
-                     f"shared_when_mounted={shared}", f"bytes_fetched_total={size_text(fetched)}"])
-
-
 def status(out=None) -> int:
-    """Images first (``image MNT …``, then one indented line per layer, bottom first), then the
-    devices that belong to no image."""
-    from .image import group_layers, live_images
+    """Images first (backends/image.py status_lines), then the devices that belong to no image."""
+    from ..image import live_images, status_lines as image_status_lines
 
     out = out or sys.stdout
-    entries = status_entries()
-    grouped, single = group_layers(entries, live_images())
-    for doc, layers in grouped:
-        print(_image_line(doc, layers), file=out)
-        for i, (layer, e) in enumerate(layers):
-            line = _status_line(e) if e is not None else f"no device serves {layer.get('dir')}"
-            print(f"  L{i} {layer.get('digest')} {line}", file=out)
-    for e in single:
-        print(_status_line(e), file=out)
-    if not entries and not grouped:
+    entries = [{**e, "key": ("nbd", e["index"]), "line": _status_line(e)} for e in status_entries()]
+    lines = image_status_lines(entries, live_images())
+    for line in lines:
+        print(line, file=out)
+    if not lines:
         print("no NBD devices served by erofs-mount", file=out)
     return 0
 

@@ -1,8 +1,8 @@
-"""A whole image in NBD mode: one NBD device per layer, mounted by the kernel's erofs driver under
-a private directory, and the kernel's overlayfs (read-only: lower directories only) at MNT.
+"""A whole image from kernel mounts (NBD and fanotify modes): every layer mounted by the kernel's
+erofs driver under a private directory — an ordinary single-layer mount of the mode, with its own
+daemon, record and reattach — and the kernel's overlayfs (read-only: lower directories only) at MNT.
 
-    /run/erofs-mount/layers/<layer key>/   one layer: an ordinary erofs-mount NBD mount (its own
-                                           daemon, recovery record, reattach)
+    /run/erofs-mount/layers/<layer key>/   one layer: an NBD device or a fanotify sparse file
     /run/erofs-mount/images/<key>.json     one mounted image: MNT, reference, platform, manifest
                                            digest and its layers (bottom first)
     MNT                                    overlay, lowerdir=<top layer>:…:<bottom layer>
@@ -43,11 +43,12 @@ import os
 import time
 from typing import Iterator
 
-from ...errors import ErofsMountError
-from ...statefile import read_json, write_json
-from ..fuse.mountinfo import find_mount
-from .config import MS_RDONLY, NbdOptions
+from ..errors import ErofsMountError
+from ..status import size_text
+from ..statefile import read_json, write_json
+from .fuse.mountinfo import find_mount
 
+MS_RDONLY = 1
 RUN_DIR = "/run/erofs-mount"
 IMAGES_DIR = RUN_DIR + "/images"
 LAYERS_DIR = RUN_DIR + "/layers"
@@ -115,6 +116,31 @@ def group_layers(entries: list[dict], docs: list[dict]) -> tuple[list[tuple[dict
     return grouped, [e for e in entries if id(e) not in claimed]
 
 
+def image_line(doc: dict, layers: list) -> str:
+    """``status``: the line of one image; ``layers`` as group_layers gives them (entries carry
+    ``key``, ``alive`` and ``bytes_fetched_total``)."""
+    served = list({e["key"]: e for _layer, e in layers if e is not None}.values())  # a layer given twice: once
+    alive = sum(1 for e in served if e["alive"])
+    fetched = sum(e.get("bytes_fetched_total", 0) for e in served)
+    shared = sum(1 for layer, _e in layers if layer.get("shared"))
+    return " ".join([f"image {doc.get('mountpoint')}", f"ref={doc.get('ref')}",
+                     f"platform={doc.get('platform') or '-'}", f"manifest={doc.get('manifest_digest') or '-'}",
+                     f"layers={len(layers)}", f"mounts={len(served)}", f"daemons_alive={alive}/{len(served)}",
+                     f"shared_when_mounted={shared}", f"bytes_fetched_total={size_text(fetched)}"])
+
+
+def status_lines(entries: list[dict], docs: list[dict]) -> list[str]:
+    """Images first (``image MNT …``, then one indented line per layer, bottom first), then the
+    entries (NBD devices, fanotify mounts: each with its ``line``) that belong to no image."""
+    grouped, single = group_layers(entries, docs)
+    lines = []
+    for doc, layers in grouped:
+        lines.append(image_line(doc, layers))
+        for i, (layer, e) in enumerate(layers):
+            lines.append(f"  L{i} {layer.get('digest')} " + (e["line"] if e else f"nothing serves {layer.get('dir')}"))
+    return lines + [e["line"] for e in single]
+
+
 def in_use_elsewhere(dirs: list[str], docs: list[dict], mountpoint: str) -> set[str]:
     """Which of ``dirs`` another live image (``docs``, not the one at ``mountpoint``) stacks."""
     used: set[str] = set()
@@ -163,21 +189,23 @@ def live_images() -> list[dict]:
 
 def _layer_mounted(d: str) -> bool:
     m = find_mount(d)
-    return m is not None and m.fstype == "erofs" and m.source.startswith("/dev/nbd")
+    return m is not None and m.fstype == "erofs"
 
 
-def mount_image(ref: str, mountpoint: str, opts: NbdOptions, oci_options, mount_oci, unmount) -> int:
-    """``mount_oci``/``unmount``: lifecycle's single-layer functions (no import cycle)."""
+def mount_image(ref: str, mountpoint: str, oci_options, mount_layer, unmount, *, flags: int = 0) -> int:
+    """``mount_layer(pinned_ref, directory, oci_options with the layer's blob)`` mounts one layer
+    (the mode's own single-layer mount), ``unmount(directory)`` takes one down; ``flags``: mount(2)
+    flags for the overlay."""
     import trio
 
-    from ...sources.oci.resolve import inspect_oci
+    from ..sources.oci.resolve import inspect_oci
 
     res = trio.run(lambda: inspect_oci(ref, options=oci_options))
     layers = res.manifest.layers
     pinned = str(res.ref)
     base_opts = dataclasses.replace(oci_options, platform=res.platform)
     if len(layers) == 1:
-        return mount_oci(pinned, mountpoint, opts, dataclasses.replace(base_opts, blob=layers[0].digest))
+        return mount_layer(pinned, mountpoint, dataclasses.replace(base_opts, blob=layers[0].digest))
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise ErofsMountError(f"{mountpoint}: mount point is not a directory", errno=_errno.ENOTDIR)
@@ -197,11 +225,11 @@ def mount_image(ref: str, mountpoint: str, opts: NbdOptions, oci_options, mount_
                 if _layer_mounted(d):
                     continue      # shared with an image mounted before
                 os.makedirs(d, mode=0o755, exist_ok=True)
-                mount_oci(pinned, d, opts, dataclasses.replace(base_opts, blob=by_key[k].digest))
+                mount_layer(pinned, d, dataclasses.replace(base_opts, blob=by_key[k].digest))
                 mounted.append(d)
             lowers = [layer_dir(k) for k in stacked]
             data = overlay_data(lowers)
-            if _libc.mount(b"overlay", mountpoint.encode(), b"overlay", ctypes.c_ulong(opts.mount_flags | MS_RDONLY),
+            if _libc.mount(b"overlay", mountpoint.encode(), b"overlay", ctypes.c_ulong(flags | MS_RDONLY),
                            data.encode()) != 0:
                 err = ctypes.get_errno()
                 raise ErofsMountError(f"mount overlay on {mountpoint}: {os.strerror(err)} (see dmesg)", errno=err)
