@@ -25,6 +25,7 @@ import trio
 
 from ...erofs.metaranges import coalesce, metadata_ranges
 from ...errors import ErofsMountError, UsageError
+from ...publish import Publisher, source_stats
 from . import kernel, link, record
 from .filler import Filler
 
@@ -124,11 +125,14 @@ async def _serve_link(sock: socket.socket, filler: Filler, counts: dict) -> None
 
 
 async def _watch(mountpoint: str, data: str, filler: Filler, doc: dict, counts: dict, store) -> None:
-    """Publish the figures; return when the mount is gone."""
+    """Publish the record with the figures (the shared Publisher); return when the mount is gone."""
+    def snapshot() -> dict:
+        doc["stats"] = {**filler.stats, **counts, "size": filler.size, "bytes_local": store.present_bytes,
+                        "source": source_stats(filler.source)}
+        return doc
+    publisher = Publisher(record.path(mountpoint), snapshot)
     while True:
-        doc["stats"] = {**filler.stats, **counts, "size": filler.size,
-                        "bytes_local": store.present_bytes, "source": filler.source.stats()}
-        record.write(doc)
+        publisher.publish()
         if not record.mounted(mountpoint, data):
             log.info("%s is no longer mounted", mountpoint)
             return

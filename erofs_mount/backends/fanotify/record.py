@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 
+from ...publish import alive as _alive
 from ...statefile import read_json, write_json
 from ..fuse.mountinfo import find_mount
 
@@ -32,9 +33,13 @@ def new(spec: dict, mountpoint: str, data: str, key: str, size: int, window: int
             "socket": base + ".sock", "lock": base + ".lock", "pids": {}, "started": time.time(), "daemons": 1}
 
 
+def path(mountpoint: str) -> str:
+    return _base(mountpoint) + ".json"
+
+
 def write(doc: dict) -> None:
     doc["updated"] = time.time()
-    write_json(_base(doc["mountpoint"]) + ".json", doc, make_dir=True)
+    write_json(path(doc["mountpoint"]), doc, make_dir=True)
 
 
 def read(mountpoint: str) -> dict | None:
@@ -64,16 +69,4 @@ def every() -> list[dict]:
 
 
 def alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie is not alive
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return _alive(pid)

@@ -20,13 +20,13 @@ import os
 import time
 from typing import Any
 
+from ...publish import STATS_INTERVAL, alive, process_start, source_fields, source_stats  # noqa: F401
+from ...publish import Publisher as _Publisher
 from ...statefile import read_json  # noqa: F401 - re-exported for fuse.status
-from ...statefile import write_json as _write_json
 from ...status import SOURCE_STAT_KEYS
 
 log = logging.getLogger("erofs_mount.fuse")
 
-STATS_INTERVAL = 1.0
 ROOT_DIR = "/run/erofs-mount/fuse"
 _SOURCE_KEYS = SOURCE_STAT_KEYS + ("bytes_read",)
 
@@ -58,24 +58,8 @@ def key(mountpoint: str) -> str:
     return hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20] + ".json"
 
 
-def process_start(pid: int) -> int | None:
-    """The process' start time in clock ticks since boot (proc(5) /proc/pid/stat field 22), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b") ", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in (b"Z", b"X"):  # zombie or dead: not a daemon any more
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def daemon_alive(doc: dict) -> bool:
-    pid = doc.get("pid")
-    return isinstance(pid, int) and pid > 0 and process_start(pid) == doc.get("pid_start") is not None
+    return alive(doc.get("pid"), doc.get("pid_start")) and doc.get("pid_start") is not None
 
 
 def base_document(source_text: str, mountpoint: str, source: Any) -> dict:
@@ -83,54 +67,26 @@ def base_document(source_text: str, mountpoint: str, source: Any) -> dict:
     doc: dict[str, Any] = {"version": 1, "pid": pid, "pid_start": process_start(pid), "uid": os.geteuid(),
                            "mountpoint": mountpoint, "mount_id": None, "started": time.time(),
                            "source": source_text}
-    if hasattr(source, "ref") and hasattr(source, "digest"):
-        # ref as the user named it; pinned_ref: the manifest the daemon resolved it to (ref@sha256:...)
-        doc.update(kind="oci", ref=source_text, pinned_ref=str(source.ref), platform=getattr(source, "platform", None),
-                   digest=source.digest, manifest_digest=getattr(source, "manifest_digest", None))
-    else:
-        doc.update(kind="local", path=getattr(source, "path", source_text))
+    doc.update(source_fields(source_text, source))
     return doc
 
 
 def snapshot(base: dict, source: Any) -> dict:
-    try:
-        raw = source.stats() if hasattr(source, "stats") else {}
-    except Exception as exc:  # noqa: BLE001 - a display must not stop serving
-        raw = {"error": repr(exc)}
     doc = dict(base)
     doc["updated"] = time.time()
-    doc["stats"] = {k: raw[k] for k in _SOURCE_KEYS if isinstance(raw.get(k), int)}
+    doc["stats"] = source_stats(source, _SOURCE_KEYS)
     return doc
 
 
-def write_json(path: str, doc: dict) -> None:
-    _write_json(path, doc, make_dir=True)
-
-
-class Publisher:
+class Publisher(_Publisher):
     """The daemon's side: ``await run()`` rewrites the document until cancelled; ``remove()`` at exit."""
 
     def __init__(self, source_text: str, mountpoint: str, source: Any, directory: str | None = None) -> None:
-        self.path = os.path.join(directory or stats_dir(), key(mountpoint))
         self.base = base_document(source_text, mountpoint, source)
         self.source = source
-        self._failed = False
+        super().__init__(os.path.join(directory or stats_dir(), key(mountpoint)),
+                         lambda: snapshot(self.base, self.source))
         prune(os.path.dirname(self.path))
-
-    def publish(self) -> None:
-        try:
-            write_json(self.path, snapshot(self.base, self.source))
-        except OSError as exc:
-            if not self._failed:
-                log.warning("cannot publish statistics to %s: %s", self.path, exc)
-            self._failed = True
-
-    async def run(self, interval: float = STATS_INTERVAL) -> None:
-        import trio
-
-        while True:
-            self.publish()
-            await trio.sleep(interval)
 
     def remove(self) -> None:
         doc = read_json(self.path)

@@ -18,22 +18,19 @@ device was serving; a reattaching daemon folds the previous daemon's counters in
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import time
 from typing import Any
 
 import trio
 
+from ...publish import STATS_INTERVAL, Publisher, source_stats
 from ...status import SOURCE_STAT_KEYS
 from ...status import summary  # noqa: F401 - moved to erofs_mount/status.py (shared with FUSE)
-from . import state
 from .recovery import LocalRecord, Record, describe
 from .server import ServerStats, serve_nbd
 
-log = logging.getLogger("erofs_mount.nbd")
 
-STATS_INTERVAL = 1.0
 _SOURCE_KEYS = SOURCE_STAT_KEYS
 _SERVER_KEYS = ("requests", "reads", "bytes_read", "read_errors", "refused")
 
@@ -63,13 +60,9 @@ def _int(value: Any) -> int:
 
 
 def snapshot(base: dict, source: Any, server: ServerStats) -> dict:
-    try:
-        raw = source.stats()
-    except Exception as exc:  # noqa: BLE001 - a display must not stop serving
-        raw = {"error": repr(exc)}
     doc = dict(base)
     doc["updated"] = time.time()
-    doc["stats"] = {k: raw[k] for k in _SOURCE_KEYS if isinstance(raw.get(k), int)}
+    doc["stats"] = source_stats(source, _SOURCE_KEYS)
     doc["server"] = {k: getattr(server, k) for k in _SERVER_KEYS}
     return doc
 
@@ -86,17 +79,9 @@ async def serve_published(sock: Any, source: Any, base: dict, path: str, *, expo
                           interval: float = STATS_INTERVAL,
                           task_status=trio.TASK_STATUS_IGNORED) -> ServerStats:
     """``serve_nbd`` while ``path`` is rewritten every ``interval`` seconds."""
-    failed = False
     async with trio.open_nursery() as nursery:
         stats = await nursery.start(functools.partial(
             _serve_then_cancel, nursery.cancel_scope, sock, source, export_size=export_size, zero_copy=zero_copy))
         task_status.started(stats)
-        while True:
-            try:
-                state.write_json(path, snapshot(base, source, stats))
-            except OSError as exc:
-                if not failed:
-                    log.warning("cannot publish statistics to %s: %s", path, exc)
-                failed = True
-            await trio.sleep(interval)
+        await Publisher(path, lambda: snapshot(base, source, stats)).run(interval)
     return stats
