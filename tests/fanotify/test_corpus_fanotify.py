@@ -6,6 +6,7 @@ before mount(2), and the whole tree must still equal the kernel's manifest (no z
 from __future__ import annotations
 
 import gzip
+import os
 
 import pytest
 
@@ -147,3 +148,60 @@ def test_not_root_is_one_line(tmp_path):
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/nonexistent"}, timeout=60)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "needs root" in r.stderr, r.stderr
+
+
+def _random_image(tmp_path, seed: int) -> tuple[bytes, dict]:
+    import hashlib
+    import random
+    import subprocess
+
+    src = tmp_path / f"src{seed}"
+    src.mkdir()
+    rng, want = random.Random(seed), {}
+    for i in range(8):
+        data = rng.randbytes(1 << 20)
+        (src / f"f{i}").write_bytes(data)
+        want[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    img = tmp_path / f"img{seed}.erofs"
+    r = subprocess.run(["mkfs.erofs", "--quiet", str(img), str(src)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"mkfs.erofs: {r.stderr.strip()}")
+    return img.read_bytes(), want
+
+
+def test_reattach_keeps_the_blob_the_tag_named_at_mount(fan, registry, tmp_path):
+    """The record pins the manifest and blob digests: after the tag moves, a reattached daemon still
+    serves the mounted image."""
+    import hashlib
+    import signal
+    import time
+
+    from erofs_mount.backends.fanotify import record
+    from tests.fanotify.conftest import cli
+
+    (first, want), (second, _) = _random_image(tmp_path, 1), _random_image(tmp_path, 2)
+    p = Pusher(registry.url)
+    try:
+        p.image("corpus/moving", "v1", [(EROFS, first)])
+    finally:
+        p.close()
+    res, mnt = fan.mount(f"{registry.host}/corpus/moving:v1", "oci.layer=0", "oci.insecure")
+    assert res.returncode == 0, res.stderr
+    doc = fan.doc(mnt)
+    assert "@sha256:" in doc["spec"]["source"] and doc["spec"]["oci"]["oci.blob"].startswith("sha256:")
+    assert doc["pids"].get("holder"), "the image was complete at mount: nothing left to fetch"
+    p = Pusher(registry.url)
+    try:
+        p.image("corpus/moving", "v1", [(EROFS, second)])
+    finally:
+        p.close()
+    os.kill(doc["pids"]["daemon"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while record.alive(doc["pids"]["daemon"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = cli("--reattach", mnt, env=fan.env)
+    assert r.returncode == 0, r.stderr
+    for name, sha in want.items():
+        with open(os.path.join(mnt, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == sha, name
+    assert fan.unmount(mnt).returncode == 0

@@ -193,6 +193,10 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
     from ...sources.oci.options import OciOptions
 
     source, key = await open_source(spec)
+    if spec["kind"] == "oci":   # a reattach reopens exactly this blob, whatever the tag says by then
+        oci = {k: v for k, v in spec["oci"].items() if k != "oci.layer"}
+        spec = {**spec, "source": str(source.ref),
+                "oci": {**oci, "oci.blob": source.digest, "oci.platform": source.platform}}
     procs: list[subprocess.Popen] = []
     try:
         root = spec["cache_root"]
@@ -235,6 +239,9 @@ async def reattach_main(doc: dict, ready) -> int:
     sock, wfd = _connect(doc["socket"])
     source, key = await open_source(doc["spec"])
     try:
+        if key != doc["key"] or source.size != doc["size"]:   # never write other bytes into the mounted file
+            raise ErofsMountError(f"{doc['mountpoint']}: the source now gives {key} ({source.size} bytes), the "
+                                  f"mount serves {doc['key']} ({doc['size']} bytes): not reattached", errno=5)
         store = await trio.to_thread.run_sync(lambda: DiskCache.open(doc["spec"]["cache_root"], key, source.size,
                                                                      data_fd=wfd))
         os.close(wfd)
