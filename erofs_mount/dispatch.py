@@ -183,8 +183,11 @@ def run(action: str, arg, opts: MountOptions) -> int:
     if action == "reattach":
         from .backends.fanotify import lifecycle as fan
 
-        if os.path.isdir(arg) and fan.owns(arg):
-            return fan.reattach(arg)
+        if os.path.isdir(arg):
+            if fan.owns(arg):
+                return fan.reattach(arg)
+            raise UsageError(f"{arg}: not a fanotify mount of erofs-mount (NBD: --reattach /dev/nbdN; a whole "
+                             "image: reattach the layer mount that `erofs-mount status` lists under it)")
         return nbd.reattach(arg, nbd_options(opts, False), oci=_reattach_oci(opts))
     if action == "disconnect":
         return nbd.disconnect(arg)

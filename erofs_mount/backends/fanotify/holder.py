@@ -53,7 +53,9 @@ class Holder:
             os.unlink(sock_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.bind(sock_path)
+        self.sock_path = sock_path
         os.chmod(sock_path, 0o600)
+        self._sock_ino = os.stat(sock_path).st_ino
         self.listener.listen(2)
         self.conn: socket.socket | None = None
         self.decoder = link.Decoder()
@@ -190,6 +192,12 @@ class Holder:
             self._answer(fd, _errno.EIO)       # never let the group's release allow them: zeros
         self.pending.clear()
         os.close(self.group)
+        self.listener.close()
+        try:
+            if os.stat(self.sock_path).st_ino == self._sock_ino:   # not a newer holder's socket
+                os.unlink(self.sock_path)
+        except OSError:
+            pass
         log.info("holder exits: %s", self.counts)
 
 
