@@ -92,6 +92,10 @@ def test_the_cache_entry_is_the_blobs_and_a_second_mount_fetches_nothing(fan, re
     assert doc["key"].startswith("sha256:") and doc["data"].endswith(doc["key"].split(":")[1] + "/data")
     _check(img.manifest, mnt)
     assert fan.unmount(mnt).returncode == 0
+    # complete, hashed against the blob digest (the map's header flag, sources/diskcache.py)
+    with open(os.path.join(os.path.dirname(doc["data"]), "map"), "rb") as f:
+        head = f.read(64)
+    assert int.from_bytes(head[28:32], "little") & 1, "the complete entry was not verified"
     res, mnt2 = fan.mount(ref, "oci.layer=0", "oci.insecure")
     assert res.returncode == 0, res.stderr
     _check(img.manifest, mnt2)

@@ -156,7 +156,13 @@ class FaultProxy:
             await stream.send_all(conn.send(h11.Response(status_code=resp.status_code, headers=resp.headers,
                                                           reason=resp.reason)))
             cut = int(length * fault.fraction) if kind in ("reset_mid_body", "truncate", "stall_body") else None
-            if req.method == b"HEAD" or b"transfer-encoding" in hdrs:
+            if req.method == b"HEAD":
+                # no body follows a HEAD response; uconn never saw the request, so it would wait for
+                # the announced Content-Length (and the client's next request would hang)
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                clean = True
+                return True
+            if b"transfer-encoding" in hdrs:
                 clean = await self._forward_events(conn, stream, uconn, up)
                 return clean
             # Content-Length body: forward the raw bytes (no parsing: the proxy must stay cheap)

@@ -56,15 +56,30 @@ async def open_source(spec: dict):
         from ...sources.local import LocalSource
 
         return LocalSource.open(path), _local_key(path)
+    import dataclasses
+
     from ...sources.oci.blob import open_oci_source
+    from ...sources.oci.manifest import select_layer
     from ...sources.oci.options import OciOptions
+    from ...sources.oci.resolve import inspect_oci
+    from ...sources.tarlayer.kinds import layer_kind
 
     options = OciOptions.from_mount_options(spec["oci"])
-    src = await open_oci_source(spec["source"], options=options)
+    res = await inspect_oci(spec["source"], options=options)
+    _index, desc = select_layer(res.manifest, layer=options.layer, blob=options.blob)
+    plain = layer_kind(desc.media_type) is None
+    if plain:   # an EROFS blob: the sparse file is its cache entry, written by this daemon alone
+        options = dataclasses.replace(options, cache=None)
+    src = await open_oci_source(spec["source"], options=options, resolution=res)
     digest = src.digest
-    if not hasattr(src, "attach_disk_cache"):   # a tar layer's index+tar, or a +zstd layer decoded
+    if not (plain and hasattr(src, "attach_disk_cache")):   # a tar layer's index+tar, a +zstd layer decoded
         digest = "sha256:" + hashlib.sha256(f"erofs-mount fanotify derived 1\0{digest}".encode()).hexdigest()
     return src, digest
+
+
+def _source_requests(source) -> str:
+    st = source_stats(source)
+    return f"{st.get('requests', 0)} source requests, {st.get('bytes_fetched', 0)} bytes"
 
 
 def _spawn(module: str, args: list[str], log_fd: int) -> subprocess.Popen:
@@ -94,7 +109,7 @@ def _connect(sock_path: str) -> tuple[socket.socket, int]:
     return s, fds[0]
 
 
-async def _serve_link(sock: socket.socket, filler: Filler, counts: dict) -> None:
+async def _serve_link(sock: socket.socket, filler: Filler, counts: dict, mountpoint: str, data_path: str) -> None:
     """FILL in, DONE out, each FILL in its own task (concurrent fills of one window coalesce)."""
     tsock = trio.socket.from_stdlib_socket(sock)
     stream = trio.SocketStream(tsock)
@@ -117,6 +132,10 @@ async def _serve_link(sock: socket.socket, filler: Filler, counts: dict) -> None
         while True:
             data = await stream.receive_some(64 * 1024)
             if not data:
+                if not record.mounted(mountpoint, data_path):
+                    log.info("the holder closed the link: the mount is gone")
+                    nursery.cancel_scope.cancel()
+                    return
                 raise ErofsMountError("the fanotify holder closed the link", errno=5)
             for req in decoder.feed(data):
                 if isinstance(req, link.Fill):
@@ -162,12 +181,12 @@ async def _prefetch(source, filler: Filler) -> int:
 
 async def _run(doc: dict, source, store, sock, ready, *, mount: bool) -> None:
     mountpoint, data = doc["mountpoint"], doc["data"]
-    filler = Filler(source, store, window=doc["window"])
+    filler = Filler(source, store, window=doc["window"], verify=doc["key"] == getattr(source, "digest", None))
     counts = {"requests": 0, "answered": 0, "denied": 0}
     async with trio.open_nursery() as nursery:
         await nursery.start(filler.run)
         if sock is not None:
-            nursery.start_soon(_serve_link, sock, filler, counts)
+            nursery.start_soon(_serve_link, sock, filler, counts, mountpoint, data)
         if mount:
             await trio.to_thread.run_sync(kernel.mount_file, data, mountpoint)
         doc["pids"]["daemon"] = os.getpid()
@@ -205,11 +224,18 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
         await trio.to_thread.run_sync(lambda: enforce_limit(root, limit, keep=store.path))  # in-use entries stay
         data = os.path.join(store.path, "data")
         doc = record.new(spec, mountpoint, data, key, source.size, window)
-        t0 = time.monotonic()
-        pre = Filler(source, store, window=window, readahead=0)
-        nbytes = await _prefetch(source, pre)
-        log.info("metadata made local: %d bytes in %d fetches, %.2f s", nbytes, pre.stats["fetches"],
-                 time.monotonic() - t0)
+        if not store.complete:
+            t0 = time.monotonic()
+            pre = Filler(source, store, window=window, readahead=0)
+            nbytes = await _prefetch(source, pre)
+            log.info("metadata made local: %d bytes, %d window fetches (%s), %.2f s", nbytes, pre.stats["fetches"],
+                     _source_requests(source), time.monotonic() - t0)
+        if store.complete and key == getattr(source, "digest", None) and not store.verified:
+            ok = await trio.to_thread.run_sync(store.verify)   # the whole blob came with the metadata
+            log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
+                    "matches" if ok else "does NOT match (discarded)")
+            if not ok:
+                raise ErofsMountError(f"{spec['source']}: the blob does not match its digest {key}", errno=5)
         sock = None
         if not store.complete:
             procs.append(await trio.to_thread.run_sync(

@@ -30,7 +30,7 @@ class _Fetch:
 
 
 class Filler:
-    def __init__(self, source, store, *, window: int = 1 << 20, readahead: int = 4) -> None:
+    def __init__(self, source, store, *, window: int = 1 << 20, readahead: int = 4, verify: bool = False) -> None:
         if window % 4096:
             raise ValueError("window must be a multiple of 4096")
         self.source, self.store = source, store
@@ -40,6 +40,8 @@ class Filler:
         self._inflight: dict[int, _Fetch] = {}
         self._recent: deque[int] = deque(maxlen=8)
         self._nursery: trio.Nursery | None = None
+        self._verify = verify           # the entry is a blob's: hash it against its digest once complete
+        self._verifying = False
         self.stats = {"fills": 0, "fetches": 0, "bytes_fetched": 0, "bytes_written": 0, "fetch_errors": 0,
                       "readahead_windows": 0}
 
@@ -73,6 +75,14 @@ class Filler:
                     self._nursery.start_soon(self._background, w)
         self._recent.append(last)
 
+    async def _check_digest(self) -> None:
+        """The whole blob is local: hash it against its digest (sources/diskcache.py verify).  A
+        mismatch empties the entry (every later read fetches again) and says so in the log."""
+        ok = await trio.to_thread.run_sync(self.store.verify)
+        log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
+                "matches" if ok else "does NOT match (discarded)")
+        self._verifying = False
+
     async def _background(self, w: int) -> None:
         try:
             await self._window(w)
@@ -97,6 +107,10 @@ class Filler:
             self.stats["fetches"] += 1
             self.stats["bytes_fetched"] += len(data)
             self.stats["bytes_written"] += await trio.to_thread.run_sync(self.store.write, start, data)
+            if self._verify and self.store.complete and not self.store.verified and not self._verifying:
+                self._verifying = True
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._check_digest)
         except BaseException as exc:
             fetch.error = exc
             self.stats["fetch_errors"] += isinstance(exc, Exception)

@@ -125,7 +125,8 @@ class Holder:
             self.conn.close()
             self.conn = None
             self.decoder = link.Decoder()
-            log.warning("the daemon is gone; %d fill(s) wait for the next one", len(self.pending))
+            log.log(logging.WARNING if self.pending else logging.INFO,
+                    "the daemon is gone; %d fill(s) wait for the next one", len(self.pending))
 
     def on_listen(self) -> None:
         conn, _ = self.listener.accept()
