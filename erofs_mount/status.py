@@ -13,7 +13,7 @@ __all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text"]
 
 # the integer statistics of a block source (OciBlobSource.stats(), LocalSource.stats()) that a daemon
 # publishes for `erofs-mount status`; bytes_fetched + bytes_discarded = bytes that came off the network
-SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "retries", "failures",
+SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "retries", "failures", "direct_reads",
                     "token_requests", "cache_hits", "cache_misses", "disk_hits", "disk_bytes_written",
                     "disk_errors", "reads", "coalesced", "prefetched_chunks", "fetch_failures", "streams",
                     "streams_active", "dropped_behind", "chunk_size",

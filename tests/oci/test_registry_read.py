@@ -245,6 +245,27 @@ async def test_persistent_cache_shared_and_verified(world, tmp_path):
         await src.aclose()
 
 
+async def test_sync_reads_of_what_the_disk_cache_holds_skip_the_loop(world, tmp_path):
+    """A warm mount's sync reader (the FUSE worker threads) reads what the persistent cache holds with
+    one pread in its own thread; the rest still goes through the trio loop and the registry."""
+    opts = OciOptions(insecure=True, chunk_size=256 * KiB, cache=str(tmp_path / "cache"), cache_limit=64 * MiB)
+    big = world.blobs["big"]
+    src = await open_oci_source(world.ref("team/big:v1"), options=opts)
+    try:
+        assert await src.read_at(0, MiB) == big[:MiB]
+        await trio.sleep(0.2)      # the cache writes are background tasks
+        bridge = SyncReadAt.here(src)
+        offsets = (0, 5000, MiB - 4096, 7 * MiB + 10)
+        on_disk = [src.disk.has(o, o + 4096) for o in offsets]
+        assert on_disk[:3] == [True] * 3
+        got = await trio.to_thread.run_sync(lambda: [bridge.read_at(o, 4096) for o in offsets])
+        assert got == [big[o:o + 4096] for o in offsets]
+        assert src.stats()["direct_reads"] == sum(on_disk)
+    finally:
+        await src.aclose()
+    assert src.pread_cached(0, 10) is None       # closed: never a stale fd
+
+
 async def test_many_readers_tiny_cache(world):
     """Concurrent readers, read-ahead and a cache smaller than what is in flight: every byte right."""
     opts = OciOptions(insecure=True, chunk_size=16 * KiB, memory_limit=64 * KiB, readahead=256 * KiB,

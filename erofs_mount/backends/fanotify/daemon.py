@@ -70,7 +70,8 @@ async def open_source(spec: dict):
     plain = layer_kind(desc.media_type) is None
     if plain:   # an EROFS blob: the sparse file is its cache entry, written by this daemon alone
         options = dataclasses.replace(options, cache=None)
-    src = await open_oci_source(spec["source"], options=options, resolution=res)
+    # an EROFS blob's superblock is checked from the sparse file (a complete one asks the registry nothing)
+    src = await open_oci_source(spec["source"], options=options, resolution=res, check_magic=not plain)
     digest = src.digest
     if not (plain and hasattr(src, "attach_disk_cache")):   # a tar layer's index+tar, a +zstd layer decoded
         digest = "sha256:" + hashlib.sha256(f"erofs-mount fanotify derived 1\0{digest}".encode()).hexdigest()
@@ -230,6 +231,11 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
             nbytes = await _prefetch(source, pre)
             log.info("metadata made local: %d bytes, %d window fetches (%s), %.2f s", nbytes, pre.stats["fetches"],
                      _source_requests(source), time.monotonic() - t0)
+        if store.complete:   # no metadata walk: check the superblock here
+            from ...sources.oci.manifest import EROFS_SUPER_OFFSET, check_erofs_magic
+
+            head = await trio.to_thread.run_sync(store.read, 0, min(source.size, EROFS_SUPER_OFFSET + 4))
+            check_erofs_magic(head, spec["source"])
         if store.complete and key == getattr(source, "digest", None) and not store.verified:
             ok = await trio.to_thread.run_sync(store.verify)   # the whole blob came with the metadata
             log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
