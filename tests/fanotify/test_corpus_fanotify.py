@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tests import corpuslib
-from tests.fuse.conftest import have_check_tree, run_check_tree
+from tests.fuse.test_corpus_fuse import _check
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
@@ -20,17 +20,6 @@ except ImportError:  # pragma: no cover
 
 VALID = corpuslib.names(expect="ok")
 EROFS = "application/vnd.erofs"
-
-
-def _check(manifest_path, mnt: str) -> None:
-    if have_check_tree():
-        res = run_check_tree(manifest_path, mnt)
-        tail = res.stdout.strip().splitlines()[-12:]
-        assert res.returncode == 0, "\n".join(tail)
-        assert res.stdout.strip().splitlines()[-1].endswith(" 0 failed")
-    else:
-        bad = corpuslib.compare_tree(corpuslib.load_manifest(manifest_path), mnt)
-        assert not bad, f"{len(bad)} mismatches, first: {bad[:10]}"
 
 
 def _image(name):

@@ -24,12 +24,11 @@ import fcntl
 import logging
 import os
 import selectors
-import signal
 import sys
 import time
 
 from . import kernel, record, wire
-from .holder import MOUNT_WAIT
+from .holder import MOUNT_WAIT, serve_process
 
 log = logging.getLogger("erofs_mount.fanotify.guard")
 
@@ -58,15 +57,7 @@ class Guard:
         return kernel.first_hole(self.fd, 0, self.size) >= self.size
 
     def on_group(self) -> None:
-        try:
-            buf = os.read(self.group, 64 * 1024)
-        except BlockingIOError:
-            return
-        try:
-            events = wire.parse_events(buf)
-        except Exception as exc:  # noqa: BLE001
-            log.error("%s", exc)
-            events = getattr(exc, "events", [])
+        events = kernel.read_events(self.group)
         verdict = None
         for ev in events:
             if ev.fd < 0:
@@ -104,21 +95,8 @@ class Guard:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s guard[%(process)d] %(levelname)s %(message)s")
     data, lock_path, mountpoint = argv
-    try:
-        guard = Guard(data, lock_path, mountpoint)
-    except Exception as exc:  # noqa: BLE001
-        print(f"error {exc}", flush=True)
-        return 1
-
-    def on_term(_sig, _frame):
-        guard.stop = True
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    print("ready", flush=True)
-    guard.run()
-    return 0
+    return serve_process("guard", lambda: Guard(data, lock_path, mountpoint))
 
 
 if __name__ == "__main__":

@@ -81,15 +81,7 @@ class Holder:
         return offset >= end or kernel.first_hole(self.wfd, offset, end) >= end
 
     def on_group(self) -> None:
-        try:
-            buf = os.read(self.group, 64 * 1024)
-        except BlockingIOError:
-            return
-        try:
-            events = wire.parse_events(buf)
-        except Exception as exc:  # noqa: BLE001 - answer what was parsed, never leave a reader hanging
-            log.error("%s", exc)
-            events = getattr(exc, "events", [])
+        events = kernel.read_events(self.group)
         for ev in events:
             if ev.is_overflow:
                 log.error("fanotify queue overflow (the kernel allowed an access unasked)")
@@ -202,22 +194,28 @@ class Holder:
         log.info("holder exits: %s", self.counts)
 
 
-def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s holder[%(process)d] %(levelname)s %(message)s")
-    data, sock_path, lock_path, mountpoint = argv
+def serve_process(name: str, make) -> int:
+    """The life of the holder and the guard: one line to the parent ("ready", or "error MESSAGE"),
+    then ``run()`` until the mount goes or SIGTERM/SIGINT sets ``stop``."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
     try:
-        holder = Holder(data, sock_path, lock_path, mountpoint)
+        proc = make()
     except Exception as exc:  # noqa: BLE001 - one line to the parent, which reports it
         print(f"error {exc}", flush=True)
         return 1
 
     def on_term(_sig, _frame):
-        holder.stop = True
+        proc.stop = True
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     print("ready", flush=True)
-    holder.run()
+    proc.run()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    data, sock_path, lock_path, mountpoint = argv
+    return serve_process("holder", lambda: Holder(data, sock_path, lock_path, mountpoint))
 
 
 if __name__ == "__main__":

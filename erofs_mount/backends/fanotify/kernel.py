@@ -11,6 +11,7 @@ file-backed mount, and the probe ``--mode auto`` asks.
     unmount(target, detach=False)
     unsupported_reason(directory) -> str | None   why fanotify mode cannot work here, or None
     first_hole(fd, start, size) -> int            lseek SEEK_HOLE (raises no events)
+    read_events(group) -> list[wire.Event]        one read(2) of a group, parsed
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as _errno
+import logging
 import os
 import tempfile
 
@@ -30,6 +32,7 @@ _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ct
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
+log = logging.getLogger("erofs_mount.fanotify")
 AT_FDCWD = -100
 MS_RDONLY = 1
 MNT_DETACH = 2
@@ -121,3 +124,18 @@ def unsupported_reason(directory: str) -> str | None:
         return f"{directory}: {exc.strerror}"
     finally:
         os.close(group)
+
+
+def read_events(group: int) -> list[wire.Event]:
+    """What one read(2) of the group gives ([] when nothing is queued).  A garbled buffer still
+    yields the events parsed before the damage (their readers wait for an answer); the error is logged."""
+    try:
+        buf = os.read(group, 64 * 1024)
+    except BlockingIOError:
+        return []
+    try:
+        return wire.parse_events(buf)
+    except Exception as exc:  # noqa: BLE001 - answer what was parsed, never leave a reader hanging
+        log.error("%s", exc)
+        return list(getattr(exc, "events", []))
+
