@@ -49,10 +49,11 @@ default; 4096, the page cache's unit, is the cautious choice for sub-page blocks
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..errors import CorruptedError
 from . import layout as L
+from .inode import iloc
 from .map import EROFS_MAP_MAPPED, EROFS_MAP_META, map_blocks
 from .zmap import (EROFS_INODE_COMPRESSED_COMPACT, Z_EROFS_ADVISE_COMPACTED_2B, ZEXT_FRAGMENT, ZEXT_HOLE,
                    ZEXT_MAPPED, ZEXT_META, ZMap)
@@ -61,14 +62,19 @@ Range = tuple[int, int]   # (offset, length)
 _BIG_PCLUSTER = L.EROFS_FEATURE_INCOMPAT_COMPR_CFGS    # the same bit
 
 
-def metadata_ranges(image, *, include_dirs: bool = True, align: int | None = None) -> list[Range]:
+def metadata_ranges(image, *, include_dirs: bool = True, align: int | None = None,
+                    prefetch: Callable[[list[Range]], None] | None = None) -> list[Range]:
     """Sorted, merged ``(offset, length)`` ranges of the primary device that must be local before
     mount(2), rounded out to ``align`` (default: the block size) and clipped to the image size.
 
     ``include_dirs``: also directory blocks and slow symlink targets (read on demand by the
     kernel, but every path walk needs them).  Reads only through ``image`` (an ``Image``);
-    corrupt metadata raises the reader's ``ErofsMountError``."""
-    walk = _Walk(image, include_dirs)
+    corrupt metadata raises the reader's ``ErofsMountError``.
+
+    ``prefetch(ranges)``, if given, is told what the walk is about to read — the inodes of one
+    directory level, then that level's directory blocks — so that a remote source can fetch them
+    together (a few round trips per level instead of one per miss).  It only warms caches."""
+    walk = _Walk(image, include_dirs, prefetch)
     walk.run()
     return merge(walk.spans, align or image.block_size, image.size)
 
@@ -102,8 +108,9 @@ def coalesce(ranges: Iterable[Range], gap: int) -> list[Range]:
 
 
 class _Walk:
-    def __init__(self, image, include_dirs: bool) -> None:
+    def __init__(self, image, include_dirs: bool, prefetch=None) -> None:
         self.img = image
+        self.prefetch = prefetch
         self.sb = image.sb
         self.bs = image.block_size
         self.dirs = include_dirs
@@ -148,18 +155,29 @@ class _Walk:
             self.backing(mbox, 0, mbox.size)
         if sb.xattr_prefix_count:
             self.prefixes()
-        stack, seen = [sb.root_nid], {sb.root_nid}
-        while stack:
-            inode = img.inode(stack.pop())
-            self.inode_meta(inode)
-            if self.dirs and (inode.is_dir or inode.is_lnk):
-                self.backing(inode, 0, inode.size)
-            if not inode.is_dir:
-                continue
-            for ent in img.iterdir(inode.nid):
-                if ent.nid not in seen and ent.name not in (b".", b".."):
-                    seen.add(ent.nid)
-                    stack.append(ent.nid)
+        # breadth first, one directory level at a time (what ``prefetch`` hears about)
+        level, seen = [sb.root_nid], {sb.root_nid}
+        while level:
+            self._hint([(pos, L.INODE_EXTENDED.size) for pos, mb in (iloc(sb, nid) for nid in level) if not mb])
+            dirs, mark = [], len(self.spans)
+            for nid in level:
+                inode = img.inode(nid)
+                self.inode_meta(inode)
+                if self.dirs and (inode.is_dir or inode.is_lnk):
+                    self.backing(inode, 0, inode.size)
+                if inode.is_dir:
+                    dirs.append(inode)
+            self._hint([(a, b - a) for a, b in self.spans[mark:]])
+            level = []
+            for inode in dirs:
+                for ent in img.iterdir(inode.nid):
+                    if ent.nid not in seen and ent.name not in (b".", b".."):
+                        seen.add(ent.nid)
+                        level.append(ent.nid)
+
+    def _hint(self, ranges: list[Range]) -> None:
+        if self.prefetch is not None and ranges:
+            self.prefetch(ranges)
 
     def prefixes(self) -> None:
         """The long xattr name prefix table (erofs_xattr_prefixes_init)."""

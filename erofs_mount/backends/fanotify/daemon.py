@@ -165,9 +165,16 @@ async def _prefetch(source, filler: Filler) -> int:
 
     token = trio.lowlevel.current_trio_token()
 
+    async def warm(ranges) -> None:
+        """What the walk reads next, fetched together (the source keeps it in memory)."""
+        async with trio.open_nursery() as nursery:
+            for off, length in coalesce(ranges, PREFETCH_GAP):
+                nursery.start_soon(source.read_at, off, length)
+
     def find():
         img = Image(SyncReadAt(source, token).read_at, size=source.size)
-        return metadata_ranges(img, align=max(4096, img.block_size))
+        hint = None if hasattr(source, "pread") else (lambda r: trio.from_thread.run(warm, r, trio_token=token))
+        return metadata_ranges(img, align=max(4096, img.block_size), prefetch=hint)
     ranges = coalesce(await trio.to_thread.run_sync(find), PREFETCH_GAP)
     limit = trio.CapacityLimiter(8)
 
