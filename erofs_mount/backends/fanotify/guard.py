@@ -23,26 +23,18 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import selectors
 import sys
-import time
 
-from . import kernel, record, wire
-from .holder import MOUNT_WAIT, serve_process
+from . import kernel, wire
+from .holder import Keeper, serve_process
 
 log = logging.getLogger("erofs_mount.fanotify.guard")
 
 
-class Guard:
+class Guard(Keeper):
     def __init__(self, data: str, lock_path: str, mountpoint: str) -> None:
-        self.data, self.mountpoint = data, mountpoint
-        self.group = kernel.guard_group()
-        kernel.mark(self.group, data, wire.FAN_ACCESS_PERM)
-        self.marked = True
-        self.fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)     # lseek only: raises no events
-        self.size = os.fstat(self.fd).st_size
+        super().__init__(data, mountpoint, kernel.guard_group(), wire.FAN_ACCESS_PERM, os.O_RDONLY)
         self.lock = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        self.stop = False
         self.denied = 0
 
     def holder_alive(self) -> bool:
@@ -52,9 +44,6 @@ class Guard:
             return True
         fcntl.lockf(self.lock, fcntl.LOCK_UN)
         return False
-
-    def complete(self) -> bool:
-        return kernel.first_hole(self.fd, 0, self.size) >= self.size
 
     def on_group(self) -> None:
         events = kernel.read_events(self.group)
@@ -73,24 +62,8 @@ class Guard:
                                   self.data, self.denied)
             os.close(ev.fd)
 
-    def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.group, selectors.EVENT_READ)
-        seen, started, last = False, time.monotonic(), 0.0
-        while not self.stop:
-            if sel.select(timeout=1.0):
-                self.on_group()
-            now = time.monotonic()
-            if now - last >= 1.0:
-                last = now
-                mounted = record.mounted(self.mountpoint, self.data)
-                if (seen and not mounted) or (not seen and now - started > MOUNT_WAIT):
-                    break
-                seen = seen or mounted
-                if self.marked and self.complete():
-                    kernel.mark(self.group, self.data, wire.FAN_ACCESS_PERM, remove=True)
-                    self.marked = False
-        os.close(self.group)
+    def close(self) -> None:
+        super().close()
         log.info("guard exits (%d reads denied)", self.denied)
 
 

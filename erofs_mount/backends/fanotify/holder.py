@@ -39,16 +39,60 @@ log = logging.getLogger("erofs_mount.fanotify.holder")
 MOUNT_WAIT = 300.0      # give up when the mount never appears
 
 
-class Holder:
+class Keeper:
+    """What the holder and the guard share: a group with a mark on the sparse file, an fd of that
+    file for lseek (opened before the mark: its I/O raises no events), a select loop that checks
+    once a second whether the mount is gone (or never came), and the mark removed once the file
+    has no hole.  Subclasses add ``on_<key>`` handlers to ``sel``, ``may_unmark`` and ``close``."""
+
+    def __init__(self, data: str, mountpoint: str, group: int, mask: int, fd_flags: int) -> None:
+        self.data, self.mountpoint, self.mask = data, mountpoint, mask
+        self.fd = os.open(data, fd_flags | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+        self.group = group
+        kernel.mark(group, data, mask)
+        self.marked = True
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(group, selectors.EVENT_READ, "group")
+        self.stop = False
+
+    def complete(self) -> bool:
+        return kernel.first_hole(self.fd, 0, self.size) >= self.size
+
+    def may_unmark(self) -> bool:
+        return True
+
+    def run(self) -> None:
+        seen, started, last = False, time.monotonic(), 0.0
+        while not self.stop:
+            for key, _ in self.sel.select(timeout=1.0):
+                getattr(self, "on_" + key.data)()
+            now = time.monotonic()
+            if now - last < 1.0:
+                continue
+            last = now
+            mounted = record.mounted(self.mountpoint, self.data)
+            if (seen and not mounted) or (not seen and now - started > MOUNT_WAIT):
+                log.log(logging.INFO if seen else logging.ERROR, "%s is %s mounted", self.mountpoint,
+                        "no longer" if seen else "never")
+                break
+            seen = seen or mounted
+            if self.marked and self.may_unmark() and self.complete():
+                kernel.mark(self.group, self.data, self.mask, remove=True)
+                self.marked = False
+                log.info("%s has no hole left: mark removed", self.data)
+        self.close()
+
+    def close(self) -> None:
+        os.close(self.group)
+
+
+class Holder(Keeper):
     def __init__(self, data: str, sock_path: str, lock_path: str, mountpoint: str) -> None:
-        self.data, self.mountpoint = data, mountpoint
-        self.wfd = os.open(data, os.O_RDWR | os.O_CLOEXEC)          # before the mark: no events
-        self.size = os.fstat(self.wfd).st_size
         self.lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.group = kernel.pre_content_group()
-        kernel.mark(self.group, data, wire.FAN_PRE_ACCESS)
-        self.marked = True
+        # self.fd (O_RDWR, opened before the mark) is what each daemon writes through
+        super().__init__(data, mountpoint, kernel.pre_content_group(), wire.FAN_PRE_ACCESS, os.O_RDWR)
         if os.path.exists(sock_path):
             os.unlink(sock_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -60,10 +104,7 @@ class Holder:
         self.conn: socket.socket | None = None
         self.decoder = link.Decoder()
         self.pending: dict[int, tuple[int, int]] = {}     # event fd -> (offset, count)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.group, selectors.EVENT_READ, "group")
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
-        self.stop = False
         self.counts = {"events": 0, "allowed_local": 0, "forwarded": 0, "denied": 0, "daemons": 0}
 
     # -- the kernel's side ------------------------------------------------------------------
@@ -78,7 +119,7 @@ class Holder:
 
     def _local(self, offset: int, count: int) -> bool:
         end = min(offset + count, self.size)
-        return offset >= end or kernel.first_hole(self.wfd, offset, end) >= end
+        return offset >= end or kernel.first_hole(self.fd, offset, end) >= end
 
     def on_group(self) -> None:
         events = kernel.read_events(self.group)
@@ -127,7 +168,7 @@ class Holder:
             conn.close()
             return
         conn.setblocking(True)
-        socket.send_fds(conn, [b"F"], [self.wfd])
+        socket.send_fds(conn, [b"F"], [self.fd])
         self.conn = conn
         self.counts["daemons"] += 1
         self.sel.register(conn, selectors.EVENT_READ, "conn")
@@ -155,36 +196,14 @@ class Holder:
                 err = r.errno if r.errno in wire.DENY_ERRNOS else (_errno.EIO if r.errno else 0)
                 self._answer(r.id, err)
 
-    def _maybe_unmark(self) -> None:
-        if self.marked and not self.pending and kernel.first_hole(self.wfd, 0, self.size) >= self.size:
-            kernel.mark(self.group, self.data, wire.FAN_PRE_ACCESS, remove=True)
-            self.marked = False
-            log.info("%s has no hole left: mark removed", self.data)
-
-    def run(self) -> None:
-        seen, started, last = False, time.monotonic(), 0.0
-        while not self.stop:
-            for key, _ in self.sel.select(timeout=1.0):
-                getattr(self, "on_" + key.data)()
-            now = time.monotonic()
-            if now - last >= 1.0:
-                last = now
-                mounted = record.mounted(self.mountpoint, self.data)
-                if seen and not mounted:
-                    log.info("%s is no longer mounted", self.mountpoint)
-                    break
-                seen = seen or mounted
-                if not seen and now - started > MOUNT_WAIT:
-                    log.error("%s was never mounted", self.mountpoint)
-                    break
-                self._maybe_unmark()
-        self.close()
+    def may_unmark(self) -> bool:
+        return not self.pending
 
     def close(self) -> None:
         for fd in list(self.pending):
             self._answer(fd, _errno.EIO)       # never let the group's release allow them: zeros
         self.pending.clear()
-        os.close(self.group)
+        super().close()
         self.listener.close()
         try:
             if os.stat(self.sock_path).st_ino == self._sock_ino:   # not a newer holder's socket
