@@ -42,20 +42,14 @@ def _fanotify_unsuitable(opts: MountOptions, kind: str) -> str | None:
     if opts.fuse or opts.nbd:
         return "FUSE or NBD options were given"
     from .backends.fanotify import kernel
-    from .backends.fanotify.lifecycle import _cache_root
+    from .backends.fanotify.lifecycle import cache_root
+    from .opener import raw_oci
 
     try:
-        root = _cache_root(_raw_oci(opts))
+        root = cache_root(raw_oci(opts))
     except UsageError as exc:
         return str(exc)
     return kernel.unsupported_reason(root)
-
-
-def _raw_oci(opts: MountOptions) -> dict:
-    raw: dict = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
-    if "limit" in opts.cache:
-        raw["cache_limit"] = opts.cache["limit"]
-    return raw
 
 
 def fuse_options(opts: MountOptions, foreground: bool):
@@ -73,12 +67,12 @@ def _mount_flags(opts: MountOptions) -> tuple[int, str]:
 def nbd_options(opts: MountOptions, foreground: bool):
     from dataclasses import replace
 
-    from .backends.nbd.config import NbdOptions, apply_nbd_option, split_mount_options
+    from .backends.nbd.config import NbdOptions, apply_nbd_option
 
     no = NbdOptions(foreground=foreground)
     for key, value in opts.nbd.items():
         no = apply_nbd_option(no, key, value)
-    flags, data = split_mount_options([*opts.flags, *opts.kernel])
+    flags, data = _mount_flags(opts)
     return replace(no, mount_flags=flags, mount_data=data)
 
 
@@ -96,17 +90,18 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         if opts.nbd or opts.fuse or opts.devices:
             raise UsageError("nbd.*, FUSE options and --device do not apply to fanotify mode")
         from .backends.fanotify import lifecycle as fan
+        from .opener import oci_options, raw_oci
 
+        flags, data = _mount_flags(opts)
         if kind == "image":   # every layer its own fanotify mount, under the kernel's overlayfs
             from .backends.image import mount_image
-            from .opener import oci_options
 
             def mount_layer(pinned, d, o):
-                raw = {k: v for k, v in _raw_oci(opts).items() if k != "oci.layer"}
-                return fan.mount(pinned, "layer", d, {**raw, "oci.blob": o.blob, "oci.platform": o.platform})
-            flags, _data = _mount_flags(opts)
+                raw = {k: v for k, v in raw_oci(opts).items() if k != "oci.layer"}
+                return fan.mount(pinned, "layer", d, {**raw, "oci.blob": o.blob, "oci.platform": o.platform},
+                                 flags=flags, data=data)
             return mount_image(source, mountpoint, oci_options(opts), mount_layer, _unmount, flags=flags)
-        return fan.mount(source, kind, mountpoint, _raw_oci(opts), foreground=foreground)
+        return fan.mount(source, kind, mountpoint, raw_oci(opts), flags=flags, data=data, foreground=foreground)
     if mode == "fuse":
         if opts.nbd:
             raise UsageError(f"nbd.* options do not apply to FUSE mode ({', '.join('nbd.' + k for k in opts.nbd)})")
@@ -229,7 +224,7 @@ def _status(nbd, fuse_status) -> int:
     from .backends.fanotify import lifecycle as fan
     from .backends.image import live_images, status_lines
 
-    entries = [{**e, "key": ("nbd", e["index"]), "line": nbd._status_line(e)} for e in nbd.status_entries()]
+    entries = [{**e, "key": ("nbd", e["index"]), "line": nbd.status_line(e)} for e in nbd.status_entries()]
     entries += [{**e, "key": ("fanotify", e["mountpoint"]), "mountpoints": [e["mountpoint"]],
                  "alive": e["alive"].get("daemon", False), "bytes_fetched_total": e["bytes_fetched"],
                  "line": fan.status_line(e)} for e in fan.status_entries()]

@@ -42,14 +42,19 @@ def classify(source: str, opts: MountOptions) -> tuple[str, str]:
     return "image", f"{source} is not a local path: the image reference {ref}"
 
 
+def raw_oci(opts: MountOptions) -> dict[str, str | None]:
+    """The ``oci.*`` options (and ``cache_limit``) as OciOptions.from_mount_options takes them."""
+    raw: dict[str, str | None] = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
+    if "limit" in opts.cache:
+        raw["cache_limit"] = opts.cache["limit"]
+    return raw
+
+
 def oci_options(opts: MountOptions):
     """MountOptions (``oci.*``, ``cache_limit``) -> sources.oci.options.OciOptions."""
     from .sources.oci.options import OciOptions
 
-    raw: dict[str, str | None] = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
-    if "limit" in opts.cache:
-        raw["cache_limit"] = opts.cache["limit"]
-    return OciOptions.from_mount_options(raw)
+    return OciOptions.from_mount_options(raw_oci(opts))
 
 
 class TrioThread:

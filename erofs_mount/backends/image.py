@@ -32,8 +32,6 @@ the tag moves meanwhile.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import errno as _errno
 import fcntl
@@ -46,13 +44,12 @@ from typing import Iterator
 from ..errors import ErofsMountError
 from ..status import size_text
 from ..statefile import read_json, write_json
+from . import kmount
 from .fuse.mountinfo import find_mount
 
-MS_RDONLY = 1
 RUN_DIR = "/run/erofs-mount"
 IMAGES_DIR = RUN_DIR + "/images"
 LAYERS_DIR = RUN_DIR + "/layers"
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 # ---- pure ---------------------------------------------------------------------------------------
@@ -229,10 +226,7 @@ def mount_image(ref: str, mountpoint: str, oci_options, mount_layer, unmount, *,
                 mounted.append(d)
             lowers = [layer_dir(k) for k in stacked]
             data = overlay_data(lowers)
-            if _libc.mount(b"overlay", mountpoint.encode(), b"overlay", ctypes.c_ulong(flags | MS_RDONLY),
-                           data.encode()) != 0:
-                err = ctypes.get_errno()
-                raise ErofsMountError(f"mount overlay on {mountpoint}: {os.strerror(err)} (see dmesg)", errno=err)
+            kmount.mount("overlay", mountpoint, "overlay", flags, data)
             overlay = True
             write_json(doc_path, {
                 "mountpoint": mountpoint, "ref": ref, "pinned_ref": pinned, "platform": res.platform,
@@ -242,7 +236,8 @@ def mount_image(ref: str, mountpoint: str, oci_options, mount_layer, unmount, *,
             }, make_dir=True)
         except BaseException:
             if overlay:
-                _libc.umount2(mountpoint.encode(), 0)
+                with contextlib.suppress(ErofsMountError):
+                    kmount.umount(mountpoint)
             for d in reversed(mounted):
                 with contextlib.suppress(ErofsMountError, OSError):
                     unmount(d)
@@ -254,9 +249,7 @@ def mount_image(ref: str, mountpoint: str, oci_options, mount_layer, unmount, *,
 def unmount_image(mountpoint: str, lowers: list[str], unmount) -> int:
     mountpoint = os.path.realpath(mountpoint)
     with images_lock():
-        if _libc.umount2(mountpoint.encode(), 0) != 0:
-            err = ctypes.get_errno()
-            raise ErofsMountError(f"umount {mountpoint}: {os.strerror(err)}", errno=err)
+        kmount.umount(mountpoint)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image_doc_path(mountpoint))
         shared = in_use_elsewhere(lowers, live_images(), mountpoint)

@@ -198,3 +198,14 @@ def test_reattach_keeps_the_blob_the_tag_named_at_mount(fan, registry, tmp_path)
         with open(os.path.join(mnt, name), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == sha, name
     assert fan.unmount(mnt).returncode == 0
+
+
+def test_mount_flags_and_erofs_options_reach_the_mount(fan):
+    from erofs_mount.backends.fuse.mountinfo import find_mount
+
+    img = _image("lz4")
+    res, mnt = fan.mount(str(img.path), "nosuid,nodev,noatime")
+    assert res.returncode == 0, res.stderr
+    m = find_mount(mnt)
+    assert m.fstype == "erofs" and {"ro", "nosuid", "nodev", "noatime"} <= set(m.options.split(",")), m
+    assert fan.unmount(mnt).returncode == 0

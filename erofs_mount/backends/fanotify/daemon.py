@@ -26,12 +26,14 @@ import trio
 from ...erofs.metaranges import coalesce, metadata_ranges
 from ...errors import ErofsMountError, UsageError
 from ...publish import Publisher, source_stats
-from . import kernel, link, record
-from .filler import Filler
+from .. import kmount
+from . import link, record
+from .filler import Filler, verify_entry
 
 log = logging.getLogger("erofs_mount.fanotify")
 PREFETCH_GAP = 64 << 10          # metadata ranges closer than this are fetched as one
 PUBLISH_INTERVAL = 2.0
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _local_key(path: str) -> str:
@@ -46,9 +48,7 @@ async def open_source(spec: dict):
 
     if spec["kind"] == "local":
         path = spec["source"]
-        if not os.path.exists(path):
-            raise ErofsMountError(f"{path}: no such file", errno=2)
-        tar = local_kind(path)
+        tar = local_kind(path)      # a missing file: LocalSource.open says so
         if tar is not None:
             from ...sources.tarlayer.openlayer import open_local_layer
 
@@ -89,7 +89,7 @@ def _spawn(module: str, args: list[str], log_fd: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", f"erofs_mount.backends.fanotify.{module}", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
                             start_new_session=True, close_fds=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+                            env={**os.environ, "PYTHONPATH": _PACKAGE_ROOT})
     line = proc.stdout.readline().decode(errors="replace").strip()
     proc.stdout.close()
     if line != "ready":
@@ -196,7 +196,12 @@ async def _run(doc: dict, source, store, sock, ready, *, mount: bool) -> None:
         if sock is not None:
             nursery.start_soon(_serve_link, sock, filler, counts, mountpoint, data)
         if mount:
-            await trio.to_thread.run_sync(kernel.mount_file, data, mountpoint)
+            # the regular file itself as the source (Linux 6.12+: fs/erofs/super.c erofs_fc_get_tree
+            # opens fc->source with filp_open when it is no block device); util-linux mount would set
+            # up a loop device instead, whose I/O raises no events
+            spec = doc["spec"]
+            await trio.to_thread.run_sync(kmount.mount, data, mountpoint, "erofs", spec.get("mount_flags", 0),
+                                          spec.get("mount_data") or None)
         doc["pids"]["daemon"] = os.getpid()
         record.write(doc)
         ready.ok()
@@ -209,10 +214,6 @@ async def _run(doc: dict, source, store, sock, ready, *, mount: bool) -> None:
             nursery.start_soon(on_signal)
             await _watch(mountpoint, data, filler, doc, counts, store)
             nursery.cancel_scope.cancel()
-
-
-def _log_fd() -> int:
-    return sys.stderr.fileno()
 
 
 async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
@@ -244,16 +245,13 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
             head = await trio.to_thread.run_sync(store.read, 0, min(source.size, EROFS_SUPER_OFFSET + 4))
             check_erofs_magic(head, spec["source"])
         if store.complete and key == getattr(source, "digest", None) and not store.verified:
-            ok = await trio.to_thread.run_sync(store.verify)   # the whole blob came with the metadata
-            log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
-                    "matches" if ok else "does NOT match (discarded)")
-            if not ok:
+            if not await trio.to_thread.run_sync(verify_entry, store):   # the whole blob came with the metadata
                 raise ErofsMountError(f"{spec['source']}: the blob does not match its digest {key}", errno=5)
         sock = None
         if not store.complete:
             procs.append(await trio.to_thread.run_sync(
-                _spawn, "holder", [data, doc["socket"], doc["lock"], mountpoint], _log_fd()))
-            procs.append(await trio.to_thread.run_sync(_spawn, "guard", [data, doc["lock"], mountpoint], _log_fd()))
+                _spawn, "holder", [data, doc["socket"], doc["lock"], mountpoint], sys.stderr.fileno()))
+            procs.append(await trio.to_thread.run_sync(_spawn, "guard", [data, doc["lock"], mountpoint], sys.stderr.fileno()))
             doc["pids"].update(holder=procs[0].pid, guard=procs[1].pid)
             sock, received = await trio.to_thread.run_sync(_connect, doc["socket"])
             os.close(received)        # this daemon's own fd was opened before the mark already

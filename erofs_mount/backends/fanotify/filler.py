@@ -21,6 +21,15 @@ import trio
 log = logging.getLogger("erofs_mount.fanotify")
 
 
+def verify_entry(store) -> bool:
+    """A complete blob entry hashed against its digest (sources/diskcache.py verify; a mismatch
+    empties it, so every later read fetches again), said in the log."""
+    ok = store.verify()
+    log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
+            "matches" if ok else "does NOT match (discarded)")
+    return ok
+
+
 class _Fetch:
     __slots__ = ("done", "error")
 
@@ -76,11 +85,7 @@ class Filler:
         self._recent.append(last)
 
     async def _check_digest(self) -> None:
-        """The whole blob is local: hash it against its digest (sources/diskcache.py verify).  A
-        mismatch empties the entry (every later read fetches again) and says so in the log."""
-        ok = await trio.to_thread.run_sync(self.store.verify)
-        log.log(logging.INFO if ok else logging.ERROR, "the complete cache entry %s its digest",
-                "matches" if ok else "does NOT match (discarded)")
+        await trio.to_thread.run_sync(verify_entry, self.store)
         self._verifying = False
 
     async def _background(self, w: int) -> None:

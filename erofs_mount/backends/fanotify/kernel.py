@@ -1,14 +1,9 @@
-"""The syscalls of fanotify mode (ctypes; thin, synchronous): fanotify groups and marks, the erofs
-file-backed mount, and the probe ``--mode auto`` asks.
+"""The syscalls of fanotify mode (ctypes; thin, synchronous): fanotify groups and marks, and the
+probe ``--mode auto`` asks (mount(2) itself: backends/kmount.py).
 
     pre_content_group() -> fd        FAN_CLASS_PRE_CONTENT, unlimited queue, nonblocking (wire.py)
     guard_group() -> fd              FAN_CLASS_CONTENT, for FAN_ACCESS_PERM (the fallback deny, guard.py)
     mark(group, path, mask, remove=False)
-    mount_file(path, target, flags)  mount(2) of a regular file with fstype "erofs" (Linux 6.12+:
-                                     fs/erofs/super.c erofs_fc_get_tree opens fc->source with
-                                     filp_open when it is no block device; util-linux mount would
-                                     set up a loop device instead, whose I/O raises no events)
-    unmount(target, detach=False)
     unsupported_reason(directory) -> str | None   why fanotify mode cannot work here, or None
     first_hole(fd, start, size) -> int            lseek SEEK_HOLE (raises no events)
     read_events(group) -> list[wire.Event]        one read(2) of a group, parsed
@@ -24,18 +19,15 @@ import os
 import tempfile
 
 from ...errors import ErofsMountError
+from .. import kmount
 from . import wire
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 log = logging.getLogger("erofs_mount.fanotify")
 AT_FDCWD = -100
-MS_RDONLY = 1
-MNT_DETACH = 2
 SEEK_HOLE = 4
 
 
@@ -60,21 +52,9 @@ def guard_group() -> int:
 
 
 def mark(group: int, path: str, mask: int, *, remove: bool = False) -> None:
-    flags = (wire.FAN_MARK_REMOVE if remove else wire.FAN_MARK_ADD) | wire.FAN_MARK_INODE | wire.FAN_MARK_DONT_FOLLOW
+    flags, _pre_access = wire.mark_flags(remove=remove)
     if _libc.fanotify_mark(group, flags, mask, AT_FDCWD, os.fsencode(path)) != 0:
         raise _fail(f"fanotify_mark {path}")
-
-
-def mount_file(path: str, target: str, flags: int = 0) -> None:
-    if _libc.mount(os.fsencode(path), os.fsencode(target), b"erofs", flags | MS_RDONLY, None) != 0:
-        err = ctypes.get_errno()
-        hint = " (see dmesg)" if err == _errno.EINVAL else ""
-        raise ErofsMountError(f"mount -t erofs {path} {target}: {os.strerror(err)}{hint}", errno=err)
-
-
-def unmount(target: str, *, detach: bool = False) -> None:
-    if _libc.umount2(os.fsencode(target), MNT_DETACH if detach else 0) != 0:
-        raise _fail(f"umount {target}")
 
 
 def first_hole(fd: int, start: int, size: int) -> int:
@@ -110,10 +90,13 @@ def unsupported_reason(directory: str) -> str | None:
                 return f"{directory}: its filesystem takes no pre-content marks (ext4, xfs, btrfs do): {exc}"
             mark(group, f.name, wire.FAN_PRE_ACCESS, remove=True)
             with tempfile.TemporaryDirectory(dir=directory, prefix=".probe") as mnt:
-                if _libc.mount(os.fsencode(f.name), os.fsencode(mnt), b"erofs", MS_RDONLY, None) == 0:
-                    _libc.umount2(os.fsencode(mnt), MNT_DETACH)   # an empty file cannot be EROFS
+                try:
+                    kmount.mount(f.name, mnt, "erofs")
+                except ErofsMountError as exc:
+                    err = exc.errno
+                else:
+                    kmount.umount(mnt, detach=True)   # an empty file cannot be EROFS
                     return None
-                err = ctypes.get_errno()
                 if err in (_errno.EINVAL, _errno.EUCLEAN):
                     return None
                 if err == _errno.ENODEV:

@@ -22,13 +22,14 @@ import time
 from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, UsageError
 from ...status import size_text
+from .. import kmount
 from . import kernel, record
 
 WINDOW_LOCAL = 256 << 10
 WINDOW_REMOTE = 1 << 20
 
 
-def _cache_root(oci: dict) -> str:
+def cache_root(oci: dict) -> str:
     from ...sources.diskcache import default_root
 
     root = oci.get("oci.cache")
@@ -38,8 +39,10 @@ def _cache_root(oci: dict) -> str:
     return default_root() if root in (None, "", "auto") else os.path.abspath(root)
 
 
-def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *, foreground: bool = False) -> int:
-    """``kind``: "local" | "layer" (opener.classify); ``oci``: the raw ``oci.*`` options."""
+def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *, flags: int = 0, data: str = "",
+          foreground: bool = False) -> int:
+    """``kind``: "local" | "layer" (opener.classify); ``oci``: the raw ``oci.*`` options; ``flags``,
+    ``data``: mount(2) flags and erofs options (nosuid, acl, …)."""
     if os.geteuid() != 0:
         raise ErofsMountError("fanotify mode needs root (fanotify permission events need CAP_SYS_ADMIN); "
                               "use --mode fuse", errno=_errno.EPERM)
@@ -47,16 +50,18 @@ def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *
         raise UsageError("a whole image is mounted layer by layer (backends/image.py), not here")
     if not os.path.isdir(mountpoint):
         raise ErofsMountError(f"{mountpoint}: mount point is not a directory", errno=_errno.ENOTDIR)
-    root = _cache_root(oci)
+    root = cache_root(oci)
     reason = kernel.unsupported_reason(root)
     if reason:
         raise ErofsMountError(reason, errno=_errno.EOPNOTSUPP)
     mountpoint = os.path.realpath(mountpoint)
-    if record.read(mountpoint) is not None and record.mounted(mountpoint, record.read(mountpoint)["data"]):
+    there = record.read(mountpoint)
+    if there is not None and record.mounted(mountpoint, there["data"]):
         raise ErofsMountError(f"{mountpoint}: a fanotify mount is there already", errno=_errno.EBUSY)
     spec = {"kind": "local" if kind == "local" else "oci",
             "source": os.path.realpath(source) if kind == "local" else source,
-            "oci": {**oci, "oci.cache": root}, "cache_root": root}   # a tar layer's index kept there too
+            "oci": {**oci, "oci.cache": root}, "cache_root": root,   # a tar layer's index kept there too
+            "mount_flags": flags, "mount_data": data}
     window = WINDOW_LOCAL if kind == "local" else WINDOW_REMOTE
 
     def worker(ready):
@@ -70,8 +75,7 @@ def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *
 
 
 def owns(mountpoint: str) -> bool:
-    doc = record.read(mountpoint)
-    return doc is not None
+    return record.read(mountpoint) is not None
 
 
 def reattach(mountpoint: str, *, foreground: bool = False) -> int:
@@ -116,7 +120,7 @@ def unmount(mountpoint: str) -> int:
     if doc is None:
         raise UsageError(f"{mountpoint}: not a fanotify mount of erofs-mount")
     if record.mounted(mountpoint, doc["data"]):
-        kernel.unmount(mountpoint)
+        kmount.umount(mountpoint)
     # the daemon first (it publishes last), then the holder: it denies (EIO) what is still pending
     # before its group goes; the guard last
     for name in ("daemon", "holder", "guard"):

@@ -20,8 +20,6 @@ until the CLI does.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno as _errno
 import os
 import sys
@@ -30,13 +28,13 @@ import time
 from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, NotFoundError, UsageError
 from ...status import ratio_text, size_text
+from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
 from .recovery import NBD_RUN_DIR, LocalRecord, record_path
 from .source import override_record
 
 IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def choose_mode(opts: NbdOptions) -> str:
@@ -184,9 +182,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> int:
         raise UsageError(f"{mountpoint} is not an erofs-mount NBD mount")
     index = sysfs.index_of(m.source)
     ident = sysfs.backend(index) or record_path(index)
-    if _libc.umount2(os.path.realpath(mountpoint).encode(), 0) != 0:
-        err = ctypes.get_errno()
-        raise ErofsMountError(f"umount {mountpoint}: {os.strerror(err)}", errno=err)
+    kmount.umount(os.path.realpath(mountpoint))
     if sysfs.mountpoints_of(index):
         return 0  # mounted elsewhere too: the device stays
     pidfile = state.pid_path(ident)
@@ -239,7 +235,7 @@ def status_entries() -> list[dict]:
     return out
 
 
-def _status_line(e: dict) -> str:
+def status_line(e: dict) -> str:
     parts = [f"nbd{e['index']}", f"source={e['source']}"]
     if e["kind"] == "oci":
         parts += [f"platform={e['platform']}", f"digest={e['digest'] or '-'}"]
@@ -260,7 +256,7 @@ def status(out=None) -> int:
     from ..image import live_images, status_lines as image_status_lines
 
     out = out or sys.stdout
-    entries = [{**e, "key": ("nbd", e["index"]), "line": _status_line(e)} for e in status_entries()]
+    entries = [{**e, "key": ("nbd", e["index"]), "line": status_line(e)} for e in status_entries()]
     lines = image_status_lines(entries, live_images())
     for line in lines:
         print(line, file=out)
@@ -304,4 +300,5 @@ if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
 
-__all__ = ["mount", "mount_oci", "mount_image", "unmount_image", "unmount", "reattach", "disconnect", "status", "status_entries", "supervise", "choose_mode", "NbdOptions"]
+__all__ = ["mount", "mount_oci", "mount_image", "unmount", "reattach", "disconnect", "status", "status_line",
+           "status_entries", "supervise", "choose_mode", "NbdOptions"]

@@ -9,9 +9,7 @@ disconnected, record removed, daemon gone.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import ctypes.util
 import errno as _errno
 import logging
 import os
@@ -25,8 +23,9 @@ import trio
 
 from ...daemon import Readiness
 from ...errors import ErofsMountError, NotErofsError, leaf_error
+from .. import kmount
 from . import ioctl, netlink, state, sysfs
-from .config import MS_RDONLY, NbdOptions
+from .config import NbdOptions
 from .publish import base_document, serve_published
 from .source import open_source, pinned_record, record_for_oci
 from .recovery import OciLayerRecord, Record, describe, record_path
@@ -35,7 +34,6 @@ log = logging.getLogger("erofs_mount.nbd")
 
 EROFS_SUPER_OFFSET = 1024
 EROFS_SUPER_MAGIC_V1 = 0xE0F5E1E2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def export_geometry(sb: bytes, size: int, block_size: int | None) -> tuple[int, int]:
@@ -53,12 +51,7 @@ def export_geometry(sb: bytes, size: int, block_size: int | None) -> tuple[int, 
 
 
 def _mount_syscall(device: str, mountpoint: str, flags: int, data: str) -> None:
-    flags |= MS_RDONLY  # EROFS, and a read-only device: without it mount(2) says EACCES
-    rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", ctypes.c_ulong(flags),
-                     data.encode() if data else None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise ErofsMountError(f"mount {device} on {mountpoint}: {os.strerror(err)} (see dmesg)", errno=err)
+    kmount.mount(device, mountpoint, "erofs", flags, data)
 
 
 def _queue_attr(index: int, name: str, value: int) -> None:
