@@ -19,7 +19,6 @@ Documents never hold a secret: references, paths, pids and counters only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 

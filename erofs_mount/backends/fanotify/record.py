@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 
-from ...publish import alive as _alive
+from ...publish import alive  # noqa: F401 - the liveness callers of this module use
 from ...statefile import read_json, write_json
 from ..fuse.mountinfo import find_mount
 
@@ -43,7 +43,7 @@ def write(doc: dict) -> None:
 
 
 def read(mountpoint: str) -> dict | None:
-    doc = read_json(_base(mountpoint) + ".json")
+    doc = read_json(path(mountpoint))
     return doc if doc and doc.get("mode") == "fanotify" else None
 
 
@@ -67,6 +67,3 @@ def every() -> list[dict]:
             out.append(doc)
     return out
 
-
-def alive(pid) -> bool:
-    return _alive(pid)

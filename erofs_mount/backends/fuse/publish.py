@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from ...publish import STATS_INTERVAL, alive, process_start, source_fields, source_stats  # noqa: F401
+from ...publish import alive, process_start, source_fields, source_stats
 from ...publish import Publisher as _Publisher
 from ...statefile import read_json  # noqa: F401 - re-exported for fuse.status
 from ...status import SOURCE_STAT_KEYS
