@@ -5,9 +5,11 @@ marks; every mount is unmounted and every daemon, holder and guard killed in tea
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,9 +29,9 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
 
 
 class Fan:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, cache: Path) -> None:
         self.tmp = tmp_path
-        self.cache = tmp_path / "cache"
+        self.cache = cache
         self.env = {"EROFS_MOUNT_CACHE_DIR": str(self.cache)}
         self.mounted: list[str] = []
         self._n = 0
@@ -70,13 +72,33 @@ class Fan:
             record.remove(mnt)
 
 
+def _cache_dirs(tmp_path: Path):
+    """Where the sparse files may live: pre-content marks need ext4, xfs or btrfs, and /tmp may be a
+    tmpfs on another machine; so pytest's directory first, then /var/tmp, then the checkout."""
+    yield tmp_path / "cache"
+    for base in ("/var/tmp", str(REPO)):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            yield Path(tempfile.mkdtemp(prefix=".fanotify-cache-", dir=base))
+
+
 @pytest.fixture
 def fan(tmp_path):
-    reason = kernel.unsupported_reason(str(tmp_path / "cache"))
-    if reason:
-        pytest.skip(f"fanotify mode cannot run here: {reason}")
-    f = Fan(tmp_path)
+    reasons, made = [], []
+    for cache in _cache_dirs(tmp_path):
+        if cache.parent != tmp_path:
+            made.append(cache)
+        reason = kernel.unsupported_reason(str(cache))
+        if reason is None:
+            break
+        reasons.append(reason)
+    else:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+        pytest.skip(f"fanotify mode cannot run here: {'; '.join(reasons)}")
+    f = Fan(tmp_path, cache)
     try:
         yield f
     finally:
         f.cleanup()
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
