@@ -160,30 +160,44 @@ async def _watch(mountpoint: str, data: str, filler: Filler, doc: dict, counts: 
 
 
 async def _prefetch(source, filler: Filler) -> int:
+    """Make every metabuf range (erofs/metaranges.py) local; returns their bytes.
+
+    A remote source's walk reads the sparse file: each directory level's ranges are filled through
+    ``filler`` (whole windows, written once) before the walk reads them, so every byte crosses the
+    network once and the walk costs one round trip per level that is not local yet.  A local
+    source is walked directly (its reads are cheap) and filled at the end."""
     from ...erofs.image import Image
     from ...sources.bridge import SyncReadAt
 
     token = trio.lowlevel.current_trio_token()
-
-    async def warm(ranges) -> None:
-        """What the walk reads next, fetched together (the source keeps it in memory)."""
-        async with trio.open_nursery() as nursery:
-            for off, length in coalesce(ranges, PREFETCH_GAP):
-                nursery.start_soon(source.read_at, off, length)
-
-    def find():
-        img = Image(SyncReadAt(source, token).read_at, size=source.size)
-        hint = None if hasattr(source, "pread") else (lambda r: trio.from_thread.run(warm, r, trio_token=token))
-        return metadata_ranges(img, align=max(4096, img.block_size), prefetch=hint)
-    ranges = coalesce(await trio.to_thread.run_sync(find), PREFETCH_GAP)
     limit = trio.CapacityLimiter(8)
+    store = filler.store
 
     async def one(off, length):
         async with limit:
             await filler.ensure(off, off + length)
-    async with trio.open_nursery() as nursery:
-        for off, length in ranges:
-            nursery.start_soon(one, off, length)
+
+    async def fill(ranges) -> None:
+        async with trio.open_nursery() as nursery:
+            for off, length in coalesce(ranges, PREFETCH_GAP):
+                nursery.start_soon(one, off, length)
+
+    def read_local(off: int, length: int) -> bytes:
+        end = min(off + length, source.size)
+        if not store.has(off, end):
+            trio.from_thread.run(filler.ensure, off, end, trio_token=token)
+        return store.read(off, end)
+
+    def find():
+        if hasattr(source, "pread"):
+            img = Image(SyncReadAt(source, token).read_at, size=source.size)
+            hint = None
+        else:
+            img = Image(read_local, size=source.size)
+            hint = lambda r: trio.from_thread.run(fill, list(r), trio_token=token)  # noqa: E731
+        return metadata_ranges(img, align=max(4096, img.block_size), prefetch=hint)
+    ranges = coalesce(await trio.to_thread.run_sync(find), PREFETCH_GAP)
+    await fill(ranges)
     return sum(n for _o, n in ranges)
 
 
@@ -233,10 +247,16 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
         await trio.to_thread.run_sync(lambda: enforce_limit(root, limit, keep=store.path))  # in-use entries stay
         data = os.path.join(store.path, "data")
         doc = record.new(spec, mountpoint, data, key, source.size, window)
-        if not store.complete:
+        keepers = not store.complete
+        if keepers:   # holder and guard start while the metadata is fetched (this daemon's fd predates the mark)
+            def spawn_keepers() -> None:
+                procs.append(_spawn("holder", [data, doc["socket"], doc["lock"], mountpoint], sys.stderr.fileno()))
+                procs.append(_spawn("guard", [data, doc["lock"], mountpoint], sys.stderr.fileno()))
             t0 = time.monotonic()
             pre = Filler(source, store, window=window, readahead=0)
-            nbytes = await _prefetch(source, pre)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, spawn_keepers)
+                nbytes = await _prefetch(source, pre)
             log.info("metadata made local: %d bytes, %d window fetches (%s), %.2f s", nbytes, pre.stats["fetches"],
                      _source_requests(source), time.monotonic() - t0)
         if store.complete:   # no metadata walk: check the superblock here
@@ -248,10 +268,7 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
             if not await trio.to_thread.run_sync(verify_entry, store):   # the whole blob came with the metadata
                 raise ErofsMountError(f"{spec['source']}: the blob does not match its digest {key}", errno=5)
         sock = None
-        if not store.complete:
-            procs.append(await trio.to_thread.run_sync(
-                _spawn, "holder", [data, doc["socket"], doc["lock"], mountpoint], sys.stderr.fileno()))
-            procs.append(await trio.to_thread.run_sync(_spawn, "guard", [data, doc["lock"], mountpoint], sys.stderr.fileno()))
+        if keepers:
             doc["pids"].update(holder=procs[0].pid, guard=procs[1].pid)
             sock, received = await trio.to_thread.run_sync(_connect, doc["socket"])
             os.close(received)        # this daemon's own fd was opened before the mark already
