@@ -103,7 +103,7 @@ def make_big(tree_src: str, dest: str) -> None:
 # ------------------------------------------------------------------ mounts
 def find_pids(needle: str) -> list[int]:
     """The processes serving ``needle``: each daemon first, then the decoder process it forked
-    (same command line; backends/fuse/decoder.py)."""
+    (same command line; backends/fuse/accel/decoder.py)."""
     pids = _named(needle)
     parents = [p for p in pids if _ppid(p) not in pids]
     return parents + [p for p in pids if p not in parents]

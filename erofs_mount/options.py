@@ -28,7 +28,7 @@ KERNEL_OPTIONS = frozenset({"user_xattr", "nouser_xattr", "acl", "noacl"})
 KERNEL_VALUED = frozenset({"cache_strategy", "fsid", "domain_id"})
 FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
 FUSE_NUMERIC = frozenset({"uid", "gid", "max_read", "poll_us", "read_ahead_kb", "decoder"})
-FUSE_VALUED = FUSE_NUMERIC | {"fsname", "subtype"}
+FUSE_VALUED = FUSE_NUMERIC | {"fsname", "subtype", "accel"}
 NBD_VALUED = frozenset({"nbd.index", "nbd.dead_conn_timeout", "nbd.io_timeout", "nbd.block_size",
                         "nbd.read_ahead_kb"})
 NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NBD backend

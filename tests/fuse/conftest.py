@@ -83,7 +83,7 @@ def find_pids(mountpoint: str) -> list[int]:
 
 
 def decoder_pids(mountpoint: str) -> list[int]:
-    """The decoder processes (backends/fuse/decoder.py) of the daemons for ``mountpoint``."""
+    """The decoder processes (backends/fuse/accel/decoder.py) of the daemons for ``mountpoint``."""
     pids = _named(mountpoint)
     return [p for p in pids if _ppid(p) in pids]
 

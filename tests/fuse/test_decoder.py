@@ -1,4 +1,4 @@
-"""The decoder process (backends/fuse/decoder.py): big READs of an lz4 file decoded by a forked
+"""The decoder process (backends/fuse/accel/decoder.py): big READs of an lz4 file decoded by a forked
 second process, byte for byte what the daemon would read, and the daemon carrying on alone when
 the process fails or dies.
 
@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from erofs_mount.backends.fuse import decoder as D
+from erofs_mount.backends.fuse.accel import decoder as D
 from erofs_mount.backends.fuse.source import open_image
 
 from .conftest import decoder_pids, find_pids, wait_for

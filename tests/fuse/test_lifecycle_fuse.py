@@ -154,7 +154,7 @@ def test_read_ahead_window_of_compressed_images(fuse, plain):
     """Root mounts of compressed images get a 1 MiB read-ahead window (1 MiB READs); uncompressed
     ones keep the kernel's; ``-o read_ahead_kb=N`` sets it, 0 leaves the kernel's."""
     from erofs_mount.backends.fuse.config import COMPRESSED_READ_AHEAD_KB
-    from erofs_mount.backends.fuse.readahead import bdi_setting
+    from erofs_mount.backends.fuse.accel.readahead import bdi_setting
 
     def read_ahead_kb(st_dev: int) -> int:
         with open(bdi_setting(st_dev)) as f:

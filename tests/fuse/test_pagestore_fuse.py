@@ -1,4 +1,4 @@
-"""Small files are stored in the kernel's page cache at open (backends/fuse/pagestore.py): reading
+"""Small files are stored in the kernel's page cache at open (backends/fuse/accel/pagestore.py): reading
 them sends no READ, every byte is right, and concurrent opens of the same files never hang.
 
 The oracle is the source tree (as in test_concurrency_fuse.py); the daemon's exit line in its log
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from erofs_mount.backends.fuse.pagestore import STORE_MAX
+from erofs_mount.backends.fuse.accel.pagestore import STORE_MAX
 from tests import corpuslib
 
 from .conftest import find_pids, mount_corpus, wait_for

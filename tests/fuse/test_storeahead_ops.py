@@ -1,4 +1,4 @@
-"""Store-ahead in the operations (backends/fuse/storeahead.py), driven without a mount: readdir lists a
+"""Store-ahead in the operations (backends/fuse/accel/storeahead.py), driven without a mount: readdir lists a
 directory, each OPEN suggests the next file listed, and the idle-time store hands the kernel that
 file's exact bytes, under the page store's rules."""
 
@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from erofs_mount.backends.fuse import inline
-from erofs_mount.backends.fuse.lifecycle import open_image
-from erofs_mount.backends.fuse.pagestore import STORE_MAX
+from erofs_mount.backends.fuse.accel import inline
+from erofs_mount.backends.fuse.source import open_image
+from erofs_mount.backends.fuse.accel.pagestore import STORE_MAX
 from tests import corpuslib
 
 pyfuse3 = pytest.importorskip("pyfuse3")

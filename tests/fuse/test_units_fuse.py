@@ -7,8 +7,9 @@ import os
 import pytest
 
 from tests import corpuslib
-from erofs_mount.backends.fuse import inline
-from erofs_mount.backends.fuse.lifecycle import FuseOptions, open_image
+from erofs_mount.backends.fuse.accel import inline
+from erofs_mount.backends.fuse.lifecycle import FuseOptions
+from erofs_mount.backends.fuse.source import open_image
 from erofs_mount.errors import UsageError
 
 pyfuse3 = pytest.importorskip("pyfuse3")

@@ -1,11 +1,11 @@
-"""The adaptive polling window in front of pyfuse3's waits (backends/fuse/busypoll.py), on real pipes."""
+"""The adaptive polling window in front of pyfuse3's waits (backends/fuse/accel/busypoll.py), on real pipes."""
 
 import os
 
 import pytest
 import trio
 
-from erofs_mount.backends.fuse import busypoll
+from erofs_mount.backends.fuse.accel import busypoll
 from erofs_mount.backends.fuse.config import DEFAULT_POLL_US, FuseOptions
 from erofs_mount.errors import UsageError
 from tests.schedprobe import other_task_ran

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from erofs_mount.backends.fuse.decodeplan import MAX_STREAMS, DecodePlan
+from erofs_mount.backends.fuse.accel.decodeplan import MAX_STREAMS, DecodePlan
 
 MiB = 1 << 20
 

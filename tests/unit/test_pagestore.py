@@ -1,8 +1,8 @@
-"""Which opens store a file in the kernel's page cache (backends/fuse/pagestore.py), with a fake notify."""
+"""Which opens store a file in the kernel's page cache (backends/fuse/accel/pagestore.py), with a fake notify."""
 
 import errno
 
-from erofs_mount.backends.fuse import pagestore
+from erofs_mount.backends.fuse.accel import pagestore
 
 
 def _store(max_size=100):

@@ -1,9 +1,9 @@
-"""What pyfuse3 sees as trio (backends/fuse/shim.py): the barging lock and the install/uninstall."""
+"""What pyfuse3 sees as trio (backends/fuse/accel/shim.py): the barging lock and the install/uninstall."""
 
 import pytest
 import trio
 
-from erofs_mount.backends.fuse import busypoll, shim
+from erofs_mount.backends.fuse.accel import busypoll, shim
 from tests.schedprobe import other_task_ran
 
 

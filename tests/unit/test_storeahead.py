@@ -1,6 +1,6 @@
-"""Which file the store-ahead bookkeeping suggests after an OPEN (backends/fuse/storeahead.py)."""
+"""Which file the store-ahead bookkeeping suggests after an OPEN (backends/fuse/accel/storeahead.py)."""
 
-from erofs_mount.backends.fuse.storeahead import StoreAhead
+from erofs_mount.backends.fuse.accel.storeahead import StoreAhead
 
 
 def _ahead(limit=1000):

@@ -7,8 +7,9 @@ from typing import Iterable, Mapping
 
 from ...errors import UsageError
 from ...options import FUSE_FLAGS, FUSE_NUMERIC, FUSE_VALUED
+from .accel import Accel
 
-DEFAULT_POLL_US = 50  # busypoll.py explains the figure (kept here: this module must not import trio)
+DEFAULT_POLL_US = 50  # accel/busypoll.py explains the figure (kept here: this module must not import trio)
 MAX_POLL_US = 10_000
 # The mount's read-ahead (its /sys/class/bdi read_ahead_kb; the kernel starts a FUSE mount at 128)
 # for images with compressed data: the kernel then asks for 1 MiB per READ instead of 256 KiB, and
@@ -44,10 +45,11 @@ class FuseOptions:
     foreground: bool = False
     debug: bool = False
     threads: int = 8                          # reader worker threads
-    poll_us: int = DEFAULT_POLL_US            # busy-poll window for the next request (busypoll.py); 0: off
+    poll_us: int = DEFAULT_POLL_US            # busy-poll window for the next request (accel/busypoll.py); 0: off
     read_ahead_kb: int | None = None          # None: COMPRESSED_READ_AHEAD_KB for compressed images (root
                                               # only), else the kernel's; 0: the kernel's
-    decoder: int | None = None                # a decoder process for big READs (decoder.py): None: auto, 0, 1
+    decoder: int | None = None                # a decoder process for big READs (accel/decoder.py): None: auto, 0, 1
+    accel: str | None = None                  # the accelerators switched on (accel/__init__.py): None: all
     log_file: str | None = None               # None: daemon.log_path("fuse")
 
     @classmethod
@@ -85,6 +87,7 @@ class FuseOptions:
                 raise UsageError(f"read_ahead_kb={self.read_ahead_kb}: 0 (the kernel's) to {MAX_READ_AHEAD_KB}")
             if self.read_ahead_kb and not is_root:
                 raise UsageError("read_ahead_kb needs root (it is the mount's /sys/class/bdi setting)")
+        self.accelerators       # an unknown name: one line
         if self.decoder not in (None, 0, 1):
             raise UsageError(f"decoder={self.decoder}: 0 (off) or 1 (a decoder process)")
         opts = {"ro", f"subtype={self.subtype}", f"fsname={_escape(self.fsname or source)}"}
@@ -103,11 +106,16 @@ class FuseOptions:
             opts.add("debug")
         return opts
 
+    @property
+    def accelerators(self) -> Accel:
+        return Accel.parse(self.accel)
+
     def resolved_read_ahead_kb(self, *, is_root: bool, compressed: bool) -> int:
-        """The read_ahead_kb to set on the new mount; 0: leave the kernel's."""
+        """The read_ahead_kb to set on the new mount; 0: leave the kernel's.  An explicit
+        read_ahead_kb is a setting, not an accelerator: it holds with accel=none too."""
         if self.read_ahead_kb is not None:
             return self.read_ahead_kb
-        return COMPRESSED_READ_AHEAD_KB if is_root and compressed else 0
+        return COMPRESSED_READ_AHEAD_KB if is_root and compressed and self.accelerators.on("readahead") else 0
 
     def resolved_default_permissions(self, *, is_root: bool) -> bool:
         if self.default_permissions is not None:

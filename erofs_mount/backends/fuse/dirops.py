@@ -7,7 +7,7 @@ worker-thread hop when it cannot run inline) with their attributes (READDIRPLUS)
 batch that does not fit in the kernel's reply page (~25 entries) answers the next READDIR, which
 comes from exactly that position, and the empty READDIR at the end of a directory needs no reader
 call.  Every entry handed out counts as a lookup (READDIRPLUS instantiates it), except "." and
-"..", and regular files are noted in listing order for storeahead.py.
+"..", and regular files are noted in listing order for accel/storeahead.py.
 """
 
 from __future__ import annotations

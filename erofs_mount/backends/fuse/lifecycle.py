@@ -10,11 +10,9 @@ mount goes away (``-u``, ``umount``, ``umount -l``, ``fusermount3 -u``) or on
 SIGTERM/SIGINT/SIGHUP, which unmount first.  While it serves, the daemon publishes a statistics
 document for ``erofs-mount status`` (``publish.Publisher``; read by ``status.status_entries``).
 
-The seam for sources: the operations take an ``Image``; ``open_image`` builds it
-from a source.  Today a source is a local file or block device (read with
-positional reads in the worker threads); an OCI source will open here too, its
-``Image`` reading through ``sources.SyncReadAt`` (the reader already runs in
-trio worker threads, so ``trio.from_thread.run`` is available to it).
+The seam for sources: the operations take an ``Image``; openers.py opens it (a local file or
+block device, a tar layer, a registry layer or whole image read through ``sources.SyncReadAt``).
+The request path is ops.py/dirops.py; what makes it fast is in accel/, switched by ``-o accel=``.
 """
 
 from __future__ import annotations
@@ -29,16 +27,16 @@ from dataclasses import replace
 from typing import Iterable
 
 from ...errors import ErofsMountError, UsageError
-from . import decoder
+from .accel import decoder
+from .accel.pagestore import STORE_MAX
+from .accel.readahead import set_read_ahead_kb
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
-from .inline import LocalReader, ResidentReader
 from .mountinfo import find_mount
+from .openers import local_opener, oci_opener
 from .publish import Publisher
-from .readahead import set_read_ahead_kb
-from .source import IMAGE_CACHES, open_image, open_local, tune_image
 
-__all__ = ["FuseOptions", "PASSED_FLAGS", "mount", "mount_oci", "unmount", "open_image"]
+__all__ = ["FuseOptions", "PASSED_FLAGS", "mount", "mount_oci", "unmount"]
 
 log = logging.getLogger("erofs_mount.fuse")
 
@@ -64,14 +62,17 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     import pyfuse3
     import trio
 
-    from . import busypoll, shim
+    from .accel import busypoll, shim
     from .ops import ErofsOperations, OpsConfig
 
     is_root = os.geteuid() == 0
     dp = opts.resolved_default_permissions(is_root=is_root)
-    # inline: the sources honour inline.nowait() (local files); OCI reads always go to worker threads
-    ops = ErofsOperations(image, OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads), enable_acl=dp,
-                          inline=inline)
+    acc = opts.accelerators
+    log.info("accelerators: %s", acc)
+    # inline: the sources honour inline.nowait() (local files, what a registry source keeps resident)
+    config = OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads,
+                       store_max=STORE_MAX if acc.on("pagestore") else 0, store_ahead=acc.on("storeahead"))
+    ops = ErofsOperations(image, config, enable_acl=dp, inline=inline and acc.on("inline"))
     ops.decoder = dec
     options = opts.libfuse_options(source, is_root=is_root)
     if is_root:
@@ -127,12 +128,12 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                 ready.ok()
 
             async def serve() -> None:
-                poller = busypoll.make(opts.poll_us)
-                if not shim.install(poller):
+                poller = busypoll.make(opts.poll_us) if acc.on("busypoll") else None
+                if acc.on("shim") and not shim.install(poller):
                     log.warning("this pyfuse3 does not reach trio through pyfuse3.trio: "
                                 "no busy polling, trio's own lock")
                     poller = None
-                if poller is not None:
+                if poller is not None and config.store_ahead:
                     poller.idle = ops.ahead     # store the next file of a walk between requests
                 try:
                     await pyfuse3.main()
@@ -170,9 +171,9 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
     try:
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
-        if fds:  # forked now, before /dev/fuse is open: the process must not hold the session
+        if fds and opts.accelerators.on("decoder"):  # forked now, before /dev/fuse is open
             dec = decoder.start(image, fds, opts.decoder)
-        elif opts.decoder:
+        elif opts.decoder and opts.accelerators.on("decoder"):
             log.info("no decoder process: it serves local images only")
         await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source, dec=dec)
     finally:
@@ -183,117 +184,6 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
             res = close()
             if hasattr(res, "__await__"):
                 await res
-
-
-def _local_opener(source: str, devices: tuple[str, ...]):
-    from ...sources.tarlayer import local_kind
-
-    kind = local_kind(source)
-    if kind is not None:  # a tar / tar.gz / tar.zst layer file: served through its tar index
-        return _layer_opener(source, kind, devices)
-
-    async def opener():
-        image, opened = open_image(source, devices)  # a few small reads: fine before serving
-        # the descriptors the image reads (local sources honour inline.nowait())
-        fds = tuple(src.fileno() for src in opened)
-        return image, [src.close for src in opened], fds, opened[0], True
-    return opener
-
-
-def _layer_opener(path: str, kind: str, devices: tuple[str, ...]):
-    async def open_layer():
-        from ...sources.tarlayer.openlayer import open_local_layer
-
-        return await open_local_layer(path, kind)
-    return _async_opener(path, open_layer, devices)
-
-
-def _oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
-    if oci_options.layer is None and oci_options.blob is None and not devices:
-        return _image_opener(ref, oci_options)
-
-    async def open_oci():
-        from ...sources.oci.blob import open_oci_source
-
-        return await open_oci_source(ref, options=oci_options)
-    return _async_opener(ref, open_oci, devices)
-
-
-def _image_opener(ref: str, oci_options):
-    """The whole image: every layer opened (bottom first) and, when there are several, merged."""
-    async def open_layers():
-        from ...sources.oci.image import open_oci_layers
-
-        sources, _res = await open_oci_layers(ref, options=oci_options)
-        return sources
-    return _async_opener(ref, open_layers, ())
-
-
-class _Layers:
-    """The status figures of a merged image: its layers' counters added up."""
-
-    def __init__(self, sources: list) -> None:
-        self.sources = sources
-        first = sources[0]
-        self.ref, self.platform, self.manifest_digest = first.ref, first.platform, first.manifest_digest
-        self.digest = ",".join(s.digest for s in sources)
-        self.size = sum(s.size for s in sources)
-
-    def stats(self) -> dict:
-        out: dict = {}
-        for s in self.sources:
-            for k, v in s.stats().items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[k] = out.get(k, 0) + v
-        out["layers"] = len(self.sources)
-        return out
-
-
-def _async_opener(name: str, open_source, devices: tuple[str, ...]):
-    """An image over async sources (a registry blob, a tar layer; or every layer of an image, when
-    ``open_source`` returns a list: merged), read through the bridge."""
-    async def opener():
-        import trio
-
-        from ...erofs.image import Image
-        from ...sources.bridge import SyncReadAt
-
-        opened = await open_source()
-        sources = opened if isinstance(opened, list) else [opened]
-        closers: list = [s.aclose for s in sources]
-        try:
-            extra = []
-            for dev in devices:
-                d = open_local(dev)
-                closers.append(d.close)
-                extra.append(LocalReader(d).read_at)
-            token = trio.lowlevel.current_trio_token()
-            # a single tar layer: what is in memory (its index, decoded spans) is answered inline
-            resident = len(sources) == 1 and hasattr(sources[0], "read_cached") and not devices
-            readers = [ResidentReader(s, SyncReadAt(s, token)).read_at if resident else SyncReadAt(s, token).read_at
-                       for s in sources]
-
-            def build():  # the reader is sync: built in a worker thread, whose reads come back to this loop
-                images = [Image(r, size=s.size, devices=extra, **IMAGE_CACHES) for r, s in zip(readers, sources)]
-                if len(images) == 1:
-                    return images[0]
-                from ...merge.image import MergedImage
-
-                return MergedImage(images)
-            image = await trio.to_thread.run_sync(build)
-            tune_image(image)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for close in reversed(closers):
-                    res = close()
-                    if hasattr(res, "__await__"):
-                        await res
-            raise
-        log.info("%s: %d source(s), %s (%d bytes)", name, len(sources), sources[0], sum(s.size for s in sources))
-        stats = sources[0] if len(sources) == 1 else _Layers(sources)
-        # async sources: reads go to worker threads, except what ``resident`` answers inline
-        return image, closers, (), stats, resident
-    return opener
 
 
 def _worker(source: str, mountpoint: str, opts: FuseOptions, opener):
@@ -340,7 +230,7 @@ def mount(source: str, mountpoint: str, opts: FuseOptions, *, foreground: bool =
     if opts.fsname is None:
         opts = replace(opts, fsname=source_abs)
     devices = tuple(os.path.abspath(d) for d in devices)
-    return _run(source_abs, mountpoint, opts, _local_opener(source_abs, devices), foreground)
+    return _run(source_abs, mountpoint, opts, local_opener(source_abs, devices), foreground)
 
 
 def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, foreground: bool = False) -> int:
@@ -360,7 +250,7 @@ def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, fo
     if opts.fsname is None:
         opts = replace(opts, fsname=ref)
     devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
-    return _run(ref, mountpoint, opts, _oci_opener(ref, oci, devices), foreground or opts.foreground)
+    return _run(ref, mountpoint, opts, oci_opener(ref, oci, devices), foreground or opts.foreground)
 
 
 def _run(source: str, mountpoint: str, opts: FuseOptions, opener, foreground: bool) -> int:

@@ -3,11 +3,11 @@
 Every reader call that may block runs in a worker thread (``trio.to_thread.run_sync``
 with one ``CapacityLimiter``) so a slow read never blocks other FUSE requests; with
 a source that supports it, a call is first tried inline and only moved to a thread
-when a read would wait (inline.py).  Results are plain values, and all bookkeeping (lookup counts, the directory
+when a read would wait (accel/inline.py).  Results are plain values, and all bookkeeping (lookup counts, the directory
 parent registry) is mutated in the trio thread only, between awaits.
 
 Files: ``open`` answers with ``keep_cache`` (the image never changes), and first hands a small
-file's bytes to the kernel's page cache when it can (pagestore.py), so reading it sends no READ.
+file's bytes to the kernel's page cache when it can (accel/pagestore.py), so reading it sends no READ.
 
 Errors: only ``pyfuse3.FUSEError`` leaves a handler.  ``erofs_mount.errors``
 exceptions are converted once via their ``errno``; anything unexpected is
@@ -34,13 +34,13 @@ import trio
 from ...erofs.image import Image
 from ...errors import LoopError, NotFoundError
 from .attrs import TIMEOUT, access_error, entry_attributes
-from .decoder import MIN_READ
+from .accel.decoder import MIN_READ
+from .accel.inline import WouldBlock, call_nowait, nowait_active
+from .accel.pagestore import STORE_MAX, PageStore
+from .accel.storeahead import StoreAhead
 from .dirops import DirectoryOps
 from .errmap import fuse_errors
-from .inline import WouldBlock, call_nowait, nowait_active
 from .inodes import InodeNumbers
-from .pagestore import STORE_MAX, PageStore
-from .storeahead import StoreAhead
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class OpsConfig:
     uid: int | None = None          # report every inode as owned by this uid
     gid: int | None = None
     threads: int = 8                # worker threads for reader calls
-    store_max: int = STORE_MAX      # files up to this size go into the page cache at open (pagestore.py)
+    store_max: int = STORE_MAX      # files up to this size go into the page cache at open (accel/pagestore.py); 0: off
+    store_ahead: bool = True        # the next file of a listing is stored before its OPEN (accel/storeahead.py)
 
 
 class ErofsOperations(DirectoryOps, pyfuse3.Operations):
@@ -65,7 +66,7 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
     def __init__(self, image: Image, config: OpsConfig = OpsConfig(), *, enable_acl: bool = False,
                  inline: bool = False) -> None:
         """``inline``: the image's sources honour ``inline.nowait()`` (raise ``WouldBlock`` rather than
-        wait), so reader calls are tried on the trio thread first (see inline.py)."""
+        wait), so reader calls are tried on the trio thread first (see accel/inline.py)."""
         super().__init__()
         self._inline = inline
         self.image = image
@@ -197,12 +198,12 @@ class ErofsOperations(DirectoryOps, pyfuse3.Operations):
             if data is not None and len(data) == attr.st_size:
                 pages.store(inode, data)
         pages.opened(inode)
-        if self._inline:
+        if self._inline and self.config.store_ahead:
             self.ahead.opened(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     def _store_ahead(self, ino: int, size: int) -> None:
-        """Store a file before its OPEN (storeahead.py): only inline, never raises."""
+        """Store a file before its OPEN (accel/storeahead.py): only inline, never raises."""
         pages = self.pages
         if not pages.wants(ino, size):
             return

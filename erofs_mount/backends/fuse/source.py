@@ -1,4 +1,4 @@
-"""Opening a local image (and extra devices) for the FUSE daemon: an ``Image`` over ``inline.LocalReader``."""
+"""Opening a local image (and extra devices) for the FUSE daemon: an ``Image`` over ``accel/inline.LocalReader``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from typing import Iterable
 
 from ...errors import ErofsMountError, SourceError
-from .inline import LocalReader
+from .accel.inline import LocalReader
 
 
 class PreadFile:

@@ -25,7 +25,7 @@ import os
 import threading
 from contextlib import contextmanager
 
-from ...errors import SourceError
+from ....errors import SourceError
 
 READ_AROUND = 128 * 1024
 PREFETCH = 1024 * 1024
