@@ -12,7 +12,7 @@ Figures, all measured in this run with a warm page cache:
   a fresh ``Image`` then again with an emptied pcluster cache (the maps kept);
 * ``every file``: every regular file of the image read in-process in 1 MiB requests, fresh ``Image``.
 
-The last two also run on bench_fuse's ``work/fuse/lz4hc.erofs`` (mkfs 1.5 ``-zlz4hc``, a Python tree
+The last two also run on bench_fuse's ``work/fuse/bar-lz4hc.erofs`` (mkfs 1.5 ``-zlz4hc``, /usr/lib/python3*, man pages, headers
 and a 100 MB file) when it exists.  ``BENCH_ZREAD_ONLY=1`` skips the extract comparison.
 
 Figures, not pass/fail.
@@ -34,7 +34,7 @@ WORK = Path(os.environ.get("BENCH_WORK", Path(__file__).parent / "work"))
 SOURCE = os.environ.get("BENCH_ZTREE_SOURCE", f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 ZREAD_ONLY = os.environ.get("BENCH_ZREAD_ONLY") == "1"
-FUSE_IMAGE = WORK / "fuse" / "lz4hc.erofs"
+FUSE_IMAGE = WORK / "fuse" / "bar-lz4hc.erofs"
 
 
 def build_tree(target: Path) -> Path:

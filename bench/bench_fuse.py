@@ -1,25 +1,34 @@
-"""FUSE-mode benchmark: our pyfuse3 daemon vs the kernel's erofs (loop mount) vs squashfuse.
+"""FUSE-mode benchmark (issue 19): our pyfuse3 daemon vs the kernel's erofs (loop mount), erofsfuse
+and squashfuse, for every compression the format has.
 
-Figures, not pass/fail.  Needs root (loop mounts, drop_caches), mkfs.erofs (Debian
-erofs-utils 1.5), mksquashfs and squashfuse.
+Figures, not pass/fail.  Needs root (loop mounts, drop_caches), mkfs.erofs, mksquashfs, squashfuse.
 
-    python bench/bench_fuse.py [--runs 3] [--work bench/work/fuse] [--tree DIR] [--only uncompressed]
+    python -m bench fuse     (or: python -m bench.bench_fuse [--runs 5] [--only lz4hc,zstd] [--workloads big])
 
-The tree is a copy of this machine's Python installation (``sys.base_prefix``;
-~60k files, ~1 GB) plus one ~100 MB file made of the installation's own larger
-files, built once into bench/work/fuse/ as an uncompressed and an lz4hc EROFS
-image (mkfs.erofs 1.5) and a squashfs of the same tree (uncompressed /
-lz4 -Xhc, matching).  Every run mounts afresh, drops the page, dentry and inode
-caches (``echo 3 > /proc/sys/vm/drop_caches``) and runs one workload:
+The tree (built once into bench/work/fuse/): ``/usr/lib/python3*``, ``/usr/share/man`` and
+``/usr/include`` of this machine (~34k files on Debian 12) plus one big file, ``big.bin``: the largest
+ELF file under /usr between 20 and 160 MB (its name is printed), else ~100 MB of the tree's own larger
+files concatenated.  Images of it:
 
-    big      read the ~100 MB file
+    uncompressed, lz4hc   Debian's mkfs.erofs (1.5), ``-T0`` [``-zlz4hc``]
+    lzma, deflate, zstd   a newer mkfs.erofs ($EROFS_MKFS_NEW, default /opt/erofs-utils/bin/mkfs.erofs;
+                          Debian 12's 1.5 has none of them): ``-zlzma`` / ``-zdeflate`` / ``-zzstd``
+    squashfs              mksquashfs with the matching compressor (none, lz4 -Xhc, xz, gzip, zstd)
+
+Targets: ``kernel`` (``mount -o loop,ro``; the reference), ``ours`` (``erofs_mount.backends.fuse``,
+default options), ``erofsfuse`` (erofs-utils' FUSE daemon: $EROFSFUSE, default
+/opt/erofs-utils/bin/erofsfuse; Debian 12 ships none, so the column is skipped with the reason when
+absent), ``squashfuse`` (Debian's, over the squashfs of the same tree); ``--plain`` adds our daemon
+with ``-o accel=none`` (the request path without accelerators).  Every run mounts afresh, drops the
+page, dentry and inode caches and runs one workload; the targets take turns within each run, so load
+drifting on a shared machine hits them alike:
+
+    big      read big.bin (1 MiB reads)
     lstat    lstat every path (scandir walk)
-    readall  read every regular file
+    readall  read every regular file (1 MiB reads)
 
-Medians of ``--runs`` runs are printed with their ratio to the kernel (kernel
-time / our time: 1.0 = as fast as the kernel, higher is better), and the
-daemon's peak RSS (VmHWM) after the workloads, plus its decoder process's (lz4 images).  The three targets take turns
-within every run, so load drifting on a shared machine hits them alike.
+Printed: medians of ``--runs`` runs with their ratio to the kernel (kernel time / time: 1.0 = as fast
+as the kernel, higher is better), and our daemon's peak RSS (VmHWM, with its decoder process).
 """
 
 from __future__ import annotations
@@ -35,8 +44,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PY = sys.executable
-BIG_NAME = "big-100M.bin"
+BIG_NAME = "big.bin"
 BIG_SIZE = 100 * 1024 * 1024
+TREE_SOURCES = ("/usr/lib/python3*", "/usr/share/man", "/usr/include")
+MKFS_NEW = os.environ.get("EROFS_MKFS_NEW", "/opt/erofs-utils/bin/mkfs.erofs")
+EROFSFUSE = os.environ.get("EROFSFUSE", "/opt/erofs-utils/bin/erofsfuse")
+COMPRESSIONS = ("uncompressed", "lz4hc", "lzma", "deflate", "zstd")
+# compression -> (mkfs.erofs, its -z argument or None), mksquashfs arguments
+EROFS_ARGS = {"uncompressed": ("mkfs.erofs", None), "lz4hc": ("mkfs.erofs", "lz4hc"),
+              "lzma": (MKFS_NEW, "lzma"), "deflate": (MKFS_NEW, "deflate"), "zstd": (MKFS_NEW, "zstd")}
+SQUASH_ARGS = {"uncompressed": ["-noI", "-noD", "-noF", "-noX"], "lz4hc": ["-comp", "lz4", "-Xhc"],
+               "lzma": ["-comp", "xz"], "deflate": ["-comp", "gzip"], "zstd": ["-comp", "zstd"]}
 
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
@@ -44,39 +62,82 @@ def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------ preparation
-def prepare(work: str, tree_src: str) -> dict[str, str]:
+def _tool(path: str) -> str | None:
+    return path if os.path.sep in path and os.access(path, os.X_OK) else shutil.which(path)
+
+
+def build_tree(work: str) -> str:
+    import glob
+
+    tree = os.path.join(work, "tree-bar")
+    if os.path.exists(os.path.join(tree, BIG_NAME)):
+        return tree
+    tmp = tree + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for pattern in TREE_SOURCES:
+        for src in sorted(glob.glob(pattern)):
+            dest = os.path.join(tmp, src.strip("/").replace("/", "_"))
+            print(f"copying {src} -> {dest}", flush=True)
+            sh("cp", "-a", src, dest)
+    elf = largest_elf()
+    if elf:
+        print(f"big file: {elf} ({os.path.getsize(elf) >> 20} MiB)", flush=True)
+        shutil.copyfile(elf, os.path.join(tmp, BIG_NAME))
+    else:
+        print("big file: no ELF of 20-160 MB under /usr: ~100 MB of the tree's larger files", flush=True)
+        make_big(tmp, os.path.join(tmp, BIG_NAME))
+    os.rename(tmp, tree)
+    return tree
+
+
+def largest_elf(root: str = "/usr", lo: int = 20 << 20, hi: int = 160 << 20) -> str | None:
+    best = (0, None)
+    for d, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                if os.path.islink(p) or not lo <= os.path.getsize(p) <= hi or os.path.getsize(p) <= best[0]:
+                    continue
+                with open(p, "rb") as f:
+                    if f.read(4) == b"\x7fELF":
+                        best = (os.path.getsize(p), p)
+            except OSError:
+                continue
+    return best[1]
+
+
+def prepare(work: str, only: tuple[str, ...] = COMPRESSIONS) -> tuple[dict[str, str], dict[str, str]]:
+    """The images: ({erofs-COMP|squashfs-COMP: path}, {COMP: why it is missing})."""
     os.makedirs(work, exist_ok=True)
-    tree = os.path.join(work, "tree")
-    if not os.path.exists(os.path.join(tree, BIG_NAME)):
-        shutil.rmtree(tree, ignore_errors=True)
-        print(f"copying {tree_src} -> {tree}", flush=True)
-        sh("cp", "-a", tree_src, tree)
-        make_big(tree_src, os.path.join(tree, BIG_NAME))
-    images = {
-        "erofs-uncompressed": (["mkfs.erofs", "--quiet", "-T0"], "plain.erofs"),
-        "erofs-lz4hc": (["mkfs.erofs", "--quiet", "-T0", "-zlz4hc"], "lz4hc.erofs"),
-    }
-    out = {}
-    for kind, (cmd, name) in images.items():
-        path = os.path.join(work, name)
+    tree = build_tree(work)
+    out, missing = {}, {}
+    for comp in only:
+        mkfs, z = EROFS_ARGS[comp]
+        tool = _tool(mkfs)
+        path = os.path.join(work, f"bar-{comp}.erofs")
         if not os.path.exists(path):
+            if tool is None:
+                missing[comp] = f"no {mkfs} (set EROFS_MKFS_NEW to a mkfs.erofs >= 1.8)"
+                continue
             print(f"building {path}", flush=True)
             t = time.monotonic()
-            sh(*cmd, path + ".tmp", tree, stdout=subprocess.DEVNULL)
+            res = subprocess.run([tool, "--quiet", "-T0", *([f"-z{z}"] if z else []), path + ".tmp", tree],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if res.returncode != 0 or not os.path.getsize(path + ".tmp"):
+                missing[comp] = f"{mkfs} -z{z} failed: {res.stderr.strip()[-200:]}"
+                continue
             os.rename(path + ".tmp", path)
             print(f"  {time.monotonic() - t:.0f} s, {os.path.getsize(path) >> 20} MiB", flush=True)
-        out[kind] = path
-    squash = {"squashfs-uncompressed": (["-noI", "-noD", "-noF", "-noX"], "plain.squashfs"),
-              "squashfs-lz4hc": (["-comp", "lz4", "-Xhc"], "lz4hc.squashfs")}
-    for kind, (args, name) in squash.items():
-        path = os.path.join(work, name)
-        if not os.path.exists(path):
-            print(f"building {path}", flush=True)
-            sh("mksquashfs", tree, path + ".tmp", "-quiet", "-no-progress", "-noappend", *args,
+        out[f"erofs-{comp}"] = path
+        sq = os.path.join(work, f"bar-{comp}.squashfs")
+        if not os.path.exists(sq):
+            print(f"building {sq}", flush=True)
+            sh("mksquashfs", tree, sq + ".tmp", "-quiet", "-no-progress", "-noappend", *SQUASH_ARGS[comp],
                stdout=subprocess.DEVNULL)
-            os.rename(path + ".tmp", path)
-        out[kind] = path
-    return out
+            os.rename(sq + ".tmp", sq)
+        out[f"squashfs-{comp}"] = sq
+    return out, missing
 
 
 def make_big(tree_src: str, dest: str) -> None:
@@ -153,14 +214,19 @@ class Mount:
         os.makedirs(self.mnt, exist_ok=True)
         if self.kind == "kernel":
             sh("mount", "-t", "erofs", "-o", "loop,ro", self.image, self.mnt)
-        elif self.kind in ("ours", "ours-nopoll"):
-            extra = ["-o", "poll_us=0"] if self.kind == "ours-nopoll" else []
+        elif self.kind in ("ours", "ours-plain", "ours-nopoll"):
+            extra = {"ours": [], "ours-plain": ["-o", "accel=none"], "ours-nopoll": ["-o", "poll_us=0"]}[self.kind]
             sh(PY, "-m", "erofs_mount.backends.fuse.lifecycle", "--log-file", os.path.join(
                 os.path.dirname(self.image), "fuse.log"), *extra, self.image, self.mnt, cwd=REPO)
             self.pids = find_pids(self.mnt)
             self.pid = self.pids[0] if self.pids else None
-        elif self.kind == "squashfuse":
-            sh("squashfuse", self.image, self.mnt)
+        elif self.kind in ("squashfuse", "erofsfuse"):
+            sh(self.kind if self.kind == "squashfuse" else EROFSFUSE, self.image, self.mnt,
+               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for _ in range(100):   # bounded: erofsfuse daemonizes before the mount is there
+                if os.path.ismount(self.mnt):
+                    break
+                time.sleep(0.05)
             self.pids = find_pids(self.mnt)
             self.pid = self.pids[0] if self.pids else None
         return self
@@ -241,31 +307,37 @@ def measure_once(kind: str, image: str, mnt: str, workload: str) -> tuple[float,
     return elapsed, rss, result
 
 
-def measure_round_robin(targets, mnt: str, workload: str, runs: int) -> dict:
-    """Medians per target; the targets take turns in every run, so drift on a shared machine hits all alike."""
+def measure_round_robin(targets, mnt: str, workload: str, runs: int, errors: dict) -> dict:
+    """Medians per target; the targets take turns in every run, so drift on a shared machine hits all
+    alike.  A target that fails is dropped with its error in ``errors``."""
     times: dict = {kind: [] for kind, _ in targets}
     rss: dict = {kind: None for kind, _ in targets}
     result: dict = {}
+    live = list(targets)
     for _ in range(runs):
-        for kind, image in targets:
-            elapsed, peak, n = measure_once(kind, image, mnt, workload)
+        for kind, image in list(live):
+            try:
+                elapsed, peak, n = measure_once(kind, image, mnt, workload)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                err = getattr(exc, "stderr", None)
+                errors[kind] = (err.decode(errors="replace") if isinstance(err, bytes) else err or str(exc)).strip()
+                live.remove((kind, image))
+                continue
             times[kind].append(elapsed)
             if peak is not None:
                 rss[kind] = max(rss[kind] or 0, peak)
             result[kind] = n
-    return {kind: (statistics.median(times[kind]), rss[kind], result[kind]) for kind, _ in targets}
+    return {kind: (statistics.median(times[kind]), rss[kind], result[kind]) for kind, _ in live}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--work", default=os.path.join(REPO, "bench", "work", "fuse"))
-    p.add_argument("--tree", default=sys.base_prefix, help="tree to copy (default: the Python installation)")
-    p.add_argument("--only", choices=("uncompressed", "lz4hc"))
+    p.add_argument("--only", default=",".join(COMPRESSIONS), help="compressions, comma-separated")
     p.add_argument("--workloads", default="big,lstat,readall")
     p.add_argument("--prepare-only", action="store_true")
-    p.add_argument("--no-poll-column", action="store_true",
-                   help="skip the extra run of our daemon with busy polling off (-o poll_us=0)")
+    p.add_argument("--plain", action="store_true", help="add our daemon with -o accel=none")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_fuse: needs root (loop mounts, drop_caches)", file=sys.stderr)
@@ -274,36 +346,54 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench_fuse: {tool} not installed", file=sys.stderr)
             return 2
-    imgs = prepare(a.work, a.tree)
+    only = tuple(c for c in a.only.split(",") if c)
+    if set(only) - set(COMPRESSIONS):
+        print(f"bench_fuse: --only takes {', '.join(COMPRESSIONS)}", file=sys.stderr)
+        return 2
+    imgs, missing = prepare(a.work, only)
     if a.prepare_only:
         return 0
+    eu = _tool(EROFSFUSE)
+    eu_why = None if eu else f"{EROFSFUSE} not found (set EROFSFUSE to an erofsfuse built from erofs-utils >= 1.9)"
     mnt = os.path.join(a.work, "mnt")
-    rows = []
-    for comp in ("uncompressed", "lz4hc"):
-        if a.only and a.only != comp:
+    rows, errors = [], {}
+    t0 = time.monotonic()
+    for comp in only:
+        if comp in missing:
             continue
-        targets = [("kernel", imgs[f"erofs-{comp}"]), ("ours", imgs[f"erofs-{comp}"]),
-                   ("squashfuse", imgs[f"squashfs-{comp}"])]
-        if not a.no_poll_column:
-            targets.insert(2, ("ours-nopoll", imgs[f"erofs-{comp}"]))
+        targets = [("kernel", imgs[f"erofs-{comp}"]), ("ours", imgs[f"erofs-{comp}"])]
+        if a.plain:
+            targets.append(("ours-plain", imgs[f"erofs-{comp}"]))
+        if eu:
+            targets.append(("erofsfuse", imgs[f"erofs-{comp}"]))
+        targets.append(("squashfuse", imgs[f"squashfs-{comp}"]))
         for wl in a.workloads.split(","):
-            res = measure_round_robin(targets, mnt, wl, a.runs)
-            for kind, _image in targets:
-                med, rss, n = res[kind]
+            errs: dict = {}
+            res = measure_round_robin(targets, mnt, wl, a.runs, errs)
+            for kind, err in errs.items():
+                errors.setdefault((comp, kind), err)
+            for kind, (med, rss, n) in res.items():
                 print(f"  {comp:12} {wl:8} {kind:10} {med:8.3f} s  ({n} {'paths' if wl == 'lstat' else 'bytes'})"
                       + (f"  peak RSS {rss:.0f} MB" if rss else ""), flush=True)
             rows.append((comp, wl, res))
-    print()
-    print(f"{'image':12} {'workload':8} {'kernel s':>9} {'ours s':>8} {'ours/k':>7} {'no-poll/k':>9} "
-          f"{'squashfuse s':>13} {'sqfuse/k':>9} {'our RSS MB':>10}")
+    kinds = [k for k in ("ours", "ours-plain", "erofsfuse", "squashfuse") if any(k in r for _c, _w, r in rows)]
+    print(f"\n{a.runs} cold-cache runs per figure (medians), {time.monotonic() - t0:.0f} s, "
+          f"load average {os.getloadavg()[0]:.2f}; ratio = kernel time / time (1.0 = the kernel, higher is better)")
+    print(f"{'image':12} {'workload':8} {'kernel s':>9} " + " ".join(f"{k + ' s':>13} {'ratio':>6}" for k in kinds)
+          + f" {'our RSS MB':>10}")
     for comp, wl, res in rows:
-        k, o, s = res["kernel"][0], res["ours"][0], res["squashfuse"][0]
-        nopoll = f"{k / res['ours-nopoll'][0]:9.2f}" if "ours-nopoll" in res else f"{'-':>9}"
-        rss = res["ours"][1]
-        print(f"{comp:12} {wl:8} {k:9.3f} {o:8.3f} {k / o:7.2f} {nopoll} {s:13.3f} {k / s:9.2f} "
-              f"{(f'{rss:.0f}' if rss else '-'):>10}")
-    print("(ratios: kernel time / time, medians of", a.runs, "cold-cache runs; higher is better, 1.0 = kernel;"
-          " no-poll = our daemon with -o poll_us=0)")
+        if "kernel" not in res:
+            continue
+        k = res["kernel"][0]
+        cells = [f"{res[x][0]:13.3f} {k / res[x][0]:6.2f}" if x in res else f"{'-':>13} {'-':>6}" for x in kinds]
+        rss = res.get("ours", (0, None))[1]
+        print(f"{comp:12} {wl:8} {k:9.3f} " + " ".join(cells) + f" {(f'{rss:.0f}' if rss else '-'):>10}")
+    for comp, why in missing.items():
+        print(f"{comp}: not measured: {why}")
+    if eu_why:
+        print(f"erofsfuse: not measured: {eu_why}")
+    for (comp, kind), err in errors.items():
+        print(f"{comp} {kind}: failed: {err.splitlines()[-1] if err else '?'}")
     return 0
 
 

@@ -6,8 +6,9 @@ Beside the whole-file reads of the scan, every regular file is also read at fixe
 offsets and sizes (page-straddling, past the end) on both mounts.
 
 The logs prove each run really took its path: ``accelerators: none`` / ``all``, and with all on
-some small files went into the page cache at OPEN (none with accel=none); on an lz4 image with 2 or
-more CPUs the decoder process runs only with accel=all.
+some small files went into the page cache at OPEN (none with accel=none); on a compressed image with
+2 or more CPUs the decoder process runs only with accel=all (its answers for every codec are checked
+one by one in test_decoder.py).
 """
 
 from __future__ import annotations
@@ -88,6 +89,5 @@ def test_accelerators_never_change_results(name, fuse):
     if small:
         assert stored[1] > 0, "accel=all stored no file in the page cache"
     assert not plain[3], "accel=none started a decoder process"
-    if "lz4" in img.info.get("features", []) and os.cpu_count() and len(os.sched_getaffinity(0)) >= 2 \
-            and not any(f in img.info.get("features", []) for f in ("lzma", "deflate", "zstd")):
-        assert fast[3] or "no decoder process" in fast[2], fast[2][-2000:]
+    if img.compressed and len(os.sched_getaffinity(0)) >= 2 and not img.devices:
+        assert fast[3], "accel=all ran no decoder process on a compressed image"

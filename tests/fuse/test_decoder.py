@@ -1,4 +1,4 @@
-"""The decoder process (backends/fuse/accel/decoder.py): big READs of an lz4 file decoded by a forked
+"""The decoder process (backends/fuse/accel/decoder.py): big READs of a compressed file decoded by a forked
 second process, byte for byte what the daemon would read, and the daemon carrying on alone when
 the process fails or dies.
 
@@ -226,3 +226,35 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(b") ", 1)[1][:1] == b"Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize("name", ["lzma-pcluster-1m", "deflate", "zstd", "48bit-zstd", "metabox-lzma-lz4hc"])
+def test_every_codec_is_decoded_by_the_process_byte_for_byte(name, monkeypatch):
+    """lzma, deflate and zstd images get the process too (two rounds ahead): the corpus image's
+    3 MB file read in 1 MiB and 256 KiB READs, each answer compared with the daemon's own read and the
+    source tree's bytes."""
+    from tests import corpuslib
+
+    monkeypatch.setattr(D, "WAIT", 5.0)     # a loaded machine must not turn an answer into a miss
+    img = corpuslib.image(name)
+    image, sources = open_image(str(img.path))
+    try:
+        nid = image.resolve(b"/big/little-big.dat")
+        size = image.inode(nid).size
+        assert image.inode(nid).is_compressed
+        want = image.read(nid, 0, size)
+        assert D.why_not(image.sb, None, 2) is None
+        for chunk in (MiB, 256 * 1024):
+            dec = D.Decoder(image, [s.fileno() for s in sources], every=3, ahead=2)
+            try:
+                assert _ready(dec)
+                got, answered = _read_all(image, nid, dec, size, chunk)
+                assert got == want
+                assert answered >= 1 and dec.alive
+            finally:
+                dec.close()
+        if corpuslib.source_files():
+            assert want == corpuslib.source_bytes("/big/little-big.dat", 0, size)
+    finally:
+        for s in sources:
+            s.close()

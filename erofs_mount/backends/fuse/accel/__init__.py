@@ -27,7 +27,7 @@ pagestore      a small file's bytes go into the kernel's page cache at OPEN: no 
                (pagestore.py)
 storeahead     the next file of a directory listing is stored while the daemon waits for
                the walker's next request (storeahead.py; needs inline, pagestore, busypoll)
-decoder        a second process decodes the big READs of lz4 files ahead (decoder.py,
+decoder        a second process decodes the big READs of compressed files ahead (decoder.py,
                decodeplan.py, decodeproc.py)
 shim           a lock on pyfuse3's request loop that needs no scheduler pass (shim.py)
 busypoll       /dev/fuse is polled for a few microseconds before the daemon sleeps
