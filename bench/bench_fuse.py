@@ -214,8 +214,9 @@ class Mount:
         os.makedirs(self.mnt, exist_ok=True)
         if self.kind == "kernel":
             sh("mount", "-t", "erofs", "-o", "loop,ro", self.image, self.mnt)
-        elif self.kind in ("ours", "ours-plain", "ours-nopoll"):
-            extra = {"ours": [], "ours-plain": ["-o", "accel=none"], "ours-nopoll": ["-o", "poll_us=0"]}[self.kind]
+        elif self.kind in ("ours", "ours-plain", "ours-nopoll") or self.kind.startswith("ours:"):
+            extra = {"ours": [], "ours-plain": ["-o", "accel=none"], "ours-nopoll": ["-o", "poll_us=0"]}.get(
+                self.kind, ["-o", self.kind.removeprefix("ours:")])
             sh(PY, "-m", "erofs_mount.backends.fuse.lifecycle", "--log-file", os.path.join(
                 os.path.dirname(self.image), "fuse.log"), *extra, self.image, self.mnt, cwd=REPO)
             self.pids = find_pids(self.mnt)
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="big,lstat,readall")
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--plain", action="store_true", help="add our daemon with -o accel=none")
+    p.add_argument("--also", action="append", default=[], metavar="OPTS",
+                   help="add our daemon with -o OPTS (repeatable), e.g. --also accel=-readnext")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_fuse: needs root (loop mounts, drop_caches)", file=sys.stderr)
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = [("kernel", imgs[f"erofs-{comp}"]), ("ours", imgs[f"erofs-{comp}"])]
         if a.plain:
             targets.append(("ours-plain", imgs[f"erofs-{comp}"]))
+        targets += [(f"ours:{o}", imgs[f"erofs-{comp}"]) for o in a.also]
         if eu:
             targets.append(("erofsfuse", imgs[f"erofs-{comp}"]))
         targets.append(("squashfuse", imgs[f"squashfs-{comp}"]))
@@ -376,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {comp:12} {wl:8} {kind:10} {med:8.3f} s  ({n} {'paths' if wl == 'lstat' else 'bytes'})"
                       + (f"  peak RSS {rss:.0f} MB" if rss else ""), flush=True)
             rows.append((comp, wl, res))
-    kinds = [k for k in ("ours", "ours-plain", "erofsfuse", "squashfuse") if any(k in r for _c, _w, r in rows)]
+    kinds = [k for k in ("ours", "ours-plain", *(f"ours:{o}" for o in a.also), "erofsfuse", "squashfuse")
+             if any(k in r for _c, _w, r in rows)]
     print(f"\n{a.runs} cold-cache runs per figure (medians), {time.monotonic() - t0:.0f} s, "
           f"load average {os.getloadavg()[0]:.2f}; ratio = kernel time / time (1.0 = the kernel, higher is better)")
     print(f"{'image':12} {'workload':8} {'kernel s':>9} " + " ".join(f"{k + ' s':>13} {'ratio':>6}" for k in kinds)

@@ -21,6 +21,7 @@ take turns:
     loop         the base layer alone, mount -t erofs -o loop,ro
     single       erofs-mount --mode fuse -o oci.insecure,oci.cache=DIR,oci.layer=0 REF MNT
 
+(``BENCH_FUSE_OPTS=accel=-readnext`` appends options to both FUSE mounts' -o.)
 A warm-up pass first fills the persistent blob cache (oci.cache) with what both FUSE mounts read,
 so the timed rounds measure the merge and FUSE, not the network (the bytes the daemons still fetch
 are printed); it also compares the merged FUSE tree with the overlay tree (path, type, size of
@@ -216,6 +217,7 @@ def mounted(kind: str, images: list[Path], ref: str, cache: Path, tmp: Path):
             yield mnt
     else:
         opts = f"oci.insecure,oci.cache={cache}" + (",oci.layer=0" if kind == "single" else "")
+        opts += "," + os.environ["BENCH_FUSE_OPTS"] if os.environ.get("BENCH_FUSE_OPTS") else ""
         r = subprocess.run([PY, "-m", "erofs_mount", "--mode", "fuse", "-o", opts, ref, str(mnt)], env=ENV, cwd=REPO,
                            capture_output=True, text=True, timeout=300)
         if r.returncode != 0:

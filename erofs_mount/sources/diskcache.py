@@ -28,6 +28,8 @@ import shutil
 import struct
 import threading
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
 log = logging.getLogger("erofs_mount.sources.cache")
 
 BLOCK = 4096
@@ -146,6 +148,18 @@ class DiskCache:
         if len(out) != end - start:
             raise OSError(f"short read from cache file {self.path}/data")
         return out
+
+    def read_nowait(self, start: int, end: int) -> bytes | None:
+        """The bytes if the page cache holds all of them (``preadv2(RWF_NOWAIT)``), else None: a
+        read that never waits for the disk (the FUSE daemon's inline path)."""
+        if _RWF_NOWAIT is None:
+            return None
+        buf = bytearray(end - start)
+        try:
+            n = os.preadv(self._data, [buf], start, _RWF_NOWAIT)
+        except OSError:      # EAGAIN: not all cached; EOPNOTSUPP and the like: never inline
+            return None
+        return bytes(buf) if n == end - start else None
 
     def write(self, start: int, data) -> int:
         """Store block-aligned *data* at *start* (the last block may be short at the blob's end).

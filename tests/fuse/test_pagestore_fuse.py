@@ -45,7 +45,7 @@ def _exit_line(fuse, mnt):
     with open(fuse.log_file) as f:
         lines = [ln for ln in f if "page cache:" in ln]
     m = re.search(r"page cache: (\d+) small files stored at open \((\d+) bytes\), (\d+) of them ahead of "
-                  r"their OPEN; (\d+) READ requests", lines[-1])
+                  r"their OPEN, \d+ read in a worker thread ahead of it; (\d+) READ requests", lines[-1])
     return int(m[1]), int(m[2]), int(m[3]), int(m[4])
 
 

@@ -164,3 +164,32 @@ def test_rootless_whole_image(images, user, user_python, session):  # noqa: F811
     finally:
         res = _run(user, user_python, ["-m", "erofs_mount", "-u", mnt], env)
         assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("layer", [None, "0"])
+def test_warm_registry_mounts_with_and_without_accelerators(images, layer, tmp_path):
+    """A registry image whose blobs are in the persistent cache is answered inline from the cache file
+    (backends/fuse/accel/inline.py ResidentReader over pread_cached(nowait=True)); the merged image
+    and a single layer give the same tree cold, warm, and warm with -o accel=none."""
+    reason = fuse_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    mounts = FuseMounts(tmp_path)
+    ref = f"{images['host']}/whole/app:erofs"
+    base = f"oci.insecure,oci.cache={tmp_path / 'c'}" + (f",oci.layer={layer}" if layer else "")
+    want = images["oracles"]["erofs"]
+    if layer is not None:      # the bottom layer alone
+        want = tmp_path / "oracle-0"
+        want.mkdir()
+        unpack(scenario()[0][1], want)
+    try:
+        for extra in ("", "", ",accel=none"):       # cold, warm, warm without accelerators
+            mnt = mounts.mountpoint()
+            res = run_cli("--mode", "fuse", "-o", base + extra, ref, mnt, timeout=300)
+            assert res.returncode == 0, res.stderr
+            try:
+                _same(mnt, want)
+            finally:
+                assert run_cli("-u", mnt).returncode == 0
+    finally:
+        mounts.cleanup()

@@ -71,7 +71,8 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
     log.info("accelerators: %s", acc)
     # inline: the sources honour inline.nowait() (local files, what a registry source keeps resident)
     config = OpsConfig(uid=opts.uid, gid=opts.gid, threads=opts.threads,
-                       store_max=STORE_MAX if acc.on("pagestore") else 0, store_ahead=acc.on("storeahead"))
+                       store_max=STORE_MAX if acc.on("pagestore") else 0, store_ahead=acc.on("storeahead"),
+                       read_next=acc.on("readnext"))
     ops = ErofsOperations(image, config, enable_acl=dp, inline=inline and acc.on("inline"))
     ops.decoder = dec
     options = opts.libfuse_options(source, is_root=is_root)
@@ -143,10 +144,13 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                         log.info("busy polling (%d us): %d requests found while polling, %d waits slept",
                                  opts.poll_us, poller.hits, poller.sleeps)
                     log.info("page cache: %d small files stored at open (%d bytes), %d of them ahead of "
-                             "their OPEN; %d READ requests", ops.pages.stores, ops.pages.store_bytes,
-                             ops.ahead_stores, ops.read_requests)
+                             "their OPEN, %d read in a worker thread ahead of it; %d READ requests",
+                             ops.pages.stores, ops.pages.store_bytes, ops.ahead_stores,
+                             ops.readnext.taken if ops.readnext else 0, ops.read_requests)
                 nursery.cancel_scope.cancel()
 
+            if ops.readnext is not None:
+                ops.readnext.nursery = nursery
             nursery.start_soon(signals)
             nursery.start_soon(probe)
             nursery.start_soon(serve)

@@ -102,8 +102,11 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
                 closers.append(d.close)
                 extra.append(LocalReader(d).read_at)
             token = trio.lowlevel.current_trio_token()
-            # a single tar layer: what is in memory (its index, decoded spans) is answered inline
-            resident = len(sources) == 1 and hasattr(sources[0], "read_cached") and not devices
+            # answered inline: a tar layer's bytes in memory (its index, decoded spans), a registry
+            # blob's in its persistent cache and the page cache; for a whole image, every layer's
+            # (merge/image.py caches only complete values, as Image does: inline-safe)
+            resident = not devices and all(hasattr(s, "read_cached") or hasattr(s, "pread_cached")
+                                           for s in sources)
             readers = [ResidentReader(s, SyncReadAt(s, token)).read_at if resident else SyncReadAt(s, token).read_at
                        for s in sources]
 

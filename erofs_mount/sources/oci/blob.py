@@ -70,10 +70,11 @@ class OciBlobSource:
                    "direct_reads": 0}
 
     # -- public -------------------------------------------------------------------------
-    def pread_cached(self, offset: int, length: int) -> bytes | None:
+    def pread_cached(self, offset: int, length: int, *, nowait: bool = False) -> bytes | None:
         """Sync, from any thread: the bytes when the persistent cache holds every block of the range,
         else None (then ``read_at``).  A warm mount's reader (sources/bridge.py) reads them with one
-        pread in its own thread instead of a round trip through the trio loop and another thread."""
+        pread in its own thread instead of a round trip through the trio loop and another thread.
+        ``nowait``: only what the page cache holds too (the FUSE daemon's inline path), else None."""
         disk = self.disk
         if disk is None or self._closed or self._disk_verifying:
             return None
@@ -83,8 +84,10 @@ class OciBlobSource:
         try:
             if not disk.has(offset, offset + length):
                 return None
-            data = disk.read(offset, offset + length)
+            data = (disk.read_nowait if nowait else disk.read)(offset, offset + length)
         except (OSError, ValueError):
+            return None
+        if data is None:
             return None
         self._n["direct_reads"] += 1
         return data

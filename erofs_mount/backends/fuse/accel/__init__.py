@@ -27,6 +27,8 @@ pagestore      a small file's bytes go into the kernel's page cache at OPEN: no 
                (pagestore.py)
 storeahead     the next file of a directory listing is stored while the daemon waits for
                the walker's next request (storeahead.py; needs inline, pagestore, busypoll)
+readnext       the next file listed is read in a worker thread while the walker reads this
+               one, when storeahead finds it would block (readnext.py; needs pagestore)
 decoder        a second process decodes the big READs of compressed files ahead (decoder.py,
                decodeplan.py, decodeproc.py)
 shim           a lock on pyfuse3's request loop that needs no scheduler pass (shim.py)
@@ -43,8 +45,8 @@ from dataclasses import dataclass
 
 from ....errors import UsageError
 
-NAMES = ("inline", "pagestore", "storeahead", "decoder", "shim", "busypoll", "readahead")
-NEEDS = {"storeahead": ("inline", "pagestore", "busypoll"), "busypoll": ("shim",)}
+NAMES = ("inline", "pagestore", "storeahead", "readnext", "decoder", "shim", "busypoll", "readahead")
+NEEDS = {"storeahead": ("inline", "pagestore", "busypoll"), "readnext": ("pagestore",), "busypoll": ("shim",)}
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,18 @@ class LocalReader:
 
 class ResidentReader:
     """Positional reads of an async source through its bridge, answered on the trio thread when the
-    bytes are already in memory (the source's ``read_cached``: a tar layer's index, decoded gzip
-    spans): inside ``nowait()`` it returns them or raises ``WouldBlock``; elsewhere (a worker
-    thread) it goes through the bridge as before."""
+    bytes are already at hand: in memory (the source's ``read_cached``: a tar layer's index, decoded
+    gzip spans) or in the persistent blob cache and the page cache (``pread_cached(nowait=True)``: a
+    registry blob a mount has fetched).  Inside ``nowait()`` it returns them or raises ``WouldBlock``;
+    elsewhere (a worker thread) it goes through the bridge as before."""
 
     def __init__(self, source, bridge) -> None:
         self.size = source.size
-        self._cached = source.read_cached
+        if hasattr(source, "read_cached"):
+            self._cached = source.read_cached
+        else:
+            pread = source.pread_cached
+            self._cached = lambda offset, length: pread(offset, length, nowait=True)
         self._bridge_read = bridge.read_at
 
     def read_at(self, offset: int, length: int) -> bytes:

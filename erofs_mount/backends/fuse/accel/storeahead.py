@@ -61,6 +61,10 @@ class StoreAhead:
         """``ino`` was opened: the file listed after it is the one to store next."""
         self.pending = self._next.get(ino)
 
+    def next_of(self, ino: int) -> tuple[int, int] | None:
+        """(ino, size) of the file listed after ``ino`` (readnext.py reads it ahead), or None."""
+        return self._next.get(ino)
+
     def run(self) -> None:
         """Store the pending file (called when the daemon has nothing else to do)."""
         p = self.pending
