@@ -28,7 +28,7 @@ import shutil
 import struct
 import threading
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+from .local import pread_nowait
 
 log = logging.getLogger("erofs_mount.sources.cache")
 
@@ -150,16 +150,12 @@ class DiskCache:
         return out
 
     def read_nowait(self, start: int, end: int) -> bytes | None:
-        """The bytes if the page cache holds all of them (``preadv2(RWF_NOWAIT)``), else None: a
-        read that never waits for the disk (the FUSE daemon's inline path)."""
-        if _RWF_NOWAIT is None:
-            return None
-        buf = bytearray(end - start)
+        """The bytes if the page cache holds all of them, else None: a read that never waits for the
+        disk (the FUSE daemon's inline path)."""
         try:
-            n = os.preadv(self._data, [buf], start, _RWF_NOWAIT)
-        except OSError:      # EAGAIN: not all cached; EOPNOTSUPP and the like: never inline
+            return pread_nowait(self._data, start, end - start)
+        except OSError:      # no RWF_NOWAIT here, or a read error: the caller reads the usual way
             return None
-        return bytes(buf) if n == end - start else None
 
     def write(self, start: int, data) -> int:
         """Store block-aligned *data* at *start* (the last block may be short at the blob's end).

@@ -23,6 +23,21 @@ from ..errors import NotFoundError, SourceError, UsageError
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t), include/uapi/linux/fs.h
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _INLINE_MAX = 128 * 1024  # try the non-blocking inline path up to this size
+NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
+def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
+    """``length`` bytes at ``offset`` if the page cache holds all of them (``preadv2(RWF_NOWAIT)``),
+    else None.  Raises OSError for a real error; one whose errno is in ``NOWAIT_UNSUPPORTED`` says
+    this file (its filesystem, the kernel, this Python) never reads without waiting."""
+    if _RWF_NOWAIT is None:
+        raise OSError(errno.ENOSYS, "preadv2(RWF_NOWAIT) is not available")
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    return bytes(buf) if n == length else None
 
 
 def _device_size(fd: int) -> int:
@@ -96,22 +111,19 @@ class LocalSource:
 
     def _try_nowait(self, offset: int, length: int) -> bytes | None:
         """Inline read if the page cache holds all of it, else None."""
-        buf = bytearray(length)
         try:
-            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-        except BlockingIOError:
-            return None
+            data = pread_nowait(self._fd, offset, length)
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if exc.errno in NOWAIT_UNSUPPORTED:
                 self._nowait = False  # e.g. a filesystem or kernel without RWF_NOWAIT
                 return None
             raise SourceError(f"{self.path}: read at {offset}: {exc.strerror}", errno=exc.errno) from None
-        if n != length:
+        if data is None:
             return None
         self._stats["requests"] += 1
-        self._stats["bytes_read"] += n
+        self._stats["bytes_read"] += length
         self._stats["inline_reads"] += 1
-        return bytes(buf)
+        return data
 
     async def read_at(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:

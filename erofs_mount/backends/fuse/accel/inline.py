@@ -20,17 +20,16 @@ less time; isolated misses (random reads) prefetch nothing.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from contextlib import contextmanager
 
 from ....errors import SourceError
+from ....sources.local import NOWAIT_UNSUPPORTED, pread_nowait
 
 READ_AROUND = 128 * 1024
 PREFETCH = 1024 * 1024
 NEAR = 8 * 1024 * 1024      # a miss this close to the previous one counts as a walk
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _state = threading.local()
 
 
@@ -68,7 +67,7 @@ class LocalReader:
         self.source = source
         self.size: int = source.size
         self._fd = source.fileno()
-        self._nowait_ok = _RWF_NOWAIT is not None
+        self._nowait_ok = True      # until the filesystem says it cannot (NOWAIT_UNSUPPORTED)
         self._last_miss = -NEAR - 1   # offset of the previous blocking small read (threads race: a hint only)
 
     def read_at(self, offset: int, length: int) -> bytes:
@@ -101,19 +100,16 @@ class LocalReader:
     def _read_nowait(self, offset: int, length: int) -> bytes:
         if not self._nowait_ok:
             raise WouldBlock
-        buf = bytearray(length)
         try:
-            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-        except BlockingIOError:
-            raise WouldBlock from None
+            data = pread_nowait(self._fd, offset, length)
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if exc.errno in NOWAIT_UNSUPPORTED:
                 self._nowait_ok = False  # a filesystem without RWF_NOWAIT: always use threads
                 raise WouldBlock from None
             raise SourceError(f"read at {offset}: {exc.strerror}", errno=exc.errno) from None
-        if n != length:
+        if data is None:
             raise WouldBlock
-        return bytes(buf)
+        return data
 
 
 class ResidentReader:
