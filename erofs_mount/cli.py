@@ -3,6 +3,7 @@
     erofs-mount [--mode auto|nbd|fanotify|fuse] [-t erofs[.nbd|.fanotify|.fuse]] [-o OPTS] [--device PATH] SOURCE MNT
     erofs-mount -u MNT | --reattach /dev/nbdN|MNT | --disconnect /dev/nbdN | status
     erofs-mount inspect|ls [-l]|cat|stat|getfattr|extract IMAGE [PATH|DEST [PATH]]
+    erofs-mount verity-format [--salt HEX] IMAGE      (append a dm-verity tree; prints the root hash)
 
 Every failure is one line on stderr, ``erofs-mount: <what>: <problem>``, and a
 non-zero exit status; ``-d 9`` adds the traceback.
@@ -21,7 +22,7 @@ from . import __version__
 from .errors import ErofsMountError, UsageError, leaf_error
 from .options import MountOptions, parse_options
 
-TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract", "oci-inspect")
+TOOLS = ("inspect", "ls", "cat", "stat", "getfattr", "extract", "oci-inspect", "verity-format")
 PROG = "erofs-mount"
 
 
@@ -47,6 +48,9 @@ def tool_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("path", nargs="?", default="/")
     elif name in ("cat", "stat", "getfattr"):
         p.add_argument("path")
+    elif name == "verity-format":
+        p.add_argument("--salt", metavar="HEX", help="the salt (default: 32 random bytes)")
+        p.add_argument("--force", action="store_true", help="replace a tree (or other bytes) after the image")
     elif name == "extract":
         p.add_argument("dest", metavar="DEST")
         p.add_argument("path", nargs="?", default="/")
@@ -99,6 +103,16 @@ def run_tool(name: str, argv: list[str]) -> int:
     _SUBJECT = ns.image
     _set_debug(ns.debug)
     opts = parse_options(ns.options, devices=tuple(ns.device))
+    if name == "verity-format":
+        from .verity.format import format_image, format_lines
+
+        try:
+            salt = None if ns.salt is None else bytes.fromhex(ns.salt)
+        except ValueError:
+            raise UsageError(f"--salt {ns.salt!r}: not hex") from None
+        root, offset, params = format_image(ns.image, salt=salt, force=ns.force)
+        _write_lines(format_lines(ns.image, root, offset, params))
+        return 0
     if name == "oci-inspect":
         from .opener import inspect_oci_lines
 

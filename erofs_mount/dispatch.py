@@ -115,7 +115,7 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         from .backends.fuse.lifecycle import mount
 
         return mount(source, mountpoint, fuse_options(opts, foreground), foreground=foreground,
-                     devices=opts.devices)
+                     devices=opts.devices, verity=opts.verity_choice(what=source))
     if opts.fuse:
         raise UsageError(f"FUSE options do not apply to NBD mode ({', '.join(opts.fuse)})")
     if opts.devices:

@@ -25,7 +25,8 @@ from it, so ``except FileNotFoundError`` works as a caller expects.
         ├── ShortReadError (EIO)            read past the end of a source
         ├── NetworkError (EIO)              registry unreachable / retries exhausted
         ├── AuthError (EACCES)              credentials refused
-        └── RegistryError (EIO)             unexpected registry answer (manifest, media type)
+        ├── RegistryError (EIO)             unexpected registry answer (manifest, media type)
+        └── IntegrityError (EIO)            bytes that do not match the dm-verity hash tree
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ class AuthError(SourceError):
 
 
 class RegistryError(SourceError):
+    errno = _errno.EIO
+
+
+class IntegrityError(SourceError):
+    """A block (or the tree itself) does not match the pinned dm-verity root hash (verity/)."""
     errno = _errno.EIO
 
 

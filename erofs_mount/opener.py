@@ -47,6 +47,7 @@ def raw_oci(opts: MountOptions) -> dict[str, str | None]:
     raw: dict[str, str | None] = {f"oci.{k}": (v if v != "" else None) for k, v in opts.oci.items()}
     if "limit" in opts.cache:
         raw["cache_limit"] = opts.cache["limit"]
+    raw.update(opts.verity)
     return raw
 
 

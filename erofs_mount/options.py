@@ -37,6 +37,7 @@ from .sources.oci.options import OPTION_NAMES as _OCI_NAMES  # noqa: E402 - pure
 
 OCI_OPTIONS = frozenset(n for n in _OCI_NAMES if n.startswith("oci."))
 CACHE_VALUED = frozenset({"cache_limit", "cache_size"})
+VERITY_OPTIONS = frozenset({"verity", "verity.roothash", "verity.hashoffset"})  # verity/options.py checks them
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ class MountOptions:
     oci: dict[str, str] = field(default_factory=dict)   # keys without the "oci." prefix; flags map to ""
     cache: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ()
+    verity: dict[str, str] = field(default_factory=dict)  # option name (verity, verity.roothash, …) -> value
+
+    def verity_choice(self, *, what: str = "image"):
+        """The trusted root hash for a local image (verity/options.py choose), or None."""
+        from .verity.options import choose, parse_mode, parse_offset
+
+        mode = parse_mode("verity", self.verity.get("verity"))
+        off = self.verity.get("verity.hashoffset")
+        choice, _warning = choose(mode, self.verity.get("verity.roothash"),
+                                  None if off is None else parse_offset("verity.hashoffset", off), what=what)
+        return choice
 
     @property
     def is_oci(self) -> bool:
@@ -115,6 +127,7 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
     nbd: dict[str, str] = {}
     oci: dict[str, str] = {}
     cache: dict[str, str] = {}
+    verity: dict[str, str] = {}
     devs = list(devices)
     for text in option_strings:
         for item in split_options(text):
@@ -150,6 +163,11 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
                 nbd[key.removeprefix("nbd.")] = value
             elif key in OCI_OPTIONS:
                 oci[key.removeprefix("oci.")] = value
+            elif key in VERITY_OPTIONS:
+                from .sources.oci.options import parse_fields
+
+                parse_fields({key: value})  # its value checked now
+                verity[key] = value
             elif key in CACHE_VALUED and eq:
                 cache["limit"] = str(parse_size(key, value))
             else:
@@ -161,4 +179,4 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
     if "blob" in oci and not oci["blob"].startswith("sha256:"):
         raise UsageError(f"oci.blob={oci['blob']}: expected sha256:<64 hex digits>")
     return MountOptions(mode=chosen, flags=tuple(flags), kernel=tuple(kernel), fuse=fuse, nbd=nbd, oci=oci,
-                        cache=cache, devices=tuple(devs))
+                        cache=cache, devices=tuple(devs), verity=verity)

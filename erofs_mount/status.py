@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text"]
+__all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text", "verity_counts", "verity_text"]
 
 # the integer statistics of a block source (OciBlobSource.stats(), LocalSource.stats()) that a daemon
 # publishes for `erofs-mount status`; bytes_fetched + bytes_discarded = bytes that came off the network
@@ -21,7 +21,10 @@ SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "ret
                     "compressed_size", "frames_decoded", "bytes_decompressed", "frame_errors",
                     # tar layers (sources/tarlayer/): the index, the tar, gzip spans decoded
                     "tar_index_bytes", "tar_bytes", "spans_decoded", "spans_prefetched", "gz_bytes_in",
-                    "gz_bytes_out", "span_cache_hits", "span_cache_misses")
+                    "gz_bytes_out", "span_cache_hits", "span_cache_misses",
+                    # verified reads (verity/source.py)
+                    "verity_blocks_verified", "verity_blocks_failed", "verity_hash_blocks_loaded",
+                    "verity_refetches", "verity_failures", "verity_uncached_chunks")
 
 
 def _int(value: Any) -> int:
@@ -45,7 +48,19 @@ def summary(doc: dict | None) -> dict:
         "retries_total": _int(st.get("retries")) + _int(carried.get("retries")),
         "daemons": _int(carried.get("daemons")) + 1,
         "updated": doc.get("updated"),
+        "verity": verity_counts(st),
     }
+
+
+def verity_counts(st: dict) -> tuple[int, int] | None:
+    """(blocks verified, blocks failed) of a verified source's statistics; None when unverified."""
+    if "verity_blocks_verified" not in st:
+        return None
+    return _int(st.get("verity_blocks_verified")), _int(st.get("verity_blocks_failed"))
+
+
+def verity_text(counts: tuple[int, int] | None) -> str:
+    return "verity=off" if counts is None else f"verity=verified:{counts[0]},failed:{counts[1]}"
 
 
 def size_text(n: int) -> str:

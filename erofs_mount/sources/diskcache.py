@@ -187,6 +187,27 @@ class DiskCache:
             self.written += len(data)
         return len(data)
 
+    def forget(self, start: int, end: int) -> None:
+        """Clear the bits of the blocks inside [start, end) (wholly or partly): read again next time."""
+        blocks = self._blocks(start, end)
+        if not blocks:
+            return
+        lo, hi = blocks.start >> 3, ((blocks.stop - 1) >> 3) + 1
+        with self._lock:
+            fcntl.lockf(self._map, fcntl.LOCK_EX, hi - lo, _HEADER.size + lo)
+            try:
+                self._merge(lo, os.pread(self._map, hi - lo, _HEADER.size + lo))
+                for i in blocks:
+                    if self._bit(i):
+                        self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                        self._present -= 1
+                os.pwrite(self._map, bytes(self._bits[lo:hi]), _HEADER.size + lo)
+                if self.verified:
+                    os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0), 0)
+                    self.verified = False
+            finally:
+                fcntl.lockf(self._map, fcntl.LOCK_UN, hi - lo, _HEADER.size + lo)
+
     def verify(self) -> bool:
         """Hash the complete data against the digest; on mismatch empty the entry. True if good."""
         algo, _, want = self.digest.partition(":")

@@ -12,6 +12,8 @@ is a queue) or to all of them (``proxy.always``):
     truncate        forward headers and ``fraction`` of the body, then FIN
     stall_body      forward headers and ``fraction`` of the body, then nothing for ``seconds``
     slow_body       forward the body in small pieces with pauses
+    corrupt         forward, with the byte at blob offset ``offset`` flipped when the body holds it
+                    (``times`` bodies, -1: every one; set it as ``proxy.always``)
 
 ``delay`` adds latency to every request (benchmarks: 20 ms per round trip).
 """
@@ -36,6 +38,8 @@ class Fault:
     retry_after: str | None = None
     fraction: float = 0.5
     seconds: float = 30.0
+    offset: int = -1
+    times: int = -1
 
 
 def default_match(method: str, target: str) -> bool:
@@ -52,6 +56,7 @@ class FaultProxy:
         self.always: Fault | None = None
         self.log: list[tuple[str, str, str | None]] = []
         self.ranges: list[str | None] = []  # the Range header of each logged request
+        self.corrupted = 0  # bodies a "corrupt" fault changed
         self.port = 0
         self._ups: dict[int, trio.SocketStream | None] = {}
 
@@ -156,6 +161,7 @@ class FaultProxy:
             await stream.send_all(conn.send(h11.Response(status_code=resp.status_code, headers=resp.headers,
                                                           reason=resp.reason)))
             cut = int(length * fault.fraction) if kind in ("reset_mid_body", "truncate", "stall_body") else None
+            base = _range_start(hdrs)
             if req.method == b"HEAD":
                 # no body follows a HEAD response; uconn never saw the request, so it would wait for
                 # the announced Content-Length (and the client's next request would hang)
@@ -182,6 +188,11 @@ class FaultProxy:
                     elif kind == "stall_body":
                         await trio.sleep(fault.seconds)
                     return False
+                if kind == "corrupt" and fault.times != 0 and base + sent <= fault.offset < base + sent + len(data):
+                    at = fault.offset - base - sent
+                    data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+                    fault.times -= fault.times > 0
+                    self.corrupted += 1
                 if kind == "slow_body":
                     for i in range(0, len(data), 16384):
                         await stream.send_all(conn.send(h11.Data(data=data[i:i + 16384])))
@@ -218,6 +229,17 @@ async def _next(conn: h11.Connection, stream: trio.SocketStream):
             return ev
         data = await stream.receive_some(65536)
         conn.receive_data(data)  # b"" = EOF
+
+
+def _range_start(headers: dict) -> int:
+    """The blob offset a response body starts at (Content-Range of a 206; 0 for a whole blob)."""
+    cr = headers.get(b"content-range", b"").decode()
+    if cr.startswith("bytes ") and "-" in cr:
+        try:
+            return int(cr[6:].split("-", 1)[0])
+        except ValueError:
+            return 0
+    return 0
 
 
 def _rst(stream: trio.SocketStream) -> None:

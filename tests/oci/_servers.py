@@ -145,7 +145,7 @@ class Pusher:
         assert r.status_code == 201, r.text
         return sha256(body), len(body)
 
-    def image(self, repo: str, ref: str, layers: list[tuple[str, bytes]], *, docker: bool = False,
+    def image(self, repo: str, ref: str, layers: list[tuple], *, docker: bool = False,
               config: dict | None = None) -> tuple[str, int]:
         cfg = json.dumps(config or {"architecture": "amd64", "os": "linux"}).encode()
         cfg_digest = self.blob(repo, cfg)
@@ -156,7 +156,9 @@ class Pusher:
             "config": {"mediaType": ("application/vnd.docker.container.image.v1+json" if docker
                                      else "application/vnd.oci.image.config.v1+json"),
                        "digest": cfg_digest, "size": len(cfg)},
-            "layers": [{"mediaType": mt, "digest": self.blob(repo, data), "size": len(data)} for mt, data in layers],
+            # a layer is (media type, bytes) or (media type, bytes, annotations)
+            "layers": [{"mediaType": layer[0], "digest": self.blob(repo, layer[1]), "size": len(layer[1]),
+                        **({"annotations": layer[2]} if len(layer) > 2 else {})} for layer in layers],
         }
         return self.manifest(repo, ref, doc)
 

@@ -226,15 +226,16 @@ def _add_file_log(path: str) -> None:
 
 
 def mount(source: str, mountpoint: str, opts: FuseOptions, *, foreground: bool = False,
-          devices: Iterable[str] = ()) -> int:
-    """Mount ``source`` on ``mountpoint`` with FUSE; 0 once live, else 1 after a one-line error."""
+          devices: Iterable[str] = (), verity=None) -> int:
+    """Mount ``source`` on ``mountpoint`` with FUSE; 0 once live, else 1 after a one-line error.
+    ``verity``: a verity/options.py Choice (every block checked against its root hash)."""
     foreground = foreground or opts.foreground
     mountpoint = os.path.abspath(mountpoint)
     source_abs = os.path.abspath(source)
     if opts.fsname is None:
         opts = replace(opts, fsname=source_abs)
     devices = tuple(os.path.abspath(d) for d in devices)
-    return _run(source_abs, mountpoint, opts, local_opener(source_abs, devices), foreground)
+    return _run(source_abs, mountpoint, opts, local_opener(source_abs, devices, verity), foreground)
 
 
 def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, foreground: bool = False) -> int:

@@ -19,18 +19,53 @@ from .source import IMAGE_CACHES, open_image, open_local, tune_image
 log = logging.getLogger("erofs_mount.fuse")
 
 
-def local_opener(source: str, devices: tuple[str, ...]):
+def local_opener(source: str, devices: tuple[str, ...], verity=None):
+    """*verity*: a verity/options.py Choice: every block checked against its root hash."""
     from ...sources.tarlayer import local_kind
 
     kind = local_kind(source)
     if kind is not None:  # a tar / tar.gz / tar.zst layer file: served through its tar index
+        if verity is not None:
+            from ...errors import UsageError
+
+            raise UsageError(f"{source}: dm-verity trees are appended to EROFS images, not to tar layers")
         return _layer_opener(source, kind, devices)
+    if verity is not None:
+        return _verified_local_opener(source, devices, verity)
 
     async def opener():
         image, opened = open_image(source, devices)  # a few small reads: fine before serving
         # the descriptors the image reads (local sources honour inline.nowait())
         fds = tuple(src.fileno() for src in opened)
         return image, [src.close for src in opened], fds, opened[0], True
+    return opener
+
+
+def _verified_local_opener(source: str, devices: tuple[str, ...], verity):
+    """A local image with its dm-verity tree: reads checked in the reader's thread (inline too);
+    no descriptor goes to the decoder process (it would read around the check)."""
+    async def opener():
+        from ...erofs.image import Image
+        from ...verity.source import open_verified
+
+        local = open_local(source)
+        opened = [local]
+        try:
+            src = await open_verified(local, verity.root, hash_offset=verity.hash_offset, name=source,
+                                      pread=LocalReader(local).read_at)
+            extra = []
+            for dev in devices:
+                d = open_local(dev)
+                opened.append(d)
+                extra.append(LocalReader(d).read_at)
+            image = Image(src.pread, size=src.size, devices=extra, **IMAGE_CACHES)
+            tune_image(image)
+        except BaseException:
+            for s in opened:
+                s.close()
+            raise
+        log.info("%s: every block verified against root hash %s (%s)", source, verity.root.hex(), verity.origin)
+        return image, [s.close for s in opened], (), src, True
     return opener
 
 

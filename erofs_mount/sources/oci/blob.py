@@ -57,6 +57,9 @@ class OciBlobSource:
         self._max_run = max(1, options.max_request // cs)
         self.cache = ChunkCache(options.memory_limit)
         self.disk: DiskCache | None = None  # persistent cache entry (attach_disk_cache)
+        # the cache gate: accept(offset, data) says whether a chunk may be cached (verity/source.py:
+        # only verified chunks); None caches everything
+        self.accept = None
         self._disk_verifying = False
         # read-ahead never outruns half the memory cache: what it brings must still be there when read
         self.readahead = ReadAhead(cs, min(options.readahead, options.memory_limit // 2))
@@ -250,16 +253,18 @@ class OciBlobSource:
 
     def _complete(self, i: int, f: Fetch, data, *, from_disk: bool = False) -> None:
         """Chunk *i* arrived for Fetch *f* (maybe already completed by someone faster)."""
+        ok = self.accept is None or self.accept(i * self.chunk_size, data)
         if f.event.is_set():
-            if i not in self.cache:
+            if ok and i not in self.cache:
                 self.cache.put(i, data)
             return
-        self.cache.put(i, data)
+        if ok:
+            self.cache.put(i, data)
         f.data = data
         if self._inflight.get(i) is f:
             del self._inflight[i]
         f.event.set()
-        if not from_disk and self.disk is not None and not self._closed:
+        if ok and not from_disk and self.disk is not None and not self._closed:
             self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
 
     def _fail(self, fetches: list, exc: BaseException) -> None:
@@ -282,10 +287,24 @@ class OciBlobSource:
 
     def _keep(self, i: int, data) -> None:
         """Chunk *i* arrived that nobody waits for (a stream passing by): cache it."""
-        if i not in self.cache:
+        if i not in self.cache and (self.accept is None or self.accept(i * self.chunk_size, data)):
             self.cache.put(i, data)
             if self.disk is not None and not self._closed:
                 self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
+
+    def forget(self, offset: int, length: int) -> None:
+        """Drop what the caches hold of [offset, offset+length) (memory chunks, persistent cache
+        blocks): the next read fetches it again (verity/source.py, after a block did not verify)."""
+        offset, length = clamp(offset, length, self.size)
+        if length == 0:
+            return
+        for i in chunk_range(offset, length, self.chunk_size):
+            self.cache.discard(i)
+        if self.disk is not None:
+            try:
+                self.disk.forget(offset, offset + length)
+            except OSError as exc:
+                self._disk_failed(exc)
 
     def _on_disk(self, i: int) -> bool:
         disk = self.disk
@@ -379,6 +398,7 @@ async def open_oci_source(
     env: dict | None = None,
     check_magic: bool = True,
     resolution: Resolution | None = None,
+    pinned: bool | None = None,
 ) -> OciBlobSource | ZstdSeekableSource:
     """Resolve *ref* once, pin the blob digest and return a source reading it.
 
@@ -386,10 +406,15 @@ async def open_oci_source(
     replaces ``os.environ`` for credential look-ups; ``check_magic=False``
     skips the superblock check (extra devices of a multi-device image); ``resolution``: what
     resolving *ref* gave already (the layers of one image: no manifest request per layer).  A
-    ``+zstd`` layer is served decompressed through its zstd seek table (``zstdsource.py``)."""
+    ``+zstd`` layer is served decompressed through its zstd seek table (``zstdsource.py``).
+    With a trusted dm-verity root hash (``verity.roothash=``, or the layer's annotation when the
+    manifest was resolved by digest: *pinned*, default: *ref* has a digest) every block is checked
+    (``verity/source.py``) and only verified chunks are cached."""
     options = options_with(options, layer=layer, blob=blob, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
+    if pinned is None:
+        pinned = ref.digest is not None
     client = RegistryClient(ref, options, env=env)
     try:
         res = resolution if resolution is not None else await resolve(client, ref, options)
@@ -405,6 +430,11 @@ async def open_oci_source(
         if options.cache is not None:
             await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
         what = f"{ref} layer {index} ({desc.digest})"
+        choice, warning = options.verity_choice(annotations=desc.annotations, pinned=pinned, what=what)
+        if warning:
+            log.warning("%s", warning)
+        if choice is not None and (tar_kind is not None or is_zstd_layer(desc.media_type)):
+            raise UsageError(f"{what}: dm-verity trees are appended to EROFS layers; this one is {desc.media_type}")
         if options.tarindex is not None:  # erofs-utils' oci.tarindex=/oci.zinfo=: an index made elsewhere
             from ..tarlayer.openlayer import open_prebuilt
 
@@ -421,6 +451,13 @@ async def open_oci_source(
                                         memory_limit=options.memory_limit)
         if is_zstd_layer(desc.media_type):  # random access through its seek table, or refused
             src = await open_zstd_layer(src, what)
+        if choice is not None:
+            from ...verity.source import open_verified
+
+            verified = await open_verified(src, choice.root, hash_offset=choice.hash_offset, name=what)
+            src.accept = verified.accept
+            log.info("%s: every block verified against root hash %s (%s)", what, choice.root.hex(), choice.origin)
+            src = verified
         if check_magic:  # on the decompressed bytes of a +zstd layer
             if src.size < EROFS_SUPER_OFFSET + 4:
                 raise NotErofsError(f"{what}: {src.size} bytes, too small to be an EROFS image")

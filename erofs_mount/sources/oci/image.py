@@ -15,7 +15,7 @@ import trio
 from ...errors import UsageError, leaf_error
 from .blob import open_oci_source
 from .options import OciOptions
-from .reference import Reference
+from .reference import Reference, parse_reference
 from .resolve import Resolution, inspect_oci, options_with
 
 log = logging.getLogger("erofs_mount.sources.oci")
@@ -35,14 +35,18 @@ async def open_oci_layers(ref: str | Reference, *, options: OciOptions | None = 
         raise UsageError(f"{res.ref}: the image has no layers")
     if len(layers) > MAX_LAYERS:
         raise UsageError(f"{res.ref}: {len(layers)} layers; at most {MAX_LAYERS} can be merged")
+    if options.verity_root and len(layers) > 1:
+        raise UsageError(f"{res.ref}: verity.roothash is one layer's root hash; this image has {len(layers)} layers "
+                         f"(pin the image by digest to use its layers' verity annotations, or mount one with oci.layer=)")
     per = max(options.chunk_size, options.memory_limit // len(layers))
     layer_opts = dataclasses.replace(options, memory_limit=per, readahead=min(options.readahead, per // 2))
     pinned = res.ref  # with the digest of what was resolved (the tag kept for display)
+    by_digest = (parse_reference(ref) if isinstance(ref, str) else ref).digest is not None  # verity annotations trusted
     opened: list = [None] * len(layers)
 
     async def open_one(i: int, d) -> None:
         opened[i] = await open_oci_source(pinned, options=options_with(layer_opts, blob=d.digest),
-                                          platform=res.platform, env=env, resolution=res)
+                                          platform=res.platform, env=env, resolution=res, pinned=by_digest)
         log.info("%s: layer %d of %d: %s %s (%d bytes)", res.ref, i, len(layers), d.digest, d.media_type, d.size)
 
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from ...errors import UsageError
 from .manifest import parse_platform
 from .reference import parse_digest
+from ...verity.options import parse_mode, parse_offset, parse_roothash
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _TRUE = {"", "1", "true", "yes", "on"}
@@ -83,6 +84,16 @@ class OciOptions:
     timeout: float = 20.0  # per-request connect/stall timeout; a read-ahead stream left idle this long ends
     tarindex: str | None = None  # an EROFS tar index made elsewhere (mkfs.erofs --tar=i) for a tar layer
     zinfo: str | None = None     # its gzip checkpoints (mkfs.erofs --gzinfo, SOCI zinfo v2)
+    verity: str = "auto"         # verity/options.py: auto | require | off
+    verity_root: str | None = None   # verity.roothash (hex)
+    verity_offset: int | None = None  # verity.hashoffset
+
+    def verity_choice(self, *, annotations: dict | None = None, pinned: bool = False, what: str = "layer"):
+        """(root hash choice or None, warning or None) for one layer (verity/options.py choose)."""
+        from ...verity.options import choose
+
+        return choose(self.verity, self.verity_root, self.verity_offset, annotations=annotations,
+                      pinned=pinned, what=what)
 
     @classmethod
     def from_mount_options(cls, opts: dict[str, str | None]) -> "OciOptions":
@@ -187,6 +198,9 @@ _OPTION_TABLE = {
     "oci.timeout": ("timeout", lambda n, v: _parse_float(n, v, 0.1, 600)),
     "oci.tarindex": ("tarindex", _str),
     "oci.zinfo": ("zinfo", _str),
+    "verity": ("verity", parse_mode),
+    "verity.roothash": ("verity_root", parse_roothash),
+    "verity.hashoffset": ("verity_offset", parse_offset),
 }
 OPTION_NAMES = tuple(_OPTION_TABLE)
 assert {f for f, _ in _OPTION_TABLE.values()} == {f.name for f in fields(OciOptions)}
