@@ -10,6 +10,8 @@ APT_PKGS=(
   # real components the tests and benchmarks drive
   erofs-utils attr acl util-linux squashfs-tools squashfuse
   user-mode-linux iproute2 docker-registry apache2-utils openssl skopeo
+  # dm-verity: veritysetup is the tests' oracle for the tree format; dmsetup to inspect NBD-mode verity devices
+  cryptsetup-bin dmsetup
 )
 
 missing=()

@@ -27,7 +27,8 @@ from .xattr import (POSIX_ACL_NAMES, XATTR_NAME_CAPS, capability_value, filtered
                     parse_prefix_table, posix_acl_value, read_xattrs)
 
 ReadAt = Callable[[int, int], bytes]
-_HEAD_SIZE = 65536
+_HEAD_SIZE = 4096  # the superblock's block for the usual block sizes; a larger one is read whole
+_BLKSZBITS_AT = L.EROFS_SUPER_OFFSET + 12  # struct erofs_super_block.blkszbits
 
 
 def as_read_at(src: Any) -> ReadAt:
@@ -73,7 +74,11 @@ class Image:
         self.size: int | None = size
         self._devices = [as_read_at(d) for d in devices]
         self._sources = [source, *devices]
+        # only the superblock's block: a read of more could take in blocks a verified source
+        # (verity/source.py) refuses, and fail a mount over one damaged file
         head = self._read_at(0, _HEAD_SIZE)
+        if len(head) > _BLKSZBITS_AT and 12 < head[_BLKSZBITS_AT] <= 16:
+            head = self._read_at(0, 1 << head[_BLKSZBITS_AT])
         sb = parse_superblock(head)
         self.block_size = sb.block_size
         if sb.extra_devices:
