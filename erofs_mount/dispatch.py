@@ -128,7 +128,7 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         if kind == "image":   # every layer on its own device, under the kernel's overlayfs
             return nbd.mount_image(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))
         return nbd.mount_oci(source, mountpoint, nbd_options(opts, foreground), oci_options(opts))
-    return nbd.mount(source, mountpoint, nbd_options(opts, foreground))
+    return nbd.mount(source, mountpoint, nbd_options(opts, foreground), verity=opts.verity_choice(what=source))
 
 
 def _unmount(mountpoint: str) -> int:
@@ -146,7 +146,8 @@ def _unmount(mountpoint: str) -> int:
 
         if fan.owns(mountpoint):
             return fan.unmount(mountpoint)
-    if entry.fstype == "erofs" and entry.source.startswith("/dev/nbd"):
+    if entry.fstype == "erofs" and (entry.source.startswith("/dev/nbd")
+                                    or entry.source.startswith("/dev/mapper/erofs-nbd")):  # + dm-verity
         from .backends.nbd.lifecycle import unmount
 
         return unmount(mountpoint)

@@ -55,6 +55,11 @@ def _force_cleanup() -> list[str]:
         for mp in sysfs.mountpoints_of(index):
             leftovers.append(f"mount {mp}")
             libc.umount2(mp.encode(), MNT_DETACH)
+        from erofs_mount.verity import dm
+
+        if os.path.exists(f"/dev/mapper/{dm.name_for(index)}") or dm.table(dm.name_for(index)) is not None:
+            leftovers.append(f"dm device {dm.name_for(index)}")
+            dm.remove(dm.name_for(index), quiet=True)
         if sysfs.size_bytes(index):
             leftovers.append(f"nbd{index} connected")
             try:

@@ -27,7 +27,7 @@ KV=$(uname -r)
 M=/usr/lib/uml/modules/$KV/kernel
 # finit_module(2) is syscall 313 on x86_64 (UML uses the host architecture's table); EEXIST is fine
 for mod in "drivers/block/nbd.ko nbds_max=4" "fs/erofs/erofs.ko" "fs/fuse/fuse.ko" "drivers/block/loop.ko max_loop=4" \
-           "fs/overlayfs/overlay.ko"; do
+           "fs/overlayfs/overlay.ko" "drivers/md/dm-mod.ko" "drivers/md/dm-bufio.ko" "drivers/md/dm-verity.ko"; do
   set -- $mod
   perl -e 'open(my $f, "<", $ARGV[0]) or die "insmod $ARGV[0]: $!\n";
            syscall(313, fileno($f), $ARGV[1] // "", 0) == 0 or $!{EEXIST} or die "insmod $ARGV[0]: $!\n"' \

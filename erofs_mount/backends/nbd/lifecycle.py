@@ -52,17 +52,21 @@ def choose_mode(opts: NbdOptions) -> str:
     raise ErofsMountError(netlink.MISSING_DRIVER, errno=_errno.ENODEV)
 
 
-def _local_record(source: str) -> LocalRecord:
+def _local_record(source: str, verity=None) -> LocalRecord:
+    from .source import verity_lines
+
     if not os.path.exists(source):
         raise NotFoundError(f"{source}: no such file")
-    return LocalRecord(os.path.realpath(source))
+    return LocalRecord(os.path.realpath(source), verity_lines(verity))
 
 
-def mount(source: str, mountpoint: str, opts: NbdOptions | None = None) -> int:
+def mount(source: str, mountpoint: str, opts: NbdOptions | None = None, verity=None) -> int:
+    """``verity``: a verity/options.py Choice: the filesystem is mounted on a dm-verity device over
+    /dev/nbdN (verity/dm.py), which the kernel checks block by block."""
     opts = opts or NbdOptions()
     if not os.path.isdir(mountpoint):
         raise NotFoundError(f"{mountpoint}: mount point is not a directory")
-    record = _local_record(source)
+    record = _local_record(source, verity)
     mode = choose_mode(opts)
     mountpoint = os.path.realpath(mountpoint)
 
@@ -177,14 +181,19 @@ def disconnect(device: str, run_dir: str | None = None, timeout: float = 10.0) -
 def unmount(mountpoint: str, timeout: float = 10.0) -> int:
     """umount; then wait (bounded) for the autoclear disconnect to end the daemon; in ioctl
     mode (no autoclear) disconnect explicitly."""
+    from ...verity import dm
+
     m = sysfs.mount_at(mountpoint)
-    if m is None or not m.source.startswith("/dev/nbd"):
+    verity_index = dm.nbd_index_of(m.source) if m is not None else None
+    if m is None or not (m.source.startswith("/dev/nbd") or verity_index is not None):
         raise UsageError(f"{mountpoint} is not an erofs-mount NBD mount")
-    index = sysfs.index_of(m.source)
+    index = verity_index if verity_index is not None else sysfs.index_of(m.source)
     ident = sysfs.backend(index) or record_path(index)
     kmount.umount(os.path.realpath(mountpoint))
     if sysfs.mountpoints_of(index):
         return 0  # mounted elsewhere too: the device stays
+    if verity_index is not None:  # the dm-verity device holds /dev/nbdN open: its removal lets autoclear run
+        dm.remove(dm.name_for(index))
     pidfile = state.pid_path(ident)
     try:
         ioctl_mode = dict(state.read_record(ident).options).get("mode") == "ioctl"

@@ -163,8 +163,43 @@ async def open_source(record: Record) -> Any:
         if isinstance(record, OciNativeBlobRecord):
             manifest = dict(record.options).get("manifest")
             ref = record.ref if manifest is None or "@" in record.ref else f"{record.ref}@{manifest}"
-            return await open_oci_source(ref, options=options, blob=record.digest, platform=record.platform)
+            return await open_oci_source(ref, options=options, blob=record.digest, platform=record.platform,
+                                         verify=False)
         # erofs-utils' OCI_LAYER re-resolves the tag: we read it, but never write it
         return await open_oci_source(record.ref, options=options, layer=record.layer_index,
-                                     platform=record.platform)
+                                     platform=record.platform, verify=False)
     raise ErofsMountError(f"cannot open a source for {record!r}", errno=_errno.EINVAL)
+
+
+# -- dm-verity (verity/dm.py): the root hash a record keeps (not a secret), on option lines
+VERITY_ROOT, VERITY_OFFSET = "verity.roothash", "verity.hashoffset"
+
+
+def verity_lines(choice: Any) -> tuple[tuple[str, str], ...]:
+    if choice is None:
+        return ()
+    lines = [(VERITY_ROOT, choice.root.hex())]
+    if choice.hash_offset is not None:
+        lines.append((VERITY_OFFSET, str(choice.hash_offset)))
+    return tuple(lines)
+
+
+def verity_from_record(record: Record) -> Any:
+    """The verity/options.py Choice a record keeps, or None."""
+    opts = dict(record.options)
+    root = opts.get(VERITY_ROOT)
+    if not root:
+        return None
+    from ...verity.options import Choice
+    from ...verity.tree import parse_root
+
+    try:
+        off = opts.get(VERITY_OFFSET)
+        return Choice(parse_root(root), int(off) if off else None, "recovery record")
+    except (UsageError, ValueError):
+        raise ErofsMountError(f"recovery record: bad {VERITY_ROOT}/{VERITY_OFFSET} line", errno=_errno.EINVAL) from None
+
+
+def with_verity(record: Record, root: bytes, hash_offset: int) -> Record:
+    return replace(record, options=_with_options(record.options, {VERITY_ROOT: root.hex(),
+                                                                  VERITY_OFFSET: str(hash_offset)}))

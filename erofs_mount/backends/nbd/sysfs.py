@@ -136,8 +136,9 @@ def mounts() -> list[Mount]:
 
 
 def mountpoints_of(index: int) -> list[str]:
-    dev = device_path(index)
-    return [m.mountpoint for m in mounts() if m.source == dev]
+    """Where /dev/nbdN is mounted, directly or through its dm-verity device (verity/dm.py)."""
+    devs = (device_path(index), f"/dev/mapper/erofs-nbd{index}")
+    return [m.mountpoint for m in mounts() if m.source in devs]
 
 
 def mount_at(mountpoint: str) -> Mount | None:

@@ -27,7 +27,7 @@ from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions
 from .publish import base_document, serve_published
-from .source import open_source, pinned_record, record_for_oci
+from .source import open_source, pinned_record, record_for_oci, verity_from_record, with_verity
 from .recovery import OciLayerRecord, Record, describe, record_path
 
 log = logging.getLogger("erofs_mount.nbd")
@@ -175,11 +175,42 @@ async def _open_target(target: Record | OciTarget) -> tuple[Any, Record]:
     if isinstance(target, OciTarget):
         from ...sources.oci.blob import open_oci_source
 
-        src = await open_oci_source(target.ref, options=target.options)
+        src = await open_oci_source(target.ref, options=target.options, verify=False)
         # src.ref is pinned to the manifest digest (tag kept for display): with the blob digest, a
         # reattach resolves exactly this image even after the tag moved
         return src, record_for_oci(str(src.ref), src.platform, src.digest, target.options)
     return await open_source(target), target
+
+
+async def _check_verity(source: Any, record: Record, choice: Any = None) -> tuple[Record, Any]:
+    """With a trusted root hash (the source's annotation choice, or the record's lines): the tree's
+    superblock, upper levels and block 0 checked now (a wrong root hash is one line, before any
+    device exists), the source's cache gate set (only verified chunks cached), and the record with
+    the root hash.  (record, the tree's TreeState or None)."""
+    from ...verity.source import open_verified
+
+    choice = choice or getattr(source, "verity", None) or verity_from_record(record)
+    if choice is None:
+        return record, None
+    checked = await open_verified(source, choice.root, hash_offset=choice.hash_offset, name=describe(record))
+    if hasattr(source, "accept"):
+        source.accept = checked.accept
+    st = checked.state
+    log.info("%s: dm-verity root hash %s (%s), tree at byte %d", describe(record), choice.root.hex(), choice.origin,
+             st.hash_offset)
+    return with_verity(record, choice.root, st.hash_offset), st
+
+
+def _verity_device(index: int, device: str, tree: Any) -> str:
+    from ...verity import dm
+
+    return dm.create_verity(dm.name_for(index), device, tree.p, tree.geo.hash_start, tree.root)
+
+
+def _remove_verity(index: int) -> None:
+    from ...verity import dm
+
+    dm.remove(dm.name_for(index), quiet=True)
 
 
 async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptions, mode: str,
@@ -187,6 +218,12 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
     try:
         source, record = await _open_target(target)
     except BaseException as exc:
+        _report(ready, exc)
+        raise
+    try:
+        record, tree = await _check_verity(source, record)
+    except BaseException as exc:
+        await source.aclose()
         _report(ready, exc)
         raise
     srv_sock, kernel_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -219,12 +256,17 @@ async def mount_main(target: Record | OciTarget, mountpoint: str, opts: NbdOptio
                 export_size=export_size, zero_copy=opts.zero_copy))
             try:
                 await _wait_for(lambda: sysfs.size_bytes(index) > 0, f"/dev/nbd{index} to answer", opts.ready_timeout)
+                if tree is not None:  # the kernel checks every block: the filesystem goes on the dm device
+                    device = await trio.to_thread.run_sync(_verity_device, index, device, tree)
+                    log.info("nbd%d: dm-verity device %s", index, device)
                 with trio.fail_after(opts.ready_timeout):
                     await trio.to_thread.run_sync(_mount_syscall, device, mountpoint, opts.mount_flags,
                                                   opts.mount_data, abandon_on_cancel=True)
                 if mode == "netlink":
                     await trio.to_thread.run_sync(netlink.set_autoclear, index, ident)
             except BaseException:
+                if tree is not None:
+                    await trio.to_thread.run_sync(_remove_verity, index)
                 await trio.to_thread.run_sync(_disconnect_any, index, mode)
                 raise
             log.info("nbd%d: mounted on %s", index, mountpoint)
@@ -335,6 +377,10 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
     pidlock = state.PidLock(state.pid_path(ident))
     try:
         pidlock.acquire()  # refuses while a live daemon serves the device
+        # the dm-verity device stays over /dev/nbdN across the reattach; the cache gate is set again
+        choice = verity_from_record(record)
+        if choice is not None:
+            record, _tree = await _check_verity(source, record, choice)
         head = await source.read_at(0, min(source.size, 4096))
         bs, export_size = export_geometry(head, source.size, opts.block_size)
         export_size = reattach_size(index, sysfs.size_bytes(index), export_size)

@@ -60,6 +60,7 @@ class OciBlobSource:
         # the cache gate: accept(offset, data) says whether a chunk may be cached (verity/source.py:
         # only verified chunks); None caches everything
         self.accept = None
+        self.verity = None  # the trusted root hash choice, when the caller verifies itself (NBD: dm-verity)
         self._disk_verifying = False
         # read-ahead never outruns half the memory cache: what it brings must still be there when read
         self.readahead = ReadAhead(cs, min(options.readahead, options.memory_limit // 2))
@@ -399,6 +400,7 @@ async def open_oci_source(
     check_magic: bool = True,
     resolution: Resolution | None = None,
     pinned: bool | None = None,
+    verify: bool = True,
 ) -> OciBlobSource | ZstdSeekableSource:
     """Resolve *ref* once, pin the blob digest and return a source reading it.
 
@@ -409,7 +411,8 @@ async def open_oci_source(
     ``+zstd`` layer is served decompressed through its zstd seek table (``zstdsource.py``).
     With a trusted dm-verity root hash (``verity.roothash=``, or the layer's annotation when the
     manifest was resolved by digest: *pinned*, default: *ref* has a digest) every block is checked
-    (``verity/source.py``) and only verified chunks are cached."""
+    (``verity/source.py``) and only verified chunks are cached.  ``verify=False`` (NBD mode: the
+    kernel's dm-verity checks) returns the raw blob with the choice in ``.verity``."""
     options = options_with(options, layer=layer, blob=blob, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
@@ -451,7 +454,9 @@ async def open_oci_source(
                                         memory_limit=options.memory_limit)
         if is_zstd_layer(desc.media_type):  # random access through its seek table, or refused
             src = await open_zstd_layer(src, what)
-        if choice is not None:
+        if choice is not None and not verify:
+            src.verity = choice
+        elif choice is not None:
             from ...verity.source import open_verified
 
             verified = await open_verified(src, choice.root, hash_offset=choice.hash_offset, name=what)
