@@ -84,11 +84,14 @@ class VeritySource:
         first, last = offset // self.dbs, (offset + length - 1) // self.dbs
         return offset, length, first, last
 
+    def _fail_message(self, block: int) -> str:
+        return (f"{self.name}: data block {block} (bytes {block * self.dbs}-{(block + 1) * self.dbs - 1}) "
+                f"does not match the dm-verity tree (root {self.state.root.hex()[:16]}…): read fails with EIO")
+
     def _fail(self, block: int) -> IntegrityError:
         self.counts["verity_failures"] += 1
         self.state.counts["blocks_failed"] += 1
-        msg = (f"{self.name}: data block {block} (bytes {block * self.dbs}-{(block + 1) * self.dbs - 1}) "
-               f"does not match the dm-verity tree (root {self.state.root.hex()[:16]}…): read fails with EIO")
+        msg = self._fail_message(block)
         log.error("%s", msg)
         return IntegrityError(msg)
 
@@ -130,25 +133,39 @@ class VeritySource:
             raise AssertionError("hash blocks still missing after loading every level")
 
     async def read_at(self, offset: int, length: int) -> bytes:
+        data, bad = await self.read_partial(offset, length)
+        if bad:
+            raise IntegrityError(self._fail_message(bad[0]))
+        return data
+
+    async def read_partial(self, offset: int, length: int) -> tuple[bytes, list[int]]:
+        """(the bytes, the data blocks that did not verify even when fetched again: zeros there);
+        each bad block counted and logged once here.  For callers that keep the good blocks of a
+        large range (the fanotify filler: one damaged file must not fail its window's others)."""
         offset, length, first, last = self._span(offset, length)
         if length == 0:
-            return b""
+            return b"", []
         await self._load(first, last)
         start, end = first * self.dbs, (last + 1) * self.dbs
         data = await self.inner.read_at(start, end - start)
         if len(data) != end - start:
             raise ShortReadError(f"{self.name}: short read at {start}: {len(data)} of {end - start} bytes")
         bad = self.state.check(first, data)
+        failed = []
         if bad:
             data = bytearray(data)
             for b in bad:
                 self.counts["verity_refetches"] += 1
                 self._forget(b * self.dbs, self.dbs)
                 again = await self.inner.read_at(b * self.dbs, self.dbs)
+                at = (b - first) * self.dbs
                 if len(again) != self.dbs or self.state.check(b, again):
-                    raise self._fail(b)
-                data[(b - first) * self.dbs:(b - first + 1) * self.dbs] = again
-        return bytes(memoryview(data)[offset - start:offset - start + length])
+                    self._fail(b)
+                    failed.append(b)
+                    data[at:at + self.dbs] = bytes(self.dbs)
+                else:
+                    data[at:at + self.dbs] = again
+        return bytes(memoryview(data)[offset - start:offset - start + length]), failed
 
     # -- sync paths ------------------------------------------------------------------------------
     def _pread(self, offset: int, length: int) -> bytes:

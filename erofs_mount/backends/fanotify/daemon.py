@@ -42,6 +42,24 @@ def _local_key(path: str) -> str:
     return "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
 
 
+def _verity_choice(spec: dict, what: str):
+    """A local image's trusted root hash (-o verity.roothash=, kept in the spec's option dict)."""
+    from ...verity.options import choose, parse_mode, parse_offset
+
+    o = spec.get("oci") or {}
+    off = o.get("verity.hashoffset")
+    choice, _ = choose(parse_mode("verity", o.get("verity")), o.get("verity.roothash"),
+                       None if off is None else parse_offset("verity.hashoffset", off), what=what)
+    return choice
+
+
+def blob_size(source) -> int:
+    """The size of what the sparse file mirrors: the whole blob (image + appended tree) for a
+    verified source, whose ``size`` is the image alone (the kernel reads no further)."""
+    inner = getattr(source, "inner", None)
+    return inner.size if inner is not None and hasattr(source, "read_partial") else source.size
+
+
 async def open_source(spec: dict):
     """(source, cache key) for a record's source description."""
     from ...sources.tarlayer import local_kind
@@ -55,7 +73,18 @@ async def open_source(spec: dict):
             return await open_local_layer(path, tar), _local_key(path)
         from ...sources.local import LocalSource
 
-        return LocalSource.open(path), _local_key(path)
+        src = LocalSource.open(path)
+        choice = _verity_choice(spec, path)
+        if choice is not None:
+            from ...verity.source import open_verified
+
+            try:
+                src = await open_verified(src, choice.root, hash_offset=choice.hash_offset, name=path)
+            except BaseException:
+                src.close()
+                raise
+            log.info("%s: every block verified against root hash %s before it is written", path, choice.root.hex())
+        return src, _local_key(path)
     import dataclasses
 
     from ...sources.oci.blob import open_oci_source
@@ -242,11 +271,11 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
     procs: list[subprocess.Popen] = []
     try:
         root = spec["cache_root"]
-        store = await trio.to_thread.run_sync(lambda: DiskCache.open(root, key, source.size))
+        store = await trio.to_thread.run_sync(lambda: DiskCache.open(root, key, blob_size(source)))
         limit = OciOptions.from_mount_options({k: v for k, v in spec["oci"].items() if k == "cache_limit"}).cache_limit
         await trio.to_thread.run_sync(lambda: enforce_limit(root, limit, keep=store.path))  # in-use entries stay
         data = os.path.join(store.path, "data")
-        doc = record.new(spec, mountpoint, data, key, source.size, window)
+        doc = record.new(spec, mountpoint, data, key, blob_size(source), window)
         keepers = not store.complete
         if keepers:   # holder and guard start while the metadata is fetched (this daemon's fd predates the mark)
             def spawn_keepers() -> None:
@@ -293,10 +322,11 @@ async def reattach_main(doc: dict, ready) -> int:
     sock, wfd = _connect(doc["socket"])
     source, key = await open_source(doc["spec"])
     try:
-        if key != doc["key"] or source.size != doc["size"]:   # never write other bytes into the mounted file
-            raise ErofsMountError(f"{doc['mountpoint']}: the source now gives {key} ({source.size} bytes), the "
+        size = blob_size(source)
+        if key != doc["key"] or size != doc["size"]:   # never write other bytes into the mounted file
+            raise ErofsMountError(f"{doc['mountpoint']}: the source now gives {key} ({size} bytes), the "
                                   f"mount serves {doc['key']} ({doc['size']} bytes): not reattached", errno=5)
-        store = await trio.to_thread.run_sync(lambda: DiskCache.open(doc["spec"]["cache_root"], key, source.size,
+        store = await trio.to_thread.run_sync(lambda: DiskCache.open(doc["spec"]["cache_root"], key, size,
                                                                      data_fd=wfd))
         os.close(wfd)
         doc["daemons"] = doc.get("daemons", 1) + 1

@@ -8,7 +8,9 @@ window is read from the source once — concurrent requests for it wait on the s
 written through ``store`` (sources/diskcache.py DiskCache: pwrite + fdatasync, then its bitmap), in
 a worker thread.  Two windows in a row start a read-ahead of the next ``readahead`` windows in the
 background.  A failed fetch fails every waiter (the holder then denies with EIO); nothing is
-written that did not come whole from the source.
+written that did not come whole from the source.  A verified source (verity/source.py) gives a
+window's good blocks even when some do not match the tree: those are written, the bad ones stay
+holes, and only a fill that needs one of them fails (IntegrityError: the holder denies with EIO).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 from collections import deque
 
 import trio
+
+from ...errors import IntegrityError
 
 log = logging.getLogger("erofs_mount.fanotify")
 
@@ -52,7 +56,9 @@ class Filler:
         self._verify = verify           # the entry is a blob's: hash it against its digest once complete
         self._verifying = False
         self.stats = {"fills": 0, "fetches": 0, "bytes_fetched": 0, "bytes_written": 0, "fetch_errors": 0,
-                      "readahead_windows": 0}
+                      "readahead_windows": 0, "unverified_blocks": 0}
+        self._partial = getattr(source, "read_partial", None)  # a verified source: keep a window's good blocks
+        self._holes = False     # a window was written without its bad blocks
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Host the background read-ahead (start it in the daemon's nursery)."""
@@ -77,12 +83,26 @@ class Filler:
         async with trio.open_nursery() as nursery:
             for w in range(first, last + 1):
                 nursery.start_soon(self._window, w)
+        if self._holes and not await trio.to_thread.run_sync(self.local, start, end):
+            raise IntegrityError(f"bytes {start}-{end}: a block that does not match the dm-verity tree")
         if self.readahead and self._nursery is not None and first - 1 in self._recent:
             for w in range(last + 1, min(last + 1 + self.readahead, (self.size - 1) // self.window + 1)):
                 if w not in self._inflight and not self.local(*self._span(w)):
                     self.stats["readahead_windows"] += 1
                     self._nursery.start_soon(self._background, w)
         self._recent.append(last)
+
+    def _write_around(self, start: int, data: bytes, bad: list[int]) -> int:
+        """Write the runs of *data* between its bad blocks (the source's data blocks)."""
+        n, pos, end = 0, start, start + len(data)
+        bs = getattr(self.source, "dbs", 4096)
+        for b in sorted(bad) + [None]:
+            stop = end if b is None else max(start, min(end, b * bs))
+            if stop > pos:
+                n += self.store.write(pos, data[pos - start:stop - start])
+            if b is not None:
+                pos = max(pos, (b + 1) * bs)
+        return n
 
     async def _check_digest(self) -> None:
         await trio.to_thread.run_sync(verify_entry, self.store)
@@ -106,12 +126,21 @@ class Filler:
         try:
             if await trio.to_thread.run_sync(self.local, start, end):
                 return
-            data = await self.source.read_at(start, end - start)
+            bad: list[int] = []
+            if self._partial is not None:
+                data, bad = await self._partial(start, end - start)
+            else:
+                data = await self.source.read_at(start, end - start)
             if len(data) != end - start:
                 raise EOFError(f"short read from the source at {start}: {len(data)} of {end - start} bytes")
             self.stats["fetches"] += 1
             self.stats["bytes_fetched"] += len(data)
-            self.stats["bytes_written"] += await trio.to_thread.run_sync(self.store.write, start, data)
+            if bad:
+                self._holes = True
+                self.stats["unverified_blocks"] += len(bad)
+                self.stats["bytes_written"] += await trio.to_thread.run_sync(self._write_around, start, data, bad)
+            else:
+                self.stats["bytes_written"] += await trio.to_thread.run_sync(self.store.write, start, data)
             if self._verify and self.store.complete and not self.store.verified and not self._verifying:
                 self._verifying = True
                 if self._nursery is not None:
