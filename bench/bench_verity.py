@@ -63,9 +63,47 @@ def prepare(only: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     return out
 
 
+class Registry:
+    """A docker-registry on 127.0.0.1 serving each image twice: a manifest whose layer carries the root
+    hash annotation (pinned by digest: verified) and one without (unverified); the same blob."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, bf.REPO)
+        from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
+
+        if REGISTRY_BIN is None:
+            raise RuntimeError("docker-registry is not installed")
+        root = os.path.join(WORK, "registry")
+        shutil.rmtree(root, ignore_errors=True)
+        from pathlib import Path
+
+        self.reg = start_registry(Path(root) / "run", Path(root) / "storage")
+        self.pusher = Pusher(self.reg.url)
+        self.refs: dict[tuple[str, bool], str] = {}
+
+    def push(self, comp: str, image: str, root: str) -> None:
+        from erofs_mount.verity.format import ANNOTATION_ROOT
+
+        with open(image, "rb") as f:
+            blob = f.read()
+        mt = "application/vnd.erofs"
+        for verified in (False, True):
+            layer = (mt, blob, {ANNOTATION_ROOT: root}) if verified else (mt, blob)
+            digest, _ = self.pusher.image(f"bench/{comp}", "v" if verified else "p", [layer])
+            self.refs[(comp, verified)] = f"{self.reg.host}/bench/{comp}@{digest}"
+
+    def stop(self) -> None:
+        self.pusher.close()
+        self.reg.stop()
+
+
 def measure(mode: str, image: str, opts: list[str], workload: str, mnt: str) -> float:
     env = None
     cache = os.path.join(WORK, "fanotify-cache")
+    if mode.startswith("registry"):   # image is the reference; cold: no persistent cache, warm: one kept
+        mode, warm = "fuse", mode.endswith("warm")
+        opts = ["oci.layer=0", "oci.insecure", f"oci.cache={os.path.join(WORK, 'blob-cache')}" if warm
+                else "oci.cache=none", *opts]
     if mode == "fanotify":
         shutil.rmtree(cache, ignore_errors=True)   # an empty sparse file every run
         os.makedirs(cache)
@@ -90,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench verity")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default="uncompressed,lz4hc")
-    ap.add_argument("--modes", default="fuse,fanotify")
+    ap.add_argument("--modes", default="fuse,fanotify,registry-cold,registry-warm")
     ap.add_argument("--workloads", default="big,readall")
     a = ap.parse_args(argv or [])
     if os.geteuid() != 0:
@@ -99,21 +137,42 @@ def main(argv: list[str] | None = None) -> int:
     only = tuple(a.only.split(","))
     images = prepare(only)
     mnt = os.path.join(WORK, "mnt")
-    print(f"{'image':13} {'mode':9} {'workload':8} {'plain s':>8} {'verified s':>10} {'verified/plain':>15}")
-    for comp in images:
-        image, root = images[comp]
-        for mode in a.modes.split(","):
-            for workload in a.workloads.split(","):
-                times: dict[str, list[float]] = {"plain": [], "verified": []}
-                try:
-                    for _ in range(a.runs):   # the two take turns: drift hits both alike
-                        times["plain"].append(measure(mode, image, [], workload, mnt))
-                        times["verified"].append(measure(mode, image, [f"verity.roothash={root}"], workload, mnt))
-                except RuntimeError as exc:
-                    print(f"{comp:13} {mode:9} {workload:8} skipped: {exc}")
-                    continue
-                p, v = statistics.median(times["plain"]), statistics.median(times["verified"])
-                print(f"{comp:13} {mode:9} {workload:8} {p:8.3f} {v:10.3f} {v / p:15.3f}", flush=True)
+    modes = a.modes.split(",")
+    reg = None
+    if any(m.startswith("registry") for m in modes):
+        try:
+            reg = Registry()
+            for comp, (image, root) in images.items():
+                reg.push(comp, image, root)
+        except RuntimeError as exc:
+            print(f"registry rows skipped: {exc}")
+            modes = [m for m in modes if not m.startswith("registry")]
+    print(f"{'image':13} {'mode':14} {'workload':8} {'plain s':>8} {'verified s':>10} {'verified/plain':>15}")
+    try:
+        for comp in images:
+            image, root = images[comp]
+            for mode in modes:
+                if mode.startswith("registry"):   # the annotation of the digest-pinned manifest: verified
+                    plain_t, verified_t = (reg.refs[(comp, False)], []), (reg.refs[(comp, True)], [])
+                else:
+                    plain_t, verified_t = (image, []), (image, [f"verity.roothash={root}"])
+                for workload in a.workloads.split(","):
+                    times: dict[str, list[float]] = {"plain": [], "verified": []}
+                    try:
+                        if mode.endswith("warm"):   # the persistent cache filled (and marked) once
+                            shutil.rmtree(os.path.join(WORK, "blob-cache"), ignore_errors=True)
+                            measure(mode, *verified_t, "readall", mnt)
+                        for _ in range(a.runs):   # the two take turns: drift hits both alike
+                            times["plain"].append(measure(mode, *plain_t, workload, mnt))
+                            times["verified"].append(measure(mode, *verified_t, workload, mnt))
+                    except RuntimeError as exc:
+                        print(f"{comp:13} {mode:14} {workload:8} skipped: {exc}")
+                        continue
+                    p, v = statistics.median(times["plain"]), statistics.median(times["verified"])
+                    print(f"{comp:13} {mode:14} {workload:8} {p:8.3f} {v:10.3f} {v / p:15.3f}", flush=True)
+    finally:
+        if reg is not None:
+            reg.stop()
     return 0
 
 

@@ -24,7 +24,7 @@ SOURCE_STAT_KEYS = ("size", "bytes_fetched", "bytes_discarded", "requests", "ret
                     "gz_bytes_out", "span_cache_hits", "span_cache_misses",
                     # verified reads (verity/source.py)
                     "verity_blocks_verified", "verity_blocks_failed", "verity_hash_blocks_loaded",
-                    "verity_refetches", "verity_failures", "verity_uncached_chunks")
+                    "verity_refetches", "verity_failures", "verity_uncached_chunks", "verity_gated_reads")
 
 
 def _int(value: Any) -> int:

@@ -6,6 +6,9 @@ otherwise), shared by every mount of that digest::
 
     <root>/sha256/<hex>/data   sparse file of the blob's size
     <root>/sha256/<hex>/map    header + bitmap of 4 KiB blocks present in data
+    <root>/sha256/<hex>/verified  (verity) the root hash + a bitmap of the blocks that passed the
+                               dm-verity check before they were written (``use_marks``/``mark``):
+                               read back without hashing them again; ``forget`` clears both bits
 
 Ordering: block data is written and ``fdatasync``ed before its bits are set, so
 a crash can lose cached blocks but never mark missing ones present.  When
@@ -36,6 +39,8 @@ BLOCK = 4096
 _HEADER = struct.Struct("<16sQII32x")  # magic, blob size, block size, flags
 _MAGIC = b"erofs-mount-bc\x00\x01"
 _VERIFIED = 1
+_MARKS = struct.Struct("<16s64s")  # the ``verified`` file: magic, the root hash the marks are for
+_MARKS_MAGIC = b"erofs-mount-vm\x00\x01"
 
 
 def default_root() -> str:
@@ -71,6 +76,8 @@ class DiskCache:
         self.verified = verified
         self._lock = threading.Lock()
         self.written = 0
+        self._marks: bytearray | None = None   # verified marks (use_marks)
+        self._marks_fd = -1
 
     @classmethod
     def open(cls, root: str, digest: str, size: int, *, data_fd: int | None = None) -> "DiskCache":
@@ -187,6 +194,60 @@ class DiskCache:
             self.written += len(data)
         return len(data)
 
+    # -- verified marks (verity/source.py): which blocks passed a dm-verity check, per root hash ------
+    def use_marks(self, root_hex: str) -> None:
+        """Keep marks of verified blocks in ``verified`` (for *root_hex*; marks of another root hash
+        are dropped): a block written after its check is read back without hashing it again."""
+        nbytes = (self._nblocks + 7) // 8
+        head = _MARKS.pack(_MARKS_MAGIC, bytes.fromhex(root_hex).ljust(64, b"\0"))
+        fd = os.open(os.path.join(self.path, "verified"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                if os.pread(fd, _MARKS.size, 0) != head:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, head + bytes(nbytes), 0)
+                bits = bytearray(os.pread(fd, nbytes, _MARKS.size).ljust(nbytes, b"\0"))
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            if self._marks_fd >= 0:
+                os.close(self._marks_fd)
+            self._marks_fd, self._marks = fd, bits
+        for i in range(self._nblocks):  # a mark without the block itself means nothing
+            if self._marks[i >> 3] & (1 << (i & 7)) and not self._bit(i):
+                self._marks[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+    def marked(self, start: int, end: int) -> bool:
+        marks = self._marks
+        if marks is None:
+            return False
+        return all(marks[i >> 3] & (1 << (i & 7)) and self._bit(i) for i in self._blocks(start, end))
+
+    def mark(self, start: int, end: int) -> None:
+        """Mark the whole blocks of [start, end) verified (they must be present)."""
+        if self._marks is None:
+            return
+        blocks = self._blocks(start, end)
+        if not blocks:
+            return
+        lo, hi = blocks.start >> 3, ((blocks.stop - 1) >> 3) + 1
+        with self._lock:
+            for i in blocks:
+                if self._bit(i):
+                    self._marks[i >> 3] |= 1 << (i & 7)
+            fcntl.lockf(self._marks_fd, fcntl.LOCK_EX, hi - lo, _MARKS.size + lo)
+            try:
+                fresh = os.pread(self._marks_fd, hi - lo, _MARKS.size + lo)
+                merged = bytes(a | b for a, b in zip(self._marks[lo:hi], fresh.ljust(hi - lo, b"\0")))
+                self._marks[lo:hi] = merged
+                os.pwrite(self._marks_fd, merged, _MARKS.size + lo)
+            finally:
+                fcntl.lockf(self._marks_fd, fcntl.LOCK_UN, hi - lo, _MARKS.size + lo)
+
     def forget(self, start: int, end: int) -> None:
         """Clear the bits of the blocks inside [start, end) (wholly or partly): read again next time."""
         blocks = self._blocks(start, end)
@@ -205,6 +266,10 @@ class DiskCache:
                 if self.verified:
                     os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0), 0)
                     self.verified = False
+                if self._marks is not None:
+                    for i in blocks:
+                        self._marks[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                    os.pwrite(self._marks_fd, bytes(self._marks[lo:hi]), _MARKS.size + lo)
             finally:
                 fcntl.lockf(self._map, fcntl.LOCK_UN, hi - lo, _HEADER.size + lo)
 
@@ -230,12 +295,15 @@ class DiskCache:
             self._bits[:] = bytes(nbytes)
             self._present = 0
             os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0) + bytes(nbytes), 0)
+            if self._marks is not None:
+                self._marks[:] = bytes(len(self._marks))
+                os.pwrite(self._marks_fd, bytes(self._marks), _MARKS.size)
             os.ftruncate(self._data, 0)
             os.ftruncate(self._data, self.size)
         return False
 
     def close(self) -> None:
-        for attr in ("_data", "_map"):
+        for attr in ("_data", "_map", "_marks_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)

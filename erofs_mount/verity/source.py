@@ -31,6 +31,9 @@ from .tree import SB_SIZE, TreeState, parse_superblock
 
 log = logging.getLogger("erofs_mount.verity")
 LEAF_WINDOW = 256  # level-0 hash blocks read at once (1 MiB of digests, 128 MiB of 4 KiB data blocks)
+# the hash blocks a read loads reach this far past it: read-ahead (the registry blob's streams, 32 MiB)
+# brings chunks before their reader, and a chunk whose hash blocks are not loaded cannot be cached
+LOAD_AHEAD = 64 << 20
 # what a wrapped source may tell about itself; never a path around the check (fileno, read_cached …)
 _FORWARDED = frozenset({"digest", "ref", "platform", "media_type", "layer_index", "manifest_digest",
                         "credentials_origin", "options", "chunk_size", "path"})
@@ -51,7 +54,11 @@ class VeritySource:
             self.pread = self._pread
         if hasattr(inner, "pread_cached"):
             self.pread_cached = self._pread_cached
-        self.counts = {"verity_refetches": 0, "verity_failures": 0, "verity_uncached_chunks": 0}
+        self.counts = {"verity_refetches": 0, "verity_failures": 0, "verity_uncached_chunks": 0,
+                       "verity_gated_reads": 0}
+        # a source with a cache gate (sources/oci/blob.py) says which bytes passed it: not hashed twice
+        self._trusted = getattr(inner, "read_trusted", None)
+        self._on_disk = getattr(inner, "verified_on_disk", None)
 
     def __getattr__(self, name: str):
         if name in _FORWARDED:
@@ -113,6 +120,7 @@ class VeritySource:
     # -- async path ------------------------------------------------------------------------------
     async def _load(self, first: int, last: int) -> None:
         st = self.state
+        last = min(st.p.data_blocks - 1, last + LOAD_AHEAD // self.dbs)
         for _ in range(st.geo.levels + 1):
             m = st.missing(first, last, widen=LEAF_WINDOW)
             if m is None:
@@ -147,9 +155,18 @@ class VeritySource:
             return b"", []
         await self._load(first, last)
         start, end = first * self.dbs, (last + 1) * self.dbs
-        data = await self.inner.read_at(start, end - start)
+        if self._trusted is not None:  # a registry blob: its gate checked (or its cache marked) every chunk
+            data, trusted = await self._trusted(start, end - start)
+        else:
+            data, trusted = await self.inner.read_at(start, end - start), False
         if len(data) != end - start:
             raise ShortReadError(f"{self.name}: short read at {start}: {len(data)} of {end - start} bytes")
+        if trusted:
+            self.state.counts["blocks_verified"] += last - first + 1
+            self.counts["verity_gated_reads"] += 1
+            if offset == start and length == len(data):
+                return bytes(data), []
+            return bytes(memoryview(data)[offset - start:offset - start + length]), []
         bad = self.state.check(first, data)
         failed = []
         if bad:
@@ -204,7 +221,11 @@ class VeritySource:
             return None
         start, end = first * self.dbs, (last + 1) * self.dbs
         data = self.inner.pread_cached(start, end - start, nowait=nowait)
-        if data is None or len(data) != end - start or st.check(first, data):
+        if data is None or len(data) != end - start:
+            return None
+        if self._on_disk is not None and self._on_disk(start, end - start):
+            st.counts["blocks_verified"] += last - first + 1  # checked before it was written, marked so
+        elif st.check(first, data):
             return None  # the async path reads (and refetches) it
         return bytes(memoryview(data)[offset - start:offset - start + length])
 
@@ -218,10 +239,12 @@ class VeritySource:
         if offset < self.size:
             dend = min(end, self.size)
             if offset % dbs or (dend - offset) % dbs:
-                return self._uncached()
+                return self._uncached(offset, "not whole blocks")
             first, last = offset // dbs, (dend - 1) // dbs
-            if not st.ready(first, last) or st.check(first, mv[:dend - offset]):
-                return self._uncached()
+            if not st.ready(first, last):
+                return self._uncached(offset, "its hash blocks are not loaded yet")
+            if st.check(first, mv[:dend - offset], count=False):
+                return self._uncached(offset, "a block does not match")
         if end > self.size:  # the superblock's block and the tree
             hbs = st.p.hash_block_size
             head_end = st.hash_offset + len(self._head)
@@ -229,19 +252,19 @@ class VeritySource:
             if pos < head_end:
                 upto = min(end, head_end)
                 if bytes(mv[pos - offset:upto - offset]) != self._head[pos - st.hash_offset:upto - st.hash_offset]:
-                    return self._uncached()
+                    return self._uncached(offset, "the tree's superblock differs")
                 pos = upto
             while pos < end:
                 if pos % hbs or end - pos < hbs:
-                    return self._uncached()
+                    return self._uncached(offset, "not whole hash blocks")
                 block = st.blocks.get(pos // hbs)
                 if block is None:
                     level_index = self._level_of(pos // hbs)
                     if level_index is None or st.add(*level_index, mv[pos - offset:pos - offset + hbs]):
-                        return self._uncached()
+                        return self._uncached(offset, "a hash block cannot be checked now")
                     block = st.blocks.get(pos // hbs)
                 if block is None or mv[pos - offset:pos - offset + hbs] != block:
-                    return self._uncached()
+                    return self._uncached(offset, "a hash block differs")
                 pos += hbs
         return True
 
@@ -255,8 +278,9 @@ class VeritySource:
                 return level, block_no - start
         return None
 
-    def _uncached(self) -> bool:
+    def _uncached(self, offset: int, why: str) -> bool:
         self.counts["verity_uncached_chunks"] += 1
+        log.debug("%s: chunk at %d not cached: %s", self.name, offset, why)
         return False
 
 

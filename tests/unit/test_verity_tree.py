@@ -235,3 +235,26 @@ def test_disk_cache_forget_clears_blocks(tmp_path):
     again = DiskCache.open(str(tmp_path), digest, len(data))  # what the map file says
     assert not again.has(4096, 8192) and not again.verified
     again.close()
+
+
+def test_disk_cache_marks_are_per_root_hash_and_follow_the_blocks(tmp_path):
+    from erofs_mount.sources.diskcache import DiskCache
+
+    data = os.urandom(4 * 4096)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    dc = DiskCache.open(str(tmp_path), digest, len(data))
+    dc.write(0, data[:8192])
+    dc.mark(0, 8192)           # no marks in use yet: nothing
+    dc.use_marks("aa" * 32)
+    assert not dc.marked(0, 4096)
+    dc.mark(0, 16384)          # only present blocks can be marked
+    assert dc.marked(0, 8192) and not dc.marked(8192, 12288)
+    dc.forget(4096, 8192)
+    assert dc.marked(0, 4096) and not dc.marked(4096, 8192)
+    dc.close()
+    again = DiskCache.open(str(tmp_path), digest, len(data))
+    again.use_marks("aa" * 32)
+    assert again.marked(0, 4096) and not again.marked(4096, 8192)
+    again.use_marks("bb" * 32)  # another root hash: the marks are not its
+    assert not again.marked(0, 4096)
+    again.close()

@@ -214,3 +214,44 @@ def test_an_annotation_reached_through_a_tag_is_not_trusted(vworld, tmp_path, mo
     res = run_cli("--mode", "fuse", "-o", _oci(None, f",verity.roothash={root}"), ref, mnt, timeout=120)
     assert res.returncode == 0, res.stderr
     assert corpuslib.compare_tree(manifest("plain-inline-4k"), mnt) == []
+
+
+def test_a_cache_filled_unverified_is_checked_and_repaired_from_the_registry(vworld, tmp_path, mounts):
+    f = vworld.images["plain-inline-4k"]
+    m = manifest("plain-inline-4k")
+    path, at = file_offset(f.raw, m)
+    blob = vworld.blob_file(f.digest)
+    damaged = bytearray(f.raw)
+    damaged[at] ^= 0x04
+    cache = tmp_path / "c"
+    blob.write_bytes(bytes(damaged))
+    try:  # an unverified mount fills the cache with the damaged block (and serves it: that is verity=off)
+        mnt = mounts.mountpoint("off")
+        res = run_cli("--mode", "fuse", "-o", _oci(cache, ",verity=off"), vworld.ref("plain-inline-4k"), mnt,
+                      timeout=120)
+        assert res.returncode == 0, res.stderr
+        with open(mnt + path, "rb") as fh:
+            fh.read()
+        run_cli("-u", mnt, timeout=60)
+    finally:
+        blob.write_bytes(f.raw)
+    dc = DiskCache.open(str(cache), f.digest, len(f.raw))
+    blk = at // 4096 * 4096
+    try:
+        assert dc.has(blk, blk + 4096) and dc.read(blk, blk + 4096) != f.raw[blk:blk + 4096]
+    finally:
+        dc.close()
+    # the verified mount hashes what it finds unmarked, forgets the bad block and fetches it again
+    mnt = mounts.mountpoint("on")
+    res = run_cli("--mode", "fuse", "-o", _oci(cache), vworld.ref("plain-inline-4k"), mnt, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert corpuslib.compare_tree(m, mnt) == []
+    run_cli("-u", mnt, timeout=60)
+    dc = DiskCache.open(str(cache), f.digest, len(f.raw))
+    try:   # (the entry may have been emptied: complete, it did not match the blob digest then)
+        dc.use_marks(f.root)
+        for b in range(0, len(f.raw), 4096):   # every block marked verified holds the image's bytes
+            if dc.marked(b, b + 4096):
+                assert dc.read(b, b + 4096) == f.raw[b:b + 4096], b
+    finally:
+        dc.close()

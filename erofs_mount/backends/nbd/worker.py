@@ -193,8 +193,8 @@ async def _check_verity(source: Any, record: Record, choice: Any = None) -> tupl
     if choice is None:
         return record, None
     checked = await open_verified(source, choice.root, hash_offset=choice.hash_offset, name=describe(record))
-    if hasattr(source, "accept"):
-        source.accept = checked.accept
+    if hasattr(source, "set_gate"):
+        source.set_gate(checked.accept)
     st = checked.state
     log.info("%s: dm-verity root hash %s (%s), tree at byte %d", describe(record), choice.root.hex(), choice.origin,
              st.hash_offset)

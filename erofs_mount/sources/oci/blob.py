@@ -97,11 +97,16 @@ class OciBlobSource:
         return data
 
     async def read_at(self, offset: int, length: int) -> bytes:
+        return (await self.read_trusted(offset, length))[0]
+
+    async def read_trusted(self, offset: int, length: int) -> tuple[bytes, bool]:
+        """(the bytes, whether the cache gate passed every chunk of them: with a verity gate, the
+        memory cache holds only verified chunks, and a fetched chunk says whether it was)."""
         if self._closed:
             raise SourceError(f"{self.ref}: source is closed")
         offset, length = clamp(offset, length, self.size)
         if length == 0:
-            return b""
+            return b"", True
         self._n["reads"] += 1
         cs = self.chunk_size
         idx = chunk_range(offset, length, cs)
@@ -112,9 +117,24 @@ class OciBlobSource:
                 have[i] = data
         window = self.readahead.observe(offset, length)
         streamed = self._streams.follow(idx, window) if window else ()
+        trusted = [True]
         if len(have) < len(idx):
-            have.update(await self._get([i for i in idx if i not in have], streamed))
-        return assemble(have, offset, length, cs)
+            have.update(await self._get([i for i in idx if i not in have], streamed, trusted))
+        return assemble(have, offset, length, cs), trusted[0] and self.accept is not None
+
+    def set_gate(self, accept) -> None:
+        """Install the cache gate; what the memory cache took before it (the opening reads) goes."""
+        self.accept = accept
+        for i in list(self.cache.indexes()):
+            self.cache.discard(i)
+
+    def verified_on_disk(self, offset: int, length: int) -> bool:
+        """Whether the persistent cache marks [offset, offset+length) verified by the gate (verity)."""
+        disk = self.disk
+        try:
+            return disk is not None and disk.marked(offset, offset + length)
+        except OSError:
+            return False
 
     def stats(self) -> dict:
         c = self.client.counters
@@ -163,9 +183,10 @@ class OciBlobSource:
         return f"OciBlobSource({self.ref} {self.digest}, size={self.size})"
 
     # -- fetching ---------------------------------------------------------------------------
-    async def _get(self, wanted: list[int], streamed) -> dict[int, bytes]:
+    async def _get(self, wanted: list[int], streamed, trusted: list | None = None) -> dict[int, bytes]:
         """The chunks *wanted* (none cached): coalesced with fetches under way, the rest fetched
-        now.  *streamed* are those this read just handed to a stream: its own, like the rest."""
+        now.  *streamed* are those this read just handed to a stream: its own, like the rest.
+        ``trusted[0]`` is set False when a chunk did not pass the cache gate."""
         inflight = self._inflight
         own = set(streamed)
         for i in wanted:  # never two copies of a chunk: a stream passing there brings it, or stops there
@@ -194,13 +215,16 @@ class OciBlobSource:
             await f.event.wait()
             if f.data is not None:
                 out[i] = f.data
+                ok = f.ok
             elif i in own and f.error is not STOPPED:
                 raise _as_source_error(f.error, self)
             else:  # another reader's fetch failed, or a stream stopped: try once ourselves
-                out[i] = await self._fetch_one(i)
+                out[i], ok = await self._fetch_one(i)
+            if trusted is not None and not ok:
+                trusted[0] = False
         return out
 
-    async def _fetch_one(self, i: int) -> bytes:
+    async def _fetch_one(self, i: int) -> tuple[bytes, bool]:
         f = self._inflight.get(i)
         if f is None:
             f = self._inflight[i] = Fetch()
@@ -209,7 +233,7 @@ class OciBlobSource:
             await f.event.wait()
         if f.data is None:
             raise _as_source_error(f.error, self)
-        return f.data
+        return f.data, f.ok
 
     def _spawn_get(self, fetches: list) -> None:
         scope = trio.CancelScope()
@@ -252,9 +276,18 @@ class OciBlobSource:
             if not isinstance(exc, Exception):
                 raise
 
+    def _gate(self, i: int, data, from_disk: bool) -> bool:
+        """Whether chunk *i* may be cached: no gate; or marked verified in the persistent cache (read
+        from there: trusted without hashing again); or the gate (verity: every block checked) says so."""
+        if self.accept is None:
+            return True
+        if from_disk and self.verified_on_disk(i * self.chunk_size, len(data)):
+            return True
+        return self.accept(i * self.chunk_size, data)
+
     def _complete(self, i: int, f: Fetch, data, *, from_disk: bool = False) -> None:
         """Chunk *i* arrived for Fetch *f* (maybe already completed by someone faster)."""
-        ok = self.accept is None or self.accept(i * self.chunk_size, data)
+        ok = self._gate(i, data, from_disk)
         if f.event.is_set():
             if ok and i not in self.cache:
                 self.cache.put(i, data)
@@ -262,11 +295,14 @@ class OciBlobSource:
         if ok:
             self.cache.put(i, data)
         f.data = data
+        f.ok = ok
         if self._inflight.get(i) is f:
             del self._inflight[i]
         f.event.set()
-        if ok and not from_disk and self.disk is not None and not self._closed:
-            self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
+        if ok and self.disk is not None and not self._closed and (
+                not from_disk or (self.accept is not None and not self.verified_on_disk(i * self.chunk_size, len(data)))):
+            self._spawn(self._disk_write, i * self.chunk_size, data, self.accept is not None,
+                        name=f"cache write {i}")
 
     def _fail(self, fetches: list, exc: BaseException) -> None:
         """Fail what was not delivered: never leave a waiter hanging."""
@@ -288,10 +324,11 @@ class OciBlobSource:
 
     def _keep(self, i: int, data) -> None:
         """Chunk *i* arrived that nobody waits for (a stream passing by): cache it."""
-        if i not in self.cache and (self.accept is None or self.accept(i * self.chunk_size, data)):
+        if i not in self.cache and self._gate(i, data, False):
             self.cache.put(i, data)
             if self.disk is not None and not self._closed:
-                self._spawn(self._disk_write, i * self.chunk_size, data, name=f"cache write {i}")
+                self._spawn(self._disk_write, i * self.chunk_size, data, self.accept is not None,
+                        name=f"cache write {i}")
 
     def forget(self, offset: int, length: int) -> None:
         """Drop what the caches hold of [offset, offset+length) (memory chunks, persistent cache
@@ -350,12 +387,15 @@ class OciBlobSource:
             self._disk_failed(exc)
             return None
 
-    async def _disk_write(self, start: int, data) -> None:
+    async def _disk_write(self, start: int, data, verified: bool = False) -> None:
+        """*verified*: the chunk passed the verity gate (decided when it arrived): marked so."""
         disk = self.disk
         if disk is None:
             return
         try:
             n = await trio.to_thread.run_sync(disk.write, start, data)
+            if verified:  # it passed the verity gate: marked so, the next read trusts it
+                await trio.to_thread.run_sync(disk.mark, start, start + len(data))
             self._n["disk_bytes_written"] += n
             if n and disk.written // (256 << 20) != (disk.written - n) // (256 << 20):  # keep the root bounded
                 await trio.to_thread.run_sync(lambda: enforce_limit(self._disk_root, self._disk_limit, keep=disk.path))
@@ -460,7 +500,9 @@ async def open_oci_source(
             from ...verity.source import open_verified
 
             verified = await open_verified(src, choice.root, hash_offset=choice.hash_offset, name=what)
-            src.accept = verified.accept
+            src.set_gate(verified.accept)
+            if getattr(src, "disk", None) is not None:  # blocks verified once are marked in the cache entry
+                await trio.to_thread.run_sync(src.disk.use_marks, choice.root.hex())
             log.info("%s: every block verified against root hash %s (%s)", what, choice.root.hex(), choice.origin)
             src = verified
         if check_magic:  # on the decompressed bytes of a +zstd layer

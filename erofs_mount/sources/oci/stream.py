@@ -65,13 +65,14 @@ class Fetch:
     """One chunk on its way: readers wait on ``event``; then ``data`` or ``error`` is set.
     ``owner`` is the BlobStream that will deliver it, None for an ordinary GET."""
 
-    __slots__ = ("event", "data", "error", "owner")
+    __slots__ = ("event", "data", "error", "owner", "ok")
 
     def __init__(self, owner: "BlobStream | None" = None) -> None:
         self.event = trio.Event()
         self.data: bytes | bytearray | memoryview | None = None
         self.error: BaseException | None = None
         self.owner = owner
+        self.ok = False  # the source's cache gate took the data (verity: it verified every block)
 
 
 class Streams:
