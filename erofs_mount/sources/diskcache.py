@@ -164,14 +164,16 @@ class DiskCache:
         except OSError:      # no RWF_NOWAIT here, or a read error: the caller reads the usual way
             return None
 
-    def write(self, start: int, data) -> int:
+    def write(self, start: int, data, *, replace: bool = False) -> int:
         """Store block-aligned *data* at *start* (the last block may be short at the blob's end).
 
-        Returns the bytes written (0 when every block was already present)."""
+        Returns the bytes written (0 when every block was already present).  *replace*: write
+        even over present blocks (what is there may differ: bytes about to be marked verified must
+        be the ones that were checked, not an older unverified copy)."""
         end = start + len(data)
         if start % BLOCK or (end % BLOCK and end != self.size):
             raise ValueError(f"unaligned cache write {start}-{end}")
-        if self.has(start, end):
+        if not replace and self.has(start, end):
             return 0
         n = os.pwrite(self._data, data, start)
         if n != len(data):

@@ -258,3 +258,22 @@ def test_disk_cache_marks_are_per_root_hash_and_follow_the_blocks(tmp_path):
     again.use_marks("bb" * 32)  # another root hash: the marks are not its
     assert not again.marked(0, 4096)
     again.close()
+
+
+def test_disk_cache_replace_writes_over_an_unverified_copy(tmp_path):
+    """A checked chunk fetched again from the registry replaces what an unverified mount left in the
+    entry before it is marked (a plain write skips present blocks: the old bytes would be marked)."""
+    from erofs_mount.sources.diskcache import DiskCache
+
+    data = os.urandom(4 * 4096)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    bad = bytearray(data)
+    bad[5000] ^= 1
+    dc = DiskCache.open(str(tmp_path), digest, len(data))
+    dc.write(0, bytes(bad[:8192]))          # an unverified mount's copy, one block damaged
+    dc.use_marks("aa" * 32)
+    assert dc.write(0, data[:8192]) == 0 and dc.read(0, 8192) == bytes(bad[:8192])   # skipped
+    assert dc.write(0, data[:8192], replace=True) == 8192
+    dc.mark(0, 8192)
+    assert dc.marked(0, 8192) and dc.read(0, 8192) == data[:8192]
+    dc.close()

@@ -262,11 +262,16 @@ class OciBlobSource:
         _, end = chunk_extent(first + count - 1, cs, self.size)
         by_index = dict(fetches)
         try:
+            # verified marks taken BEFORE the read (and again after it, in _gate): a block repaired and
+            # marked while the read ran must not vouch for the older bytes the read got
+            marked = [self.accept is not None and self.verified_on_disk(*chunk_extent(first + k, cs, self.size))
+                      for k in range(count)]
             data = await self._disk_read(start, end)
             if data is not None:
                 view = memoryview(data)
                 for k in range(count):
-                    self._complete(first + k, by_index[first + k], view[k * cs:(k + 1) * cs], from_disk=True)
+                    self._complete(first + k, by_index[first + k], view[k * cs:(k + 1) * cs], from_disk=True,
+                                   marked=marked[k])
                 self._n["disk_hits"] += count
             else:
                 await self.client.fetch_range(self.digest, start, end, piece=cs,
@@ -276,18 +281,19 @@ class OciBlobSource:
             if not isinstance(exc, Exception):
                 raise
 
-    def _gate(self, i: int, data, from_disk: bool) -> bool:
-        """Whether chunk *i* may be cached: no gate; or marked verified in the persistent cache (read
-        from there: trusted without hashing again); or the gate (verity: every block checked) says so."""
+    def _gate(self, i: int, data, from_disk: bool, marked: bool = False) -> bool:
+        """Whether chunk *i* may be cached: no gate; or read from the persistent cache and marked
+        verified there before and after the read (*marked*: before; trusted without hashing again);
+        or the gate (verity: every block checked) says so."""
         if self.accept is None:
             return True
-        if from_disk and self.verified_on_disk(i * self.chunk_size, len(data)):
+        if from_disk and marked and self.verified_on_disk(i * self.chunk_size, len(data)):
             return True
         return self.accept(i * self.chunk_size, data)
 
-    def _complete(self, i: int, f: Fetch, data, *, from_disk: bool = False) -> None:
+    def _complete(self, i: int, f: Fetch, data, *, from_disk: bool = False, marked: bool = False) -> None:
         """Chunk *i* arrived for Fetch *f* (maybe already completed by someone faster)."""
-        ok = self._gate(i, data, from_disk)
+        ok = self._gate(i, data, from_disk, marked)
         if f.event.is_set():
             if ok and i not in self.cache:
                 self.cache.put(i, data)
@@ -393,7 +399,8 @@ class OciBlobSource:
         if disk is None:
             return
         try:
-            n = await trio.to_thread.run_sync(disk.write, start, data)
+            # verified: the checked bytes replace whatever an unverified mount left there before marking
+            n = await trio.to_thread.run_sync(lambda: disk.write(start, data, replace=verified))
             if verified:  # it passed the verity gate: marked so, the next read trusts it
                 await trio.to_thread.run_sync(disk.mark, start, start + len(data))
             self._n["disk_bytes_written"] += n
