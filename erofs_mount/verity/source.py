@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 
+import trio
+
 from ..errors import IntegrityError, ShortReadError
 from ..sources.cache import clamp
 from .tree import SB_SIZE, TreeState, parse_superblock
@@ -34,6 +36,9 @@ LEAF_WINDOW = 256  # level-0 hash blocks read at once (1 MiB of digests, 128 MiB
 # the hash blocks a read loads reach this far past it: read-ahead (the registry blob's streams, 32 MiB)
 # brings chunks before their reader, and a chunk whose hash blocks are not loaded cannot be cached
 LOAD_AHEAD = 64 << 20
+# a range at least this big is hashed in a worker thread (hashlib lets go of the GIL for each block):
+# the trio thread goes on serving, and read-ahead windows are checked on another CPU
+THREAD_CHECK = 256 << 10
 # what a wrapped source may tell about itself; never a path around the check (fileno, read_cached …)
 _FORWARDED = frozenset({"digest", "ref", "platform", "media_type", "layer_index", "manifest_digest",
                         "credentials_origin", "options", "chunk_size", "path"})
@@ -167,7 +172,10 @@ class VeritySource:
             if offset == start and length == len(data):
                 return bytes(data), []
             return bytes(memoryview(data)[offset - start:offset - start + length]), []
-        bad = self.state.check(first, data)
+        if end - start >= THREAD_CHECK:
+            bad = await trio.to_thread.run_sync(self.state.check, first, data)
+        else:
+            bad = self.state.check(first, data)
         failed = []
         if bad:
             data = bytearray(data)
@@ -220,10 +228,13 @@ class VeritySource:
         if not st.ready(first, last):
             return None
         start, end = first * self.dbs, (last + 1) * self.dbs
+        # marked verified before the read and after it: a block repaired (forgotten, fetched again,
+        # marked) while the read ran must not vouch for the older bytes the read got
+        marked = self._on_disk is not None and self._on_disk(start, end - start)
         data = self.inner.pread_cached(start, end - start, nowait=nowait)
         if data is None or len(data) != end - start:
             return None
-        if self._on_disk is not None and self._on_disk(start, end - start):
+        if marked and self._on_disk(start, end - start):
             st.counts["blocks_verified"] += last - first + 1  # checked before it was written, marked so
         elif st.check(first, data):
             return None  # the async path reads (and refetches) it

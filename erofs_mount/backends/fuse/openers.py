@@ -42,30 +42,31 @@ def local_opener(source: str, devices: tuple[str, ...], verity=None):
 
 
 def _verified_local_opener(source: str, devices: tuple[str, ...], verity):
-    """A local image with its dm-verity tree: reads checked in the reader's thread (inline too);
-    no descriptor goes to the decoder process (it would read around the check)."""
+    """A local image with its dm-verity tree: reads checked in the reader's thread (inline too).
+    The image's descriptor goes to the decoder process, which forks with the image, so its reads
+    go through the same check (its own copy of the loaded tree; it loads more by itself).  The
+    tree covers one device: extra devices cannot be verified, so they are refused."""
+    if devices:
+        from ...errors import UsageError
+
+        raise UsageError(f"{source}: a dm-verity tree covers one device; an image with extra devices "
+                         f"({', '.join(devices)}) cannot be verified")
+
     async def opener():
         from ...erofs.image import Image
         from ...verity.source import open_verified
 
         local = open_local(source)
-        opened = [local]
         try:
             src = await open_verified(local, verity.root, hash_offset=verity.hash_offset, name=source,
                                       pread=LocalReader(local).read_at)
-            extra = []
-            for dev in devices:
-                d = open_local(dev)
-                opened.append(d)
-                extra.append(LocalReader(d).read_at)
-            image = Image(src.pread, size=src.size, devices=extra, **IMAGE_CACHES)
+            image = Image(src.pread, size=src.size, **IMAGE_CACHES)
             tune_image(image)
         except BaseException:
-            for s in opened:
-                s.close()
+            local.close()
             raise
         log.info("%s: every block verified against root hash %s (%s)", source, verity.root.hex(), verity.origin)
-        return image, [s.close for s in opened], (), src, True
+        return image, [local.close], (local.fileno(),), src, True
     return opener
 
 

@@ -55,6 +55,7 @@ class Decoder:
         self._poll.register(ours, select.POLLIN)
         self.ready = False
         self.waits = self.late = 0
+        self.verified = None    # a verified image's verity.tree.TreeState (start())
         try:
             self.pid = os.fork()
         except OSError:
@@ -97,6 +98,9 @@ class Decoder:
         if hit is None:
             return None
         slot, n = hit
+        if self.verified is not None:   # the process checked every block of it
+            dbs = self.verified.p.data_block_size
+            self.verified.counts["blocks_verified"] += (off + n + dbs - 1) // dbs - off // dbs
         base = slot * self.slot_size
         return self._view[base:base + n]
 
@@ -193,6 +197,7 @@ def _become_child(ours: socket.socket, theirs: socket.socket, keep_fds) -> None:
     """In the forked process: default signal handling, and no descriptor but the socket and the image's."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # no decoding for a daemon that is gone
     _prctl(_PR_SET_NAME, b"erofs-decoder")      # what ps and top show (the command line stays)
+    logging.disable(logging.CRITICAL)   # a failed READ is redone, and reported, by the daemon
     signal.set_wakeup_fd(-1)    # trio's wake-up socket belongs to the daemon
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -216,24 +221,28 @@ def _prctl(option: int, arg) -> None:  # pragma: no cover - the child
         pass    # best effort: the socket's end of file ends the process as well
 
 
-def why_not(sb, setting: int | None, cpus: int) -> str | None:
+def why_not(sb, setting: int | None, cpus: int, *, verified: bool = False) -> str | None:
     """None if the image gets a decoder process under ``-o decoder=`` ``setting`` (None: not given)
-    on a machine with ``cpus`` usable CPUs, else why not."""
+    on a machine with ``cpus`` usable CPUs, else why not.  A *verified* image (dm-verity: every
+    block hashed) gets one for its uncompressed data too."""
     if setting == 0:
         return "decoder=0"
     if setting is None:
-        if not sb.marks_compression:
+        if not sb.marks_compression and not verified:
             return "no compressed data"
         if cpus < 2:
             return "one CPU"
     return None
 
 
-def start(image, keep_fds, setting: int | None, **kw) -> Decoder | None:
-    """A running ``Decoder`` for a local ``image`` read through ``keep_fds``, or None (logged)."""
+def start(image, keep_fds, setting: int | None, *, verified=None, **kw) -> Decoder | None:
+    """A running ``Decoder`` for a local ``image`` read through ``keep_fds``, or None (logged).
+    *verified*: the image reads through a dm-verity check (verity/source.py) and this is its
+    ``TreeState``; the process checks what it reads with its own copy of the tree (forked with the
+    image), and the blocks of every READ it answers are counted here as verified."""
     from .busypoll import usable_cpus
 
-    why = why_not(image.sb, setting, usable_cpus())
+    why = why_not(image.sb, setting, usable_cpus(), verified=verified is not None)
     if why is not None:
         (log.info if setting else log.debug)("no decoder process: %s", why)
         return None
@@ -244,8 +253,10 @@ def start(image, keep_fds, setting: int | None, **kw) -> Decoder | None:
         kw.setdefault("ahead", 2)
     try:
         dec = Decoder(image, keep_fds, **kw)
+        dec.verified = verified
     except OSError as exc:
         log.warning("no decoder process (%s): the daemon decodes everything itself", exc.strerror or exc)
         return None
-    log.info("decoder process %d decodes big READs of compressed files ahead", dec.pid)
+    log.info("decoder process %d %s big READs ahead", dec.pid,
+             "reads and verifies" if verified is not None else "decodes compressed files")
     return dec
