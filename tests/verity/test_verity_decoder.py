@@ -182,3 +182,14 @@ def test_a_mounted_verified_image_uses_the_process(built, mounts):  # noqa: F811
     if FUSE_LOG:
         assert f"data block {at // 4096} " in log.text()
         assert _decoder_answered(log) >= 1
+
+
+def test_a_registry_layer_with_extra_devices_is_refused_in_one_line(vworld, tmp_path, mounts):  # noqa: F811
+    mnt = mounts.mountpoint()
+    dev = tmp_path / "extra.img"
+    dev.write_bytes(bytes(4096))
+    res = run_cli("--mode", "fuse", "--device", str(dev), "-o", "oci.layer=0,oci.insecure,oci.cache=none",
+                  vworld.ref("plain-inline-4k"), mnt, timeout=120)
+    err = res.stderr.decode().strip()
+    assert res.returncode != 0 and len(err.splitlines()) == 1 and "extra devices" in err, err
+    assert not os.path.ismount(mnt)

@@ -178,7 +178,9 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
         log.info("image %s: block size %d, %d inodes, %d extra device(s)", source, image.block_size,
                  image.sb.inos, image.sb.extra_devices)
         # a verified image: every READ hashes its blocks, as costly as decompressing them
-        tree = getattr(stats_source, "state", None) if hasattr(stats_source, "accept") else None
+        from ...verity.source import VeritySource
+
+        tree = stats_source.state if isinstance(stats_source, VeritySource) else None
         if fds and opts.accelerators.on("decoder"):  # forked now, before /dev/fuse is open
             dec = decoder.start(image, fds, opts.decoder, verified=tree)
         elif opts.decoder and opts.accelerators.on("decoder"):

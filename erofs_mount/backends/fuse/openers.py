@@ -132,6 +132,13 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
         sources = opened if isinstance(opened, list) else [opened]
         closers: list = [s.aclose for s in sources]
         try:
+            from ...verity.source import VeritySource
+
+            if devices and any(isinstance(s, VeritySource) for s in sources):
+                from ...errors import UsageError
+
+                raise UsageError(f"{name}: a dm-verity tree covers one device; an image with extra devices "
+                                 f"({', '.join(devices)}) cannot be verified")
             extra = []
             for dev in devices:
                 d = open_local(dev)
