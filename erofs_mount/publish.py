@@ -65,7 +65,10 @@ def source_stats(source: Any, keys: tuple[str, ...] = SOURCE_STAT_KEYS) -> dict:
         raw = source.stats() if hasattr(source, "stats") else {}
     except Exception as exc:  # noqa: BLE001 - a display must not stop serving
         return {"error": repr(exc)}
-    return {k: raw[k] for k in keys if isinstance(raw.get(k), int)}
+    out = {k: raw[k] for k in keys if isinstance(raw.get(k), int)}
+    if isinstance(raw.get("hosts"), str) and raw["hosts"]:   # bytes per registry host (mirrors)
+        out["hosts"] = raw["hosts"]
+    return out
 
 
 class Publisher:

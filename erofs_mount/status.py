@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text", "verity_counts", "verity_text"]
+__all__ = ["SOURCE_STAT_KEYS", "summary", "size_text", "ratio_text", "verity_counts", "verity_text", "hosts_text"]
 
 # the integer statistics of a block source (OciBlobSource.stats(), LocalSource.stats()) that a daemon
 # publishes for `erofs-mount status`; bytes_fetched + bytes_discarded = bytes that came off the network
@@ -49,6 +49,7 @@ def summary(doc: dict | None) -> dict:
         "daemons": _int(carried.get("daemons")) + 1,
         "updated": doc.get("updated"),
         "verity": verity_counts(st),
+        "hosts": st.get("hosts") if isinstance(st.get("hosts"), str) else None,
     }
 
 
@@ -57,6 +58,17 @@ def verity_counts(st: dict) -> tuple[int, int] | None:
     if "verity_blocks_verified" not in st:
         return None
     return _int(st.get("verity_blocks_verified")), _int(st.get("verity_blocks_failed"))
+
+
+def hosts_text(hosts: str | None) -> str:
+    """`` hosts=HOST=SIZE,…``: blob bytes each registry host served (mirrors first), or ""."""
+    if not hosts:
+        return ""
+    parts = []
+    for item in hosts.split(","):
+        host, _, n = item.rpartition("=")
+        parts.append(f"{host}={size_text(int(n)) if n.isdigit() else n}")
+    return " hosts=" + ",".join(parts)
 
 
 def verity_text(counts: tuple[int, int] | None) -> str:

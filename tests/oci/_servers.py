@@ -55,14 +55,18 @@ class Registry:
 
 
 def start_registry(workdir: Path, storage: Path, *, auth: dict | None = None, tls: tuple | None = None,
-                   middleware: dict | None = None) -> Registry:
+                   middleware: dict | None = None, access_log: bool = False, proxy: dict | None = None,
+                   port: int = 0) -> Registry:
+    """*access_log*: the combined-format access log goes to ``workdir/registry.log`` (blob_bytes
+    reads it); *proxy*: a pull-through cache of ``proxy["remoteurl"]``; *port*: a fixed one (a
+    registry restarted where clients expect it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    http_cfg: dict = {"addr": "127.0.0.1:0", "secret": "any-test-secret"}
+    http_cfg: dict = {"addr": f"127.0.0.1:{port}", "secret": "any-test-secret"}
     if tls:
         http_cfg["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     cfg: dict = {
         "version": 0.1,
-        "log": {"level": "info", "accesslog": {"disabled": True}, "formatter": "text"},
+        "log": {"level": "info", "accesslog": {"disabled": not access_log}, "formatter": "text"},
         "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True},
                     "cache": {"blobdescriptor": "inmemory"}, "maintenance": {"uploadpurging": {"enabled": False}}},
         "http": http_cfg,
@@ -72,6 +76,8 @@ def start_registry(workdir: Path, storage: Path, *, auth: dict | None = None, tl
         cfg["auth"] = auth
     if middleware:
         cfg["middleware"] = middleware
+    if proxy:
+        cfg["proxy"] = proxy
     (workdir / "config.json").write_text(json.dumps(cfg))
     log = open(workdir / "registry.log", "wb")
     proc = subprocess.Popen(
@@ -105,6 +111,20 @@ def start_registry(workdir: Path, storage: Path, *, auth: dict | None = None, tl
             time.sleep(0.02)
     reg.stop()
     raise RuntimeError("docker-registry not ready")
+
+
+_ACCESS = re.compile(rb'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
+
+
+def blob_bytes(reg: Registry, digest: str | None = None) -> int:
+    """Blob body bytes the registry served (its access log: ``start_registry(access_log=True)``)."""
+    total = 0
+    for m in _ACCESS.finditer((reg.workdir / "registry.log").read_bytes()):
+        path = m.group(2).decode()
+        if m.group(1) == b"GET" and "/blobs/" in path and (digest is None or path.endswith(digest)) \
+                and m.group(4) != b"-":
+            total += int(m.group(4))
+    return total
 
 
 def _ctx(verify):

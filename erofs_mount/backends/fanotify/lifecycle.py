@@ -21,7 +21,7 @@ import time
 
 from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, UsageError
-from ...status import size_text, verity_counts, verity_text
+from ...status import hosts_text, size_text, verity_counts, verity_text
 from .. import kmount
 from . import kernel, record
 
@@ -142,7 +142,8 @@ def status_entries() -> list[dict]:
                     "size": doc.get("size", 0), "bytes_local": st.get("bytes_local", 0),
                     "fetches": st.get("fetches", 0), "bytes_fetched": st.get("bytes_fetched", 0),
                     "events": st.get("requests", 0), "denied": st.get("denied", 0),
-                    "daemons": doc.get("daemons", 1), "verity": verity_counts(st.get("source") or {})})
+                    "daemons": doc.get("daemons", 1), "verity": verity_counts(st.get("source") or {}),
+                    "hosts": (st.get("source") or {}).get("hosts")})
     return out
 
 
@@ -151,7 +152,7 @@ def status_line(e: dict) -> str:
     return (f"fanotify {e['mountpoint']} source={e['source']} mounted={'yes' if e['mounted'] else 'no'} "
             f"bytes_local={size_text(e['bytes_local'])} size={size_text(e['size'])} "
             f"fetches={e['fetches']} bytes_fetched={size_text(e['bytes_fetched'])} fills={e['events']} "
-            f"denied={e['denied']} daemons={e['daemons']} {verity_text(e.get('verity'))} {procs}")
+            f"denied={e['denied']} daemons={e['daemons']} {verity_text(e.get('verity'))}{hosts_text(e.get('hosts'))} {procs}")
 
 
 def status(out=None) -> int:

@@ -20,7 +20,7 @@ import os
 import pwd
 import sys
 
-from ...status import ratio_text, size_text, summary, verity_text
+from ...status import hosts_text, ratio_text, size_text, summary, verity_text
 from . import publish
 from .mountinfo import MountEntry, parse_mountinfo
 
@@ -110,7 +110,7 @@ def status_line(e: dict) -> str:
         parts.append(f"bytes_fetched={size_text(e['bytes_fetched'])}")
         if e["kind"] == "oci":
             parts += [f"cache_hit_ratio={ratio_text(e['cache_hit_ratio'])}", f"retries={e['retries']}"]
-        parts.append(verity_text(e.get("verity")))
+        parts.append(verity_text(e.get("verity")) + hosts_text(e.get("hosts")))
     return " ".join(parts)
 
 

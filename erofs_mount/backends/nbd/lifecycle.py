@@ -27,7 +27,7 @@ import time
 
 from ...daemon import log_path, run_detached
 from ...errors import ErofsMountError, NotFoundError, UsageError
-from ...status import ratio_text, size_text
+from ...status import hosts_text, ratio_text, size_text
 from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
@@ -256,7 +256,7 @@ def status_line(e: dict) -> str:
         parts += [f"bytes_fetched={size_text(e['bytes_fetched'])}",
                   f"bytes_fetched_total={size_text(e['bytes_fetched_total'])}",
                   f"cache_hit_ratio={ratio_text(e['cache_hit_ratio'])}", f"retries={e['retries']}",
-                  f"retries_total={e['retries_total']}", f"daemons={e['daemons']}"]
+                  f"retries_total={e['retries_total']}", f"daemons={e['daemons']}" + hosts_text(e.get("hosts"))]
     return " ".join(parts)
 
 

@@ -36,7 +36,9 @@ from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record
 _OCI_KEEP = {"insecure": bool, "cafile": str, "password_file": str, "cache": str, "username": str,
              "retries": int, "retry_time": float, "timeout": float, "chunk_size": int, "memory_limit": int,
              "cache_limit": int, "readahead": int, "max_request": int, "connections": int,
-             "tarindex": str, "zinfo": str}
+             "tarindex": str, "zinfo": str,
+             # mirrors (sources/oci/mirrored.py): the files are read again by a reattach
+             "mirrors": bool, "registries_conf": str, "hosts_dir": str}
 
 
 def oci_options_from_record(record: OciLayerRecord | OciNativeBlobRecord) -> Any:
@@ -69,8 +71,8 @@ def record_for_oci(ref: str, platform: str, digest: str, options: Any) -> OciNat
     for key, kind in _OCI_KEEP.items():
         value = getattr(options, key, None)
         if kind is bool:
-            if value:
-                extra.append((key, "1"))
+            if value != getattr(default, key):
+                extra.append((key, "1" if value else "0"))
         elif kind is str:
             if value is not None and not (key == "username" and options.password is not None):
                 extra.append((key, str(value)))

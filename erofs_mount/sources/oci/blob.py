@@ -27,6 +27,7 @@ from ...errors import NotErofsError, SourceError, UsageError
 from ..cache import ChunkCache, ReadAhead, assemble, chunk_extent, chunk_range, clamp, runs
 from ..diskcache import DiskCache, default_root, enforce_limit
 from .client import RegistryClient
+from .mirrored import MirroredClient
 from .manifest import EROFS_SUPER_OFFSET, check_erofs_magic, check_layer_media_type, select_layer
 from .options import OciOptions
 from .reference import Reference, parse_reference
@@ -146,6 +147,7 @@ class OciBlobSource:
             "range_ignored": c["range_ignored"], "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
             "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions,
             "streams_active": len(self._streams), **self._n,
+            **({"hosts": self.client.hosts_text()} if hasattr(self.client, "hosts_text") else {}),
         }
 
     async def aclose(self) -> None:
@@ -342,6 +344,7 @@ class OciBlobSource:
         offset, length = clamp(offset, length, self.size)
         if length == 0:
             return
+        self._distrust()
         for i in chunk_range(offset, length, self.chunk_size):
             self.cache.discard(i)
         if self.disk is not None:
@@ -349,6 +352,12 @@ class OciBlobSource:
                 self.disk.forget(offset, offset + length)
             except OSError as exc:
                 self._disk_failed(exc)
+
+    def _distrust(self) -> None:
+        """Bytes of this blob did not check out: a mirror may not serve it again (mirrored.py)."""
+        distrust = getattr(self.client, "distrust", None)
+        if distrust is not None:
+            distrust(self.digest)
 
     def _on_disk(self, i: int) -> bool:
         disk = self.disk
@@ -409,7 +418,8 @@ class OciBlobSource:
             if disk.complete and not disk.verified and not self._disk_verifying:
                 self._disk_verifying = True
                 try:
-                    await trio.to_thread.run_sync(disk.verify)
+                    if not await trio.to_thread.run_sync(disk.verify):
+                        self._distrust()
                 finally:
                     self._disk_verifying = False
         except OSError as exc:
@@ -465,7 +475,7 @@ async def open_oci_source(
         ref = parse_reference(ref)
     if pinned is None:
         pinned = ref.digest is not None
-    client = RegistryClient(ref, options, env=env)
+    client = MirroredClient(ref, options, env=env)   # the origin alone unless mirrors are configured
     try:
         res = resolution if resolution is not None else await resolve(client, ref, options)
         index, desc = select_layer(res.manifest, layer=options.layer, blob=options.blob)

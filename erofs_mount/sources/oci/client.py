@@ -82,21 +82,38 @@ class _Budget:
 class RegistryClient:
     """One registry repository, as seen by one source."""
 
-    def __init__(self, ref: Reference, options: OciOptions, *, env: dict | None = None) -> None:
+    def __init__(self, ref: Reference, options: OciOptions, *, env: dict | None = None, endpoint=None) -> None:
+        """*endpoint*: a mirrors.Endpoint to talk to instead of *ref*'s registry (a mirror, or a
+        rewritten location): *ref* is then that host's view (its registry and repository)."""
         if options.insecure and ref.is_docker_hub:
             raise UsageError("oci.insecure (plain HTTP) is refused for Docker Hub")
         self.ref = ref
         self.options = options
         self.env = env
-        scheme = "http" if options.insecure else "https"
-        self.base_url = httpx.URL(f"{scheme}://{ref.api_host}")
-        verify: ssl.SSLContext | bool = make_ssl_context(options.cafile) if scheme == "https" else True
+        self.endpoint = endpoint
+        if endpoint is None:
+            scheme, host, self._api_root, self._params = ("http" if options.insecure else "https"), ref.api_host, "/v2", {}
+            cafiles: tuple = (options.cafile,) if options.cafile else ()
+            skip_verify = False
+        else:
+            scheme, host, self._api_root = endpoint.scheme, endpoint.host, endpoint.api_root
+            self._params = {"ns": endpoint.ns} if endpoint.ns else {}
+            cafiles = endpoint.cafiles or ((options.cafile,) if options.cafile and endpoint.origin else ())
+            skip_verify = endpoint.skip_verify
+        self.base_url = httpx.URL(f"{scheme}://{host}")
+        verify: ssl.SSLContext | bool = True
+        if scheme == "https":
+            what = f"{endpoint.source} ca" if endpoint is not None and endpoint.cafiles else "oci.cafile"
+            verify = False if skip_verify else make_ssl_context(*cafiles, what=what)
         t = options.timeout
+        headers = {"User-Agent": f"erofs-mount/{__version__}"}
+        for k, v in (endpoint.headers if endpoint is not None else ()):
+            headers[k] = v
         self.http = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(connect=t, read=t, write=t, pool=max(t, options.retry_time)),
             limits=httpx.Limits(max_connections=options.connections + 4, max_keepalive_connections=options.connections + 4),
-            headers={"User-Agent": f"erofs-mount/{__version__}"},
+            headers=headers,
             follow_redirects=False,
         )
         self.auth = RegistryAuth(self)
@@ -251,16 +268,23 @@ class RegistryClient:
             await trio.sleep(delay)
 
     # -- requests ---------------------------------------------------------------------
+    def api_url(self, path: str) -> httpx.URL:
+        """``<api root>/<repository>/<path>`` on this client's host (with a mirror's ``ns=``)."""
+        url = self.base_url.join(f"{self._api_root}/{self.ref.repository}/{path}")
+        return url.copy_merge_params(self._params) if self._params else url
+
     def _check(self, resp: httpx.Response, what: str) -> None:
         if resp.status_code in (401, 403):
             raise self.auth_failure(resp.status_code)
         self._raise_for_retry(resp)
         if resp.status_code == 404:
-            raise RegistryError(f"registry {self.ref.registry}: {what} not found (HTTP 404)")
+            err = RegistryError(f"registry {self.ref.registry}: {what} not found (HTTP 404)")
+            err.http_status = 404   # a mirror without it: the next host is asked (mirrored.py)
+            raise err
 
     async def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(body, content type, digest) of manifest *reference* (tag or digest); digest checked."""
-        url = self.base_url.join(f"/v2/{self.ref.repository}/manifests/{reference}")
+        url = self.api_url(f"manifests/{reference}")
         what = f"manifest {self.ref.repository}:{reference}" if ":" not in reference else f"manifest {reference}"
 
         async def attempt(_budget: _Budget) -> tuple[bytes, str, str]:
@@ -306,7 +330,7 @@ class RegistryClient:
             await self.fetch_range(digest, start, end, piece=end - start, deliver=lambda _o, d: out.append(d))
             return out[0]
         piece = piece or (end - start)
-        registry_url = self.base_url.join(f"/v2/{self.ref.repository}/blobs/{digest}")
+        registry_url = self.api_url(f"blobs/{digest}")
         pos = start  # the first byte not delivered yet
         progress_limit = self.options.timeout * 2 + piece / _MIN_RATE
 

@@ -87,6 +87,9 @@ class OciOptions:
     verity: str = "auto"         # verity/options.py: auto | require | off
     verity_root: str | None = None   # verity.roothash (hex)
     verity_offset: int | None = None  # verity.hashoffset
+    mirrors: bool = True             # oci.mirrors: read registries.conf / hosts.toml (mirrors.py)
+    registries_conf: str | None = None  # oci.registries_conf: this file instead of the usual search
+    hosts_dir: str | None = None     # oci.hosts_dir: containerd's hosts.toml directory
 
     def verity_choice(self, *, annotations: dict | None = None, pinned: bool = False, what: str = "layer"):
         """(root hash choice or None, warning or None) for one layer (verity/options.py choose)."""
@@ -198,6 +201,9 @@ _OPTION_TABLE = {
     "oci.timeout": ("timeout", lambda n, v: _parse_float(n, v, 0.1, 600)),
     "oci.tarindex": ("tarindex", _str),
     "oci.zinfo": ("zinfo", _str),
+    "oci.mirrors": ("mirrors", _parse_bool),
+    "oci.registries_conf": ("registries_conf", _str),
+    "oci.hosts_dir": ("hosts_dir", _str),
     "verity": ("verity", parse_mode),
     "verity.roothash": ("verity_root", parse_roothash),
     "verity.hashoffset": ("verity_offset", parse_offset),

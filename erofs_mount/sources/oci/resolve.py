@@ -13,6 +13,7 @@ import trio
 
 from ...errors import RegistryError
 from .client import RegistryClient
+from .mirrored import MirroredClient
 from .manifest import Index, Manifest, host_platform, is_erofs_media_type, parse_manifest, parse_platform, select_platform
 from .options import OciOptions
 from .reference import Reference, parse_reference
@@ -85,7 +86,7 @@ async def inspect_oci(ref: str | Reference, *, options: OciOptions | None = None
     options = options_with(options, platform=platform)
     if isinstance(ref, str):
         ref = parse_reference(ref)
-    client = RegistryClient(ref, options, env=env)
+    client = MirroredClient(ref, options, env=env)
     try:
         return await resolve(client, ref, options)
     finally:

@@ -35,14 +35,16 @@ def is_cert_error(exc: BaseException) -> bool:
     return False
 
 
-def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
-    """System CAs (not certifi) plus oci.cafile."""
+def make_ssl_context(*cafiles: str | None, what: str = "oci.cafile") -> ssl.SSLContext:
+    """System CAs (not certifi) plus oci.cafile (or a hosts.toml ``ca`` list: *what* says which)."""
     ctx = ssl.create_default_context()
-    if cafile:
+    for cafile in cafiles:
+        if not cafile:
+            continue
         try:
             ctx.load_verify_locations(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"oci.cafile={cafile}: {exc}") from None
+            raise UsageError(f"{what}={cafile}: {exc}") from None
     return ctx
 
 

@@ -15,7 +15,7 @@ import tempfile
 
 import trio
 
-from ...errors import ErofsMountError
+from ...errors import CorruptedError, ErofsMountError, ImageError
 from ...gzindex import from_zinfo, to_zinfo
 from . import store
 from .build import index_layer
@@ -42,18 +42,29 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
             if entry is None:
                 tmpdir = tempfile.mkdtemp(prefix="erofs-mount-zstd-")
                 log.info("%s: no cache: the decompressed tar is kept in %s while mounted", what, tmpdir)
-            spill = store.TarSpill(entry or tmpdir)
-        try:
-            built = await index_layer(blob, kind, what=what, digest=digest, spill=spill)
-            tar_path = spill.commit() if spill is not None else None
-        except BaseException:
-            if spill is not None:
-                spill.discard()
-            if tmpdir:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-            if entry is not None:
-                _remove_if_empty(entry)
-            raise
+        # a layer that does not check out (its digest, its gzip or tar structure) when a mirror may
+        # have served it: once more, from the origin only
+        mirrored = len(getattr(getattr(blob, "client", None), "endpoints", ())) > 1
+        for attempt in (1, 2):
+            spill = store.TarSpill(entry or tmpdir) if kind == "zstd" else None
+            try:
+                built = await index_layer(blob, kind, what=what, digest=digest, spill=spill)
+                tar_path = spill.commit() if spill is not None else None
+                break
+            except (CorruptedError, ImageError) as exc:   # what the bytes say (UnsupportedError included)
+                if spill is not None:
+                    spill.discard()
+                if attempt == 1 and mirrored:
+                    log.warning("%s; reading it again from the origin", exc)
+                    blob.forget(0, blob.size)   # drops what the caches hold; the mirrors are distrusted
+                    continue
+                _cleanup(tmpdir, entry)
+                raise
+            except BaseException:
+                if spill is not None:
+                    spill.discard()
+                _cleanup(tmpdir, entry)
+                raise
         index, tar_size, gz = built.index, built.tar_size, built.gz
         if entry is not None:
             zinfo = to_zinfo(gz) if gz is not None else None
@@ -63,6 +74,13 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
             except OSError as exc:
                 log.warning("%s: cannot keep the tar index in %s: %s", what, entry, exc.strerror)
     return _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit)
+
+
+def _cleanup(tmpdir: str | None, entry: str | None) -> None:
+    if tmpdir:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    if entry is not None:
+        _remove_if_empty(entry)
 
 
 def _remove_if_empty(entry: str) -> None:
