@@ -35,3 +35,13 @@ def test_no_credentials_no_token_and_digest_pinned():
     rec = record_for_oci("reg/app:latest", "linux/amd64", DIGEST, OciOptions())
     assert format_record(rec) == f"OCI_NATIVE_BLOB reg/app:latest linux/amd64 {DIGEST}\n"
     assert isinstance(parse_record(format_record(rec)), OciNativeBlobRecord)
+
+
+def test_mirror_options_survive_a_reattach():
+    """oci.mirrors=no and where the configuration files are: a reattach reads the same files again."""
+    rec = record_for_oci("reg/app:v1", "linux/amd64", DIGEST,
+                         OciOptions(mirrors=False, registries_conf="/etc/r.conf", hosts_dir="/etc/h"))
+    back = oci_options_from_record(parse_record(format_record(rec)))
+    assert (back.mirrors, back.registries_conf, back.hosts_dir) == (False, "/etc/r.conf", "/etc/h")
+    assert oci_options_from_record(parse_record(format_record(
+        record_for_oci("reg/app:v1", "linux/amd64", DIGEST, OciOptions())))).mirrors is True
