@@ -196,6 +196,23 @@ class FuseMounts:
             publish.forget(mnt)  # the status document of a daemon killed here
 
 
+def cli_mounts(tmp_path):
+    """Mounts made with ``erofs-mount`` itself (run_cli): each unmounted with ``-u`` at the end,
+    then reaped as ``FuseMounts.cleanup`` does.  ``yield from`` it in a fixture."""
+    from tests.conftest import run_cli
+
+    reason = fuse_unavailable_reason()
+    if reason:
+        pytest.skip(f"FUSE tests need a usable FUSE: {reason}")
+    m = FuseMounts(tmp_path)
+    try:
+        yield m
+    finally:
+        for mnt in m.mountpoints:
+            run_cli("-u", mnt, timeout=60)
+        m.cleanup()
+
+
 @pytest.fixture
 def fuse(tmp_path):
     reason = fuse_unavailable_reason()

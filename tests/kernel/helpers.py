@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+
+import pytest
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,3 +159,22 @@ class Readers:
             time.sleep(0.05)
         assert not pending, f"readers {pending} did not finish in {timeout}s"
         return [json.load(open(o)) for o in self.outs]
+
+
+def registry_fixture(tmp_path_factory):
+    """(a docker-registry inside the guest, a Pusher to it, its storage directory); ``yield from``
+    it in a module fixture (skipped where docker-registry is not installed)."""
+    try:
+        from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
+    except ImportError:  # pragma: no cover
+        REGISTRY_BIN = None
+    if REGISTRY_BIN is None:
+        pytest.skip("docker-registry is not installed")
+    root = tmp_path_factory.mktemp("registry")
+    reg = start_registry(root / "anon", root / "storage")
+    pusher = Pusher(reg.url)
+    try:
+        yield reg, pusher, root / "storage"
+    finally:
+        pusher.close()
+        reg.stop()

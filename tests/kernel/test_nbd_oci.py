@@ -12,26 +12,14 @@ from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 
-from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, wait_until
+from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, registry_fixture, wait_until
 
-try:
-    from tests.oci._servers import REGISTRY_BIN, Pusher, sha256, start_registry
-except ImportError:  # pragma: no cover
-    REGISTRY_BIN = None
+from tests.oci._servers import sha256
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    if REGISTRY_BIN is None:
-        pytest.skip("docker-registry is not installed")
-    root = tmp_path_factory.mktemp("registry")
-    reg = start_registry(root / "anon", root / "storage")
-    pusher = Pusher(reg.url)
-    try:
-        yield reg, pusher
-    finally:
-        pusher.close()
-        reg.stop()
+    yield from registry_fixture(tmp_path_factory)
 
 
 def test_oci_layer_through_nbd_pinned_across_reattach(registry, tmp_path):
@@ -39,7 +27,7 @@ def test_oci_layer_through_nbd_pinned_across_reattach(registry, tmp_path):
         pytest.skip("the shared corpus is not here")
     from erofs_mount.sources.oci.options import OciOptions
 
-    reg, pusher = registry
+    reg, pusher, _storage = registry
     plain, other = corpuslib.image("plain-inline-4k"), corpuslib.image("lz4")
     blob = plain.path.read_bytes()
     pusher.image("nbd/app", "v1", [("application/vnd.erofs", blob)])

@@ -19,12 +19,9 @@ from erofs_mount.verity.format import ANNOTATION_ROOT, format_image
 from erofs_mount.verity.options import Choice
 from tests import corpuslib
 
-from .helpers import daemon_pid, drop_caches, nothing_left, options, wait_until
+from .helpers import daemon_pid, drop_caches, nothing_left, options, registry_fixture, wait_until
 
-try:
-    from tests.oci._servers import REGISTRY_BIN, Pusher, sha256, start_registry
-except ImportError:  # pragma: no cover
-    REGISTRY_BIN = None
+from tests.oci._servers import sha256
 
 
 @pytest.fixture(autouse=True)
@@ -126,16 +123,7 @@ def test_a_wrong_root_hash_fails_before_any_device_exists(tmp_path):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    if REGISTRY_BIN is None:
-        pytest.skip("docker-registry is not installed")
-    root = tmp_path_factory.mktemp("registry")
-    reg = start_registry(root / "anon", root / "storage")
-    pusher = Pusher(reg.url)
-    try:
-        yield reg, pusher, root / "storage"
-    finally:
-        pusher.close()
-        reg.stop()
+    yield from registry_fixture(tmp_path_factory)
 
 
 def test_registry_layer_verified_by_its_annotation_and_a_damaged_blob(registry, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from tests import corpuslib
 from tests.conftest import run_cli
-from tests.fuse.conftest import FuseMounts, fuse_unavailable_reason
+from tests.fuse.conftest import cli_mounts
 from tests.oci._servers import blob_bytes
 
 from .conftest import MirrorWorld
@@ -21,16 +21,7 @@ from .conftest import MirrorWorld
 
 @pytest.fixture
 def mounts(tmp_path):
-    reason = fuse_unavailable_reason()
-    if reason:
-        pytest.skip(f"FUSE tests need a usable FUSE: {reason}")
-    m = FuseMounts(tmp_path)
-    try:
-        yield m
-    finally:
-        for mnt in m.mountpoints:
-            run_cli("-u", mnt, timeout=60)
-        m.cleanup()
+    yield from cli_mounts(tmp_path)
 
 
 def manifest(name: str) -> dict:

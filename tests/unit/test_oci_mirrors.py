@@ -202,3 +202,102 @@ def test_load_endpoints_reads_both_and_mirrors_off_reads_none(tmp_path):
     assert [e.host for e in load_endpoints(ref, OciOptions(mirrors=False), env)] == ["r.example"]
     with pytest.raises(UsageError, match="missing.conf"):
         load_endpoints(ref, OciOptions(registries_conf=str(tmp_path / "missing.conf")), env)
+
+
+# ------------------------------------------------------------------------------ MirroredClient's choices
+class _Fake:
+    """A RegistryClient stand-in: serves *data* from *fail_after* pieces on, then raises *error*."""
+
+    def __init__(self, data: bytes, error=None, fail_after: int = 0) -> None:
+        self.data, self.error, self.fail_after = data, error, fail_after
+        self.calls: list = []
+        self.counters: dict = {}
+        self._creds = None
+
+    async def fetch_range(self, digest, start, end, *, piece=None, deliver=None, pace=None):
+        self.calls.append(("blob", start, end))
+        n = 0
+        for off in range(start, end, piece):
+            if self.error is not None and n >= self.fail_after:
+                raise self.error
+            deliver(off, self.data[off:min(end, off + piece)])
+            n += 1
+
+    async def get_manifest(self, reference):
+        self.calls.append(("manifest", reference))
+        if self.error is not None:
+            raise self.error
+        return b"{}", "application/json", "sha256:" + "0" * 64
+
+    async def aclose(self):
+        pass
+
+
+def _mirrored(fakes, endpoints):
+    import trio
+
+    from erofs_mount.sources.oci.mirrored import MirroredClient
+
+    async def make():
+        c = MirroredClient.__new__(MirroredClient)
+        c.ref, c.options, c.env, c.endpoints = parse_reference("o.example/a:1"), OciOptions(), {}, endpoints
+        c._clients = dict(enumerate(fakes))
+        c._down, c._missing, c._distrusted = {}, set(), set()
+        from collections import Counter
+        c.served = Counter()
+        c.origin = fakes[-1]
+        return c
+    return trio.run(make)
+
+
+def test_a_broken_mirror_body_goes_on_from_the_first_missing_byte_on_the_next_host():
+    import trio
+
+    from erofs_mount.errors import NetworkError, RegistryError
+    from erofs_mount.sources.oci.mirrors import Endpoint
+
+    data = bytes(range(256)) * 64      # 16 KiB
+    missing = RegistryError("no such blob")
+    missing.http_status = 404
+    fakes = [_Fake(data, NetworkError("reset"), fail_after=2), _Fake(data, missing), _Fake(data)]
+    eps = [Endpoint("http", "m1", "a"), Endpoint("http", "m2", "a"), Endpoint("https", "o.example", "a", origin=True)]
+    c = _mirrored(fakes, eps)
+    digest = "sha256:" + "1" * 64
+
+    async def main():
+        got = []
+        await c.fetch_range(digest, 0, len(data), piece=4096, deliver=lambda o, d: got.append((o, bytes(d))))
+        assert [o for o, _ in got] == [0, 4096, 8192, 12288] and b"".join(d for _, d in got) == data
+        assert c.served == {"m1": 8192, "o.example": 8192}
+        assert fakes[1].calls == [("blob", 8192, len(data))] and fakes[2].calls == [("blob", 8192, len(data))]
+        # m1 is down for a while, m2 lacks the blob: the next read goes straight to the origin
+        await c.fetch_range(digest, 0, 4096, piece=4096, deliver=lambda o, d: None)
+        assert len(fakes[0].calls) == 1 and len(fakes[1].calls) == 1 and fakes[2].calls[-1] == ("blob", 0, 4096)
+        # a tag is resolved only where resolving is allowed; a 404 for a tag does not take a mirror down
+        c._down.clear()
+        await c.get_manifest("v1")
+        assert fakes[0].calls[-1] == ("manifest", "v1") and fakes[1].calls[-1] == ("manifest", "v1")
+        assert 1 not in c._down
+        c.distrust(digest)
+        await c.fetch_range(digest, 0, 4096, piece=4096, deliver=lambda o, d: None)
+        assert fakes[2].calls[-1] == ("blob", 0, 4096) and fakes[0].calls[-1] == ("manifest", "v1")
+    trio.run(main)
+
+
+def test_a_pull_only_mirror_never_resolves_a_tag_and_the_origin_error_is_the_one_raised():
+    import trio
+
+    from erofs_mount.errors import AuthError
+    from erofs_mount.sources.oci.mirrors import Endpoint
+
+    fakes = [_Fake(b""), _Fake(b"", AuthError("origin refused"))]
+    eps = [Endpoint("http", "m1", "a", resolve=False), Endpoint("https", "o.example", "a", origin=True)]
+    c = _mirrored(fakes, eps)
+
+    async def main():
+        with pytest.raises(AuthError, match="origin refused"):
+            await c.get_manifest("v1")
+        assert fakes[0].calls == []
+        await c.get_manifest("sha256:" + "2" * 64)      # by digest: the mirror may
+        assert fakes[0].calls == [("manifest", "sha256:" + "2" * 64)]
+    trio.run(main)

@@ -13,7 +13,7 @@ import pytest
 from erofs_mount.sources.diskcache import DiskCache
 from tests import corpuslib
 from tests.conftest import run_cli
-from tests.fuse.conftest import FuseMounts, fuse_unavailable_reason
+from tests.fuse.conftest import cli_mounts
 from tests.oci._faultproxy import Fault
 from tests.verity.conftest import file_offset, format_copy
 
@@ -22,16 +22,7 @@ FUSE_LOG = Path("/var/log/erofs-mount/fuse.log") if os.geteuid() == 0 else None
 
 @pytest.fixture
 def mounts(tmp_path):
-    reason = fuse_unavailable_reason()
-    if reason:
-        pytest.skip(f"FUSE tests need a usable FUSE: {reason}")
-    m = FuseMounts(tmp_path)
-    try:
-        yield m
-    finally:
-        for mnt in m.mountpoints:
-            run_cli("-u", mnt, timeout=60)
-        m.cleanup()
+    yield from cli_mounts(tmp_path)
 
 
 class LogTail:

@@ -191,9 +191,10 @@ class MirroredClient:
 
     def _failed(self, i: int, exc: BaseException, digest: str | None) -> None:
         e = self.endpoints[i]
-        if getattr(exc, "http_status", None) == 404 and digest is not None:
-            self._missing.add((i, digest))
-            log.info("mirror %s has no %s: the next host is asked", e.name, digest)
+        if getattr(exc, "http_status", None) == 404:   # it lacks this one (a partial mirror): not down
+            if digest is not None:
+                self._missing.add((i, digest))
+            log.info("mirror %s has no %s: the next host is asked", e.name, digest or "such tag")
             return
         twin = self.endpoints[i + 1] if i + 1 < len(self.endpoints) else None
         if e.scheme == "https" and twin is not None and twin.scheme == "http" and \
