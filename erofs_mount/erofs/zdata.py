@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from ..errors import CorruptedError, ErofsMountError, ShortReadError
+from ..nowait import hold
 from . import decompress as D
 from .compr_cfgs import ComprCfgs, parse_compr_cfgs
 from .zmap import ZEXT_FRAGMENT, ZEXT_HOLE, ZEXT_MAPPED, ZEXT_META, ZExtent, ZMap
@@ -136,7 +137,9 @@ class ZReader:
         so the caller meets the errors in logical order, as one extent at a time would.
         """
         exts: list[ZExtent] = []
-        with self._lock:
+        # mapping may read metadata; a worker thread holding the lock meanwhile may be waiting for
+        # the trio loop (a registry read), so the trio thread's inline attempt must not wait for it
+        with hold(self._lock):
             zm, recent = self._zmap(inode)
             known = 0
             try:

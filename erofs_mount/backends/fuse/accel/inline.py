@@ -21,43 +21,14 @@ less time; isolated misses (random reads) prefetch nothing.
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
 
 from ....errors import SourceError
+from ....nowait import WouldBlock, call_nowait, nowait, nowait_active  # noqa: F401 - this module's API
 from ....sources.local import NOWAIT_UNSUPPORTED, pread_nowait
 
 READ_AROUND = 128 * 1024
 PREFETCH = 1024 * 1024
 NEAR = 8 * 1024 * 1024      # a miss this close to the previous one counts as a walk
-_state = threading.local()
-
-
-class WouldBlock(Exception):
-    """An inline read would have waited: redo the call in a worker thread."""
-
-
-@contextmanager
-def nowait():
-    _state.on = True
-    try:
-        yield
-    finally:
-        _state.on = False
-
-
-def call_nowait(fn, *args):
-    """``fn(*args)`` inside ``nowait()`` (the same, without a context manager's cost per request)."""
-    state = _state
-    state.on = True
-    try:
-        return fn(*args)
-    finally:
-        state.on = False
-
-
-def nowait_active() -> bool:
-    return getattr(_state, "on", False)
 
 
 class LocalReader:
