@@ -59,6 +59,7 @@ def _check_mountpoint(mountpoint: str, opts: FuseOptions, is_root: bool) -> None
 
 async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, *, inline: bool,
                  stats_source=None, dec=None, verified: bool = False) -> None:
+    """*verified*: a verified local image served with a decoder process (_main)."""
     import pyfuse3
     import trio
 
@@ -75,7 +76,9 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                        read_next=acc.on("readnext"))
     ops = ErofsOperations(image, config, enable_acl=dp, inline=inline and acc.on("inline"))
     ops.decoder = dec
-    ops.decode_all = verified   # the decoder process takes big READs of every file, not only compressed ones
+    # a verified local image: the decoder process takes big READs of every file, not only compressed
+    # ones (it hashes them on the other CPU), and 1 MiB READs make them big
+    ops.decode_all = verified
     options = opts.libfuse_options(source, is_root=is_root)
     if is_root:
         target = mountpoint
@@ -186,7 +189,7 @@ async def _main(opener, mountpoint: str, opts: FuseOptions, source: str, ready) 
         elif opts.decoder and opts.accelerators.on("decoder"):
             log.info("no decoder process: it serves local images only")
         await _serve(image, mountpoint, opts, source, ready, inline=inline, stats_source=stats_source, dec=dec,
-                     verified=tree is not None)
+                     verified=tree is not None and dec is not None)
     finally:
         if dec is not None:
             log.info("%s", dec.summary())
