@@ -277,3 +277,25 @@ def test_disk_cache_replace_writes_over_an_unverified_copy(tmp_path):
     dc.mark(0, 8192)
     assert dc.marked(0, 8192) and dc.read(0, 8192) == data[:8192]
     dc.close()
+
+
+@pytest.mark.parametrize("hash_type", [0, 1])
+@pytest.mark.parametrize("first, count", [(0, 300), (127, 3), (250, 50)])
+def test_check_finds_exactly_the_damaged_blocks_across_hash_blocks(hash_type, first, count):
+    """TreeState.check's loop (one parent per 128 blocks, the salted hash inlined for type 1) against
+    the plain definition, for runs that start and end inside hash blocks."""
+    n = 300
+    data = bytearray(random.Random(hash_type).randbytes(n * 4096))
+    p = tree.Params(data_blocks=n, salt=b"salt!", hash_type=hash_type)
+    root, levels = tree.build(p, _blocks(bytes(data)))
+    area = tree.hash_area(p, levels)
+    st = tree.TreeState(p, len(data), root)
+    for level in range(st.geo.levels - 1, -1, -1):
+        off, nb = st.byte_range(level, 0, st.geo.level_blocks[level])
+        assert st.add(level, 0, area[off - len(data):off - len(data) + nb]) == []
+    chunk = bytes(data[first * 4096:(first + count) * 4096])
+    assert st.check(first, chunk) == []
+    damaged = bytearray(chunk)
+    for k in (0, count // 2, count - 1):
+        damaged[k * 4096 + 7] ^= 1
+    assert st.check(first, bytes(damaged)) == sorted({first, first + count // 2, first + count - 1})
