@@ -220,15 +220,18 @@ class TreeState:
         count) of hash blocks, the highest level first (each checked against its loaded parent), or
         None when all are loaded.  Level-0 reads are widened to *widen* aligned blocks."""
         g = self.geo
+        blocks = self.blocks
         for level in range(g.levels - 1, -1, -1):
             shift = g.bits * (level + 1)
             a, b = first >> shift, last >> shift
+            start = g.level_start[level]
+            if all(start + i in blocks for i in range(a, b + 1)):
+                continue    # the common case, asked for every read: a few look-ups, no widening
             if level == 0 and widen > 1:
                 a = a - a % widen
                 b = min(g.level_blocks[0] - 1, b - b % widen + widen - 1)
-            todo = [i for i in range(a, b + 1) if g.block_no(level, i) not in self.blocks]
-            if todo:
-                return level, todo[0], todo[-1] - todo[0] + 1
+            todo = [i for i in range(a, b + 1) if start + i not in blocks]
+            return level, todo[0], todo[-1] - todo[0] + 1
         return None
 
     def byte_range(self, level: int, index: int, count: int) -> tuple[int, int]:
