@@ -293,3 +293,14 @@ def compare_tree(manifest: dict, root: str | Path, *, dir_size: bool = True, dir
 def error_paths(manifest: dict) -> dict[str, str]:
     """Paths the kernel failed on -> errno name."""
     return {p: r["error"]["errno"] for p, r in manifest["entries"].items() if "error" in r}
+
+
+def read_errno(path) -> int:
+    """Read the whole file: 0, or the errno the first failing read gave (EIO for a damaged block)."""
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except OSError as exc:
+        return exc.errno
+    return 0

@@ -49,16 +49,6 @@ def _damaged_file(img, manifest) -> tuple[str, int]:
     return path, at, bytes(data)
 
 
-def _errno_of(path) -> int:
-    try:
-        with open(path, "rb") as f:
-            while f.read(1 << 20):
-                pass
-    except OSError as exc:
-        return exc.errno
-    return 0
-
-
 def _index(mnt) -> int:
     m = sysfs.mount_at(str(mnt))
     assert m is not None and m.source.startswith("/dev/mapper/erofs-nbd"), m
@@ -101,7 +91,7 @@ def test_a_flipped_byte_is_eio_for_its_file_only(tmp_path):
     mnt.mkdir()
     assert lifecycle.mount(str(img), str(mnt), options(tmp_path), verity=Choice(root, None, "test")) == 0
     index = _index(mnt)
-    assert _errno_of(str(mnt) + path) == errno.EIO
+    assert corpuslib.read_errno(str(mnt) + path) == errno.EIO
     bad = corpuslib.compare_tree(manifest, mnt)
     assert [b for b in bad if not b.startswith(path + " ")] == []
     assert dm.status(dm.name_for(index)) == "C"
@@ -151,7 +141,7 @@ def test_registry_layer_verified_by_its_annotation_and_a_damaged_blob(registry, 
     try:
         assert lifecycle.mount_oci(ref, str(mnt), opts, OciOptions(insecure=True, layer=0)) == 0
         index = _index(mnt)
-        assert _errno_of(str(mnt) + path) == errno.EIO
+        assert corpuslib.read_errno(str(mnt) + path) == errno.EIO
         bad = corpuslib.compare_tree(manifest, mnt)
         assert [b for b in bad if not b.startswith(path + " ")] == []
         assert lifecycle.unmount(str(mnt)) == 0
