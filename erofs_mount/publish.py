@@ -66,8 +66,8 @@ def source_stats(source: Any, keys: tuple[str, ...] = SOURCE_STAT_KEYS) -> dict:
     except Exception as exc:  # noqa: BLE001 - a display must not stop serving
         return {"error": repr(exc)}
     out = {k: raw[k] for k in keys if isinstance(raw.get(k), int)}
-    if isinstance(raw.get("hosts"), str) and raw["hosts"]:   # bytes per registry host (mirrors)
-        out["hosts"] = raw["hosts"]
+    if isinstance(raw.get("hosts"), dict) and raw["hosts"]:   # blob bytes per registry host (mirrors)
+        out["hosts"] = {str(k): v for k, v in raw["hosts"].items() if isinstance(v, int)}
     return out
 
 

@@ -49,7 +49,7 @@ def summary(doc: dict | None) -> dict:
         "daemons": _int(carried.get("daemons")) + 1,
         "updated": doc.get("updated"),
         "verity": verity_counts(st),
-        "hosts": st.get("hosts") if isinstance(st.get("hosts"), str) else None,
+        "hosts": st.get("hosts") if isinstance(st.get("hosts"), dict) else None,
     }
 
 
@@ -60,15 +60,11 @@ def verity_counts(st: dict) -> tuple[int, int] | None:
     return _int(st.get("verity_blocks_verified")), _int(st.get("verity_blocks_failed"))
 
 
-def hosts_text(hosts: str | None) -> str:
+def hosts_text(hosts: dict | None) -> str:
     """`` hosts=HOST=SIZE,…``: blob bytes each registry host served (mirrors first), or ""."""
     if not hosts:
         return ""
-    parts = []
-    for item in hosts.split(","):
-        host, _, n = item.rpartition("=")
-        parts.append(f"{host}={size_text(int(n)) if n.isdigit() else n}")
-    return " hosts=" + ",".join(parts)
+    return " hosts=" + ",".join(f"{host}={size_text(_int(n))}" for host, n in hosts.items())
 
 
 def verity_text(counts: tuple[int, int] | None) -> str:

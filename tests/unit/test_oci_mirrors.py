@@ -146,7 +146,7 @@ server = "https://registry.example:5000"
 def test_hosts_toml_hosts_in_file_order_then_the_server():
     ref = parse_reference("registry.example:5000/team/app:1")
     hosts, server = parse_hosts_toml(HOSTS, "/etc/containerd/certs.d/registry.example:5000/hosts.toml",
-                                     "/etc/containerd/certs.d/registry.example:5000", ref, origin_insecure=False)
+                                     "/etc/containerd/certs.d/registry.example:5000", ref)
     a, b, c = hosts
     assert (a.scheme, a.host, a.api_root, a.pull, a.resolve) == ("https", "mirror.example", "/v2", True, False)
     assert a.cafiles == ("/etc/containerd/certs.d/registry.example:5000/mirror.crt",)
@@ -162,14 +162,13 @@ def test_hosts_toml_hosts_in_file_order_then_the_server():
 def test_hosts_toml_errors_and_directory_names():
     ref = parse_reference("r.example/a:1")
     with pytest.raises(UsageError, match="unknown capability"):
-        parse_hosts_toml('[host."https://m"]\ncapabilities = ["fly"]\n', "/h.toml", "/", ref, origin_insecure=False)
+        parse_hosts_toml('[host."https://m"]\ncapabilities = ["fly"]\n', "/h.toml", "/", ref)
     with pytest.raises(UsageError, match="not valid TOML"):
-        parse_hosts_toml("server = \n", "/h.toml", "/", ref, origin_insecure=False)
+        parse_hosts_toml("server = \n", "/h.toml", "/", ref)
     assert hosts_dir_names("r.example:5000") == ["r.example_5000_", "r.example:5000", "_default"]
     assert hosts_dir_names("docker.io") == ["docker.io", "_default"]
     # Docker Hub: the registry-1 API host, as containerd maps it
-    hosts, _ = parse_hosts_toml('[host."https://docker.io"]\n', "/h.toml", "/", parse_reference("alpine"),
-                                origin_insecure=False)
+    hosts, _ = parse_hosts_toml('[host."https://docker.io"]\n', "/h.toml", "/", parse_reference("alpine"))
     assert hosts[0].host == "registry-1.docker.io" and hosts[0].repository == "library/alpine"
 
 
@@ -241,6 +240,7 @@ def _mirrored(fakes, endpoints):
     async def make():
         c = MirroredClient.__new__(MirroredClient)
         c.ref, c.options, c.env, c.endpoints = parse_reference("o.example/a:1"), OciOptions(), {}, endpoints
+        c._environ = {}
         c._clients = dict(enumerate(fakes))
         c._down, c._missing, c._distrusted = {}, set(), set()
         from collections import Counter

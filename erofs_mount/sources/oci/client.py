@@ -90,7 +90,6 @@ class RegistryClient:
         self.ref = ref
         self.options = options
         self.env = env
-        self.endpoint = endpoint
         if endpoint is None:
             scheme, host, self._api_root, self._params = ("http" if options.insecure else "https"), ref.api_host, "/v2", {}
             cafiles: tuple = (options.cafile,) if options.cafile else ()

@@ -25,7 +25,7 @@ from collections import Counter
 
 import trio
 
-from ...errors import AuthError, NetworkError, RegistryError
+from ...errors import AuthError, NetworkError, RegistryError, UsageError
 from .client import RegistryClient
 from .mirrors import Endpoint, default_origin, hosts_dir_names, merge_tables, parse_hosts_toml, \
     parse_registries_conf, plan
@@ -71,8 +71,6 @@ def _read(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read(1 << 20)
     except OSError as exc:
-        from ...errors import UsageError
-
         raise UsageError(f"{path}: {exc.strerror}") from None
 
 
@@ -86,7 +84,7 @@ def load_endpoints(ref: Reference, options: OciOptions, env: dict) -> list[Endpo
     for name in hosts_dir_names(ref.registry):
         path = os.path.join(root, name, "hosts.toml")
         if os.path.isfile(path):
-            hosts = parse_hosts_toml(_read(path), path, os.path.dirname(path), ref, origin_insecure=options.insecure)
+            hosts = parse_hosts_toml(_read(path), path, os.path.dirname(path), ref)
             break
     return plan(ref, insecure=options.insecure, tables=tables, hosts=hosts)
 
@@ -100,15 +98,15 @@ class MirroredClient:
         self.ref = ref
         self.options = options
         self.env = env
-        self.endpoints = endpoints if endpoints is not None else load_endpoints(
-            ref, options, dict(os.environ if env is None else env))
+        self._environ = dict(os.environ if env is None else env)
+        self.endpoints = endpoints if endpoints is not None else load_endpoints(ref, options, self._environ)
         self._clients: dict[int, RegistryClient] = {}
         self._down: dict[int, float] = {}
         self._missing: set[tuple[int, str]] = set()
         self._distrusted: set[str] = set()
         self.served: Counter = Counter()
         self.origin = self._client(len(self.endpoints) - 1)   # built now: option errors surface at once
-        if len(self.endpoints) > 1:
+        if self.has_mirrors:
             log.info("%s: hosts %s", ref, ", ".join(e.name + ("" if e.origin else " (mirror)") for e in self.endpoints))
 
     # -- what the sources ask of a client ----------------------------------------------------
@@ -126,13 +124,13 @@ class MirroredClient:
     async def credentials(self):
         return await self.origin.credentials()
 
-    def hosts_text(self) -> str:
-        """``host=bytes`` for every host that delivered blob bytes (``status``)."""
-        return ",".join(f"{h}={n}" for h, n in self.served.items())
+    @property
+    def has_mirrors(self) -> bool:
+        return len(self.endpoints) > 1
 
     def distrust(self, digest: str) -> None:
         """A check of *digest*'s bytes failed: from now on only the origin serves it."""
-        if digest not in self._distrusted and len(self.endpoints) > 1:
+        if digest not in self._distrusted and self.has_mirrors:
             self._distrusted.add(digest)
             log.warning("%s: blob %s did not check out; it is read from the origin %s only from now on",
                         self.ref, digest, self.endpoints[-1].name)
@@ -223,7 +221,7 @@ class MirroredClient:
                 options = dataclasses.replace(options, username=None, password=None, password_file=None,
                                               retries=min(options.retries, MIRROR_RETRIES),
                                               retry_time=min(options.retry_time, MIRROR_RETRY_TIME))
-                env = {k: v for k, v in (os.environ if env is None else env).items() if k not in _ORIGIN_SECRETS}
+                env = {k: v for k, v in self._environ.items() if k not in _ORIGIN_SECRETS}
             c = RegistryClient(view, options, env=env, endpoint=e)
         self._clients[i] = c
         return c

@@ -55,7 +55,7 @@ class Endpoint:
     @property
     def name(self) -> str:
         """How logs and ``status`` name it: host[:port], with a non-standard API root."""
-        return self.host if self.api_root == "/v2" else f"{self.host}{self.api_root[:-3] if self.api_root.endswith('/v2') else self.api_root}"
+        return self.host + self.api_root.removesuffix("/v2")
 
     def allows(self, by_digest: bool) -> bool:
         return self.pull if by_digest else self.resolve
@@ -75,18 +75,20 @@ class RegistryTable:
     source: str = ""
 
 
+def _get(table: dict, key: str, where: str, kind: type):
+    """``table[key]`` of type *kind* (bool: false, str: "" when absent); UsageError otherwise."""
+    v = table.get(key, kind())
+    if not isinstance(v, kind):
+        raise UsageError(f"{where}: {key} must be {'true or false' if kind is bool else 'a string'}, not {v!r}")
+    return v.strip() if kind is str else v
+
+
 def _bool(table: dict, key: str, where: str) -> bool:
-    v = table.get(key, False)
-    if not isinstance(v, bool):
-        raise UsageError(f"{where}: {key} must be true or false, not {v!r}")
-    return v
+    return _get(table, key, where, bool)
 
 
-def _str(table: dict, key: str, where: str, default: str = "") -> str:
-    v = table.get(key, default)
-    if not isinstance(v, str):
-        raise UsageError(f"{where}: {key} must be a string, not {v!r}")
-    return v.strip()
+def _str(table: dict, key: str, where: str) -> str:
+    return _get(table, key, where, str)
 
 
 def _check_prefix(prefix: str, where: str) -> None:
@@ -239,8 +241,7 @@ def hosts_dir_names(registry: str) -> list[str]:
     return names
 
 
-def parse_hosts_toml(text: str, path: str, base_dir: str, ref: Reference, *, origin_insecure: bool
-                     ) -> tuple[list[Endpoint], Endpoint | None]:
+def parse_hosts_toml(text: str, path: str, base_dir: str, ref: Reference) -> tuple[list[Endpoint], Endpoint | None]:
     """(the ``[host."…"]`` endpoints in file order, the ``server`` endpoint or None when not set)."""
     try:
         doc = tomllib.loads(text)

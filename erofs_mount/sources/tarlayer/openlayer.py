@@ -44,7 +44,7 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
                 log.info("%s: no cache: the decompressed tar is kept in %s while mounted", what, tmpdir)
         # a layer that does not check out (its digest, its gzip or tar structure) when a mirror may
         # have served it: once more, from the origin only
-        mirrored = len(getattr(getattr(blob, "client", None), "endpoints", ())) > 1
+        mirrored = getattr(getattr(blob, "client", None), "has_mirrors", False)
         for attempt in (1, 2):
             spill = store.TarSpill(entry or tmpdir) if kind == "zstd" else None
             try:
