@@ -29,7 +29,7 @@ from typing import Iterable
 from ...errors import ErofsMountError, UsageError
 from .accel import decoder
 from .accel.pagestore import STORE_MAX
-from .accel.readahead import KERNEL_DEFAULT_KB, fetching, set_read_ahead_kb
+from .accel.readahead import FETCHING, KERNEL_DEFAULT_KB, UNCACHED, blob_state, set_read_ahead_kb
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .mountinfo import find_mount
@@ -109,7 +109,7 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
 
             async def warm_read_ahead(st_dev: int) -> None:
                 """Back to the kernel's window once every blob byte is local (checked each second)."""
-                while fetching(stats_source):
+                while blob_state(stats_source) == FETCHING:
                     await trio.sleep(1.0)
                 why = set_read_ahead_kb(st_dev, KERNEL_DEFAULT_KB)
                 log.info("%s", why or f"read-ahead of {mountpoint}: {KERNEL_DEFAULT_KB} KiB (the blob is local now)")
@@ -131,14 +131,15 @@ async def _serve(image, mountpoint: str, opts: FuseOptions, source: str, ready, 
                 # inline (ResidentReader) keeps the kernel's 128 KiB: measured faster (0.51 vs 0.69 s
                 # for a cold 100 MB sequential read, bench_tarlayer)
                 # a registry blob still being fetched: big READs too, until its cache is complete
-                cold = opts.read_ahead_kb is None and fetching(stats_source) is True
-                kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=image.sb.marks_compression or not inline
-                                                 or verified or cold)
+                big = image.sb.marks_compression or not inline or verified
+                state = blob_state(stats_source) if opts.read_ahead_kb is None else None
+                cold = state in (FETCHING, UNCACHED)
+                kb = opts.resolved_read_ahead_kb(is_root=is_root, compressed=big or cold)
                 if kb:
                     why = set_read_ahead_kb(st.st_dev, kb)
                     if why is None:
                         log.info("read-ahead of %s: %d KiB%s", mountpoint, kb, " while the blob is fetched" if cold else "")
-                        if cold and not (image.sb.marks_compression or not inline or verified):
+                        if state == FETCHING and not big:   # back to the kernel's once the cache is complete
                             nursery.start_soon(warm_read_ahead, st.st_dev)
                     else:
                         log.warning("%s", why)

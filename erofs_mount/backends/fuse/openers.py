@@ -46,11 +46,7 @@ def _verified_local_opener(source: str, devices: tuple[str, ...], verity):
     The image's descriptor goes to the decoder process, which forks with the image, so its reads
     go through the same check (its own copy of the loaded tree; it loads more by itself).  The
     tree covers one device: extra devices cannot be verified, so they are refused."""
-    if devices:
-        from ...errors import UsageError
-
-        raise UsageError(f"{source}: a dm-verity tree covers one device; an image with extra devices "
-                         f"({', '.join(devices)}) cannot be verified")
+    _no_extra_devices(source, devices)
 
     async def opener():
         from ...erofs.image import Image
@@ -68,6 +64,15 @@ def _verified_local_opener(source: str, devices: tuple[str, ...], verity):
         log.info("%s: every block verified against root hash %s (%s)", source, verity.root.hex(), verity.origin)
         return image, [local.close], (local.fileno(),), src, True
     return opener
+
+
+def _no_extra_devices(name: str, devices: tuple[str, ...]) -> None:
+    """A dm-verity tree covers one device: a verified image with extra devices is refused."""
+    if devices:
+        from ...errors import UsageError
+
+        raise UsageError(f"{name}: a dm-verity tree covers one device; an image with extra devices "
+                         f"({', '.join(devices)}) cannot be verified")
 
 
 def _layer_opener(path: str, kind: str, devices: tuple[str, ...]):
@@ -134,11 +139,8 @@ def _async_opener(name: str, open_source, devices: tuple[str, ...]):
         try:
             from ...verity.source import VeritySource
 
-            if devices and any(isinstance(s, VeritySource) for s in sources):
-                from ...errors import UsageError
-
-                raise UsageError(f"{name}: a dm-verity tree covers one device; an image with extra devices "
-                                 f"({', '.join(devices)}) cannot be verified")
+            if any(isinstance(s, VeritySource) for s in sources):
+                _no_extra_devices(name, devices)
             extra = []
             for dev in devices:
                 d = open_local(dev)

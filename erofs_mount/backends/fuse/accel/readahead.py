@@ -14,28 +14,35 @@ BDI_ROOT = "/sys/class/bdi"
 KERNEL_DEFAULT_KB = 128     # what the kernel gives a new FUSE mount
 
 
-def fetching(source) -> bool | None:
-    """Whether a registry source still has blob bytes to fetch (no persistent cache, or one that is
-    not complete): True/False, None for sources this does not apply to (local files, tar layers).
-    A cold registry mount gains from big READs, a warm one loses (measured in one run on
-    bench_verity's 121 MiB uncompressed file: cold 0.40 of the time with 1 MiB READs, warm 1.96 — its
-    128 KiB READs are answered inline from the page cache)."""
+FETCHING, UNCACHED, LOCAL = "fetching", "uncached", "local"
+
+
+def blob_state(source) -> str | None:
+    """Where a registry source's blob is: ``FETCHING`` (its persistent cache is not complete yet),
+    ``UNCACHED`` (no persistent cache: always fetched), ``LOCAL`` (the cache holds it all); None for
+    sources this does not apply to (local files, tar layers).  A registry mount still fetching gains
+    from big READs, a warm one loses (measured in one run on bench_verity's 121 MiB uncompressed
+    file: cold 0.40 of the time with 1 MiB READs, warm 1.96 — its 128 KiB READs are answered inline
+    from the page cache)."""
     inner = getattr(source, "inner", None)      # a verified source (verity/source.py)
     if inner is not None and not hasattr(source, "disk"):
-        return fetching(inner)
+        return blob_state(inner)
     parts = getattr(source, "sources", None)    # the layers of a merged image (openers._Layers)
     if parts is not None:
-        states = [fetching(s) for s in parts]
-        return None if any(s is None for s in states) else any(states)
+        states = {blob_state(s) for s in parts}
+        for state in (None, UNCACHED, FETCHING):
+            if state in states:
+                return state
+        return LOCAL
     if not hasattr(source, "digest") or not hasattr(source, "disk"):
         return None
     disk = source.disk
     if disk is None:
-        return True
+        return UNCACHED
     try:    # has() reads the entry's bitmap again: another mount may have filled the rest
-        return not (disk.complete or disk.has(0, source.size))
+        return LOCAL if disk.complete or disk.has(0, source.size) else FETCHING
     except (OSError, ValueError):
-        return True
+        return FETCHING
 
 
 def bdi_setting(st_dev: int) -> str:
