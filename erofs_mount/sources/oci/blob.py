@@ -147,7 +147,7 @@ class OciBlobSource:
             "range_ignored": c["range_ignored"], "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
             "cache_bytes": self.cache.used, "cache_evictions": self.cache.evictions,
             "streams_active": len(self._streams), **self._n,
-            **({"hosts": self.client.hosts_text()} if hasattr(self.client, "hosts_text") else {}),
+            "hosts": dict(getattr(self.client, "served", {})),    # blob bytes per host (mirrored.py)
         }
 
     async def aclose(self) -> None:
@@ -264,12 +264,9 @@ class OciBlobSource:
         _, end = chunk_extent(first + count - 1, cs, self.size)
         by_index = dict(fetches)
         try:
-            # verified marks taken BEFORE the read (and again after it, in _gate): a block repaired and
-            # marked while the read ran must not vouch for the older bytes the read got
-            marked = [self.accept is not None and self.verified_on_disk(*chunk_extent(first + k, cs, self.size))
-                      for k in range(count)]
-            data = await self._disk_read(start, end)
-            if data is not None:
+            read = await self._disk_read(start, end, [chunk_extent(first + k, cs, self.size) for k in range(count)])
+            if read is not None:
+                data, marked = read
                 view = memoryview(data)
                 for k in range(count):
                     self._complete(first + k, by_index[first + k], view[k * cs:(k + 1) * cs], from_disk=True,
@@ -390,14 +387,18 @@ class OciBlobSource:
         if disk is not None:
             disk.close()
 
-    async def _disk_read(self, start: int, end: int):
+    async def _disk_read(self, start: int, end: int, chunks: list[tuple[int, int]]):
+        """(the bytes, whether each chunk was marked verified) when the persistent cache holds
+        [start, end), else None.  The marks are taken BEFORE the read (and again after it, in
+        _gate): a block repaired and marked while the read ran must not vouch for the older bytes."""
         disk = self.disk
         if disk is None:
             return None
         try:
             if not disk.has(start, end):
                 return None
-            return await trio.to_thread.run_sync(disk.read, start, end)
+            marked = [self.accept is not None and self.verified_on_disk(a, b - a) for a, b in chunks]
+            return await trio.to_thread.run_sync(disk.read, start, end), marked
         except OSError as exc:
             self._disk_failed(exc)
             return None
