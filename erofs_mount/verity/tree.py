@@ -284,9 +284,9 @@ class TreeState:
                 bad.append(first_block)
         else:
             # the hot loop (every block a reader gets): one parent look-up per hash block's worth of
-            # data blocks, the salted hash inlined (hash type 1, salt first: veritysetup's default)
+            # data blocks
             bits, slot, dsz, start0 = g.bits, g.slot, self.p.digest_size, g.level_start[0]
-            h, new = self.hash, (self.hash.base.copy if self.hash.salted else None)
+            h = self.hash
             k = 0
             while k < n:
                 b = first_block + k
@@ -296,13 +296,7 @@ class TreeState:
                 stop = min(n, (((b >> bits) + 1) << bits) - first_block)
                 off = (b & ((1 << bits) - 1)) * slot
                 for j in range(k, stop):
-                    if new is not None:
-                        x = new()
-                        x.update(mv[j * dbs:(j + 1) * dbs])
-                        got = x.digest()
-                    else:
-                        got = h(mv[j * dbs:(j + 1) * dbs])
-                    if got != parent[off:off + dsz]:
+                    if h(mv[j * dbs:(j + 1) * dbs]) != parent[off:off + dsz]:
                         bad.append(first_block + j)
                     off += slot
                 k = stop
