@@ -6,6 +6,7 @@ READs."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -14,8 +15,9 @@ from erofs_mount.nowait import WouldBlock, call_nowait, hold
 from tests import corpuslib
 
 
-def test_hold_waits_normally_and_refuses_in_nowait_mode():
-    lock = threading.RLock()
+@contextmanager
+def held_elsewhere(lock):
+    """*lock* held by another thread until the block ends."""
     taken, release = threading.Event(), threading.Event()
 
     def other():
@@ -27,12 +29,17 @@ def test_hold_waits_normally_and_refuses_in_nowait_mode():
     t.start()
     try:
         assert taken.wait(10)
-
-        with pytest.raises(WouldBlock):
-            call_nowait(inline, lock)
+        yield
     finally:
         release.set()
         t.join(10)
+
+
+def test_hold_waits_normally_and_refuses_in_nowait_mode():
+    lock = threading.RLock()
+    with held_elsewhere(lock):
+        with pytest.raises(WouldBlock):
+            call_nowait(inline, lock)
     assert call_nowait(inline, lock) == "held"      # free now: taken, in either mode
     assert inline(lock) == "held"
 
@@ -50,21 +57,7 @@ def test_an_inline_read_of_compressed_data_gives_way_to_a_mapping_in_another_thr
     nid = image.resolve(b"/big/little-big.dat")
     assert image.inode(nid).is_compressed
     want = image.read(nid, 0, 65536)
-    zr = image.zreader
-    taken, release = threading.Event(), threading.Event()
-
-    def mapping_elsewhere():
-        with zr._lock:
-            taken.set()
-            release.wait(10)
-
-    t = threading.Thread(target=mapping_elsewhere)
-    t.start()
-    try:
-        assert taken.wait(10)
+    with held_elsewhere(image.zreader._lock):     # a mapping under way in another thread
         with pytest.raises(WouldBlock):
             call_nowait(image.read, nid, 65536, 65536)
-    finally:
-        release.set()
-        t.join(10)
     assert image.read(nid, 0, 65536) == want      # nothing half-done was left behind

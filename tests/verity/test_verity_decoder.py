@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -81,22 +82,30 @@ def _read_all(image, nid, dec, size: int) -> tuple[list, int]:
     return out, answered
 
 
-def _with_decoder(path, root):
+@contextmanager
+def _with_decoder(path, root, monkeypatch):
+    """(image, decoder, verified source) of a verified local image with its decoder process running."""
+    monkeypatch.setattr(D, "WAIT", 5.0)     # a loaded machine must not turn an answer into a miss
     image, closers, fds, src, _inline = _open((path, root))
-    assert fds, "a verified local image hands its descriptor to the decoder process"
-    assert D.why_not(image.sb, None, 2, verified=True) is None
-    assert D.why_not(image.sb, None, 2) == "no compressed data"
-    dec = D.start(image, fds, 1, verified=src.state)
-    assert dec is not None
-    assert wait_for(lambda: dec.answer(1, 0, 0, 0) is None and dec.ready, timeout=10)
-    return image, closers, dec, src
+    dec = None
+    try:
+        assert fds, "a verified local image hands its descriptor to the decoder process"
+        assert D.why_not(image.sb, None, 2, verified=True) is None
+        assert D.why_not(image.sb, None, 2) == "no compressed data"
+        dec = D.start(image, fds, 1, verified=src.state)
+        assert dec is not None
+        assert wait_for(lambda: dec.answer(1, 0, 0, 0) is None and dec.ready, timeout=10)
+        yield image, dec, src
+    finally:
+        if dec is not None:
+            dec.close()
+        for c in closers:
+            c()
 
 
 def test_the_process_reads_and_verifies_uncompressed_reads(built, monkeypatch):
     img, _bad, root, data, _at = built
-    monkeypatch.setattr(D, "WAIT", 5.0)
-    image, closers, dec, src = _with_decoder(img, root)
-    try:
+    with _with_decoder(img, root, monkeypatch) as (image, dec, src):
         nid = image.resolve(b"/big.bin")
         before = src.state.counts["blocks_verified"]
         got, answered = _read_all(image, nid, dec, SIZE)
@@ -105,17 +114,11 @@ def test_the_process_reads_and_verifies_uncompressed_reads(built, monkeypatch):
         # every whole block counted in the daemon's counters: its own reads and the process's answers
         # (the inline tail is metadata, read with the inode)
         assert src.state.counts["blocks_verified"] - before >= SIZE // 4096
-    finally:
-        dec.close()
-        for c in closers:
-            c()
 
 
 def test_a_damaged_block_is_never_answered_by_the_process(built, monkeypatch):
     _img, bad, root, data, _at = built
-    monkeypatch.setattr(D, "WAIT", 5.0)
-    image, closers, dec, src = _with_decoder(bad, root)
-    try:
+    with _with_decoder(bad, root, monkeypatch) as (image, dec, src):
         nid = image.resolve(b"/big.bin")
         got, answered = _read_all(image, nid, dec, SIZE)
         assert answered >= 2
@@ -126,10 +129,6 @@ def test_a_damaged_block_is_never_answered_by_the_process(built, monkeypatch):
                 assert chunk == data[i * MiB:(i + 1) * MiB], f"MiB {i}"
         assert src.counts["verity_failures"] >= 1
         assert dec.plan.dropped >= 1, "the process failed that READ (it checks too), the daemon redid it"
-    finally:
-        dec.close()
-        for c in closers:
-            c()
 
 
 def test_extra_devices_cannot_be_verified():
