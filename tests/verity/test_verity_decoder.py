@@ -149,7 +149,7 @@ def test_a_mounted_verified_image_uses_the_process(built, mounts):  # noqa: F811
     img, bad, root, data, at = built
     mnt = mounts.mountpoint()
     log = LogTail()
-    res = run_cli("--mode", "fuse", "-o", f"verity.roothash={root}", str(img), mnt)
+    res = run_cli("--mode", "fuse", "-o", f"verity.roothash={root},decoder=1", str(img), mnt)
     assert res.returncode == 0, res.stderr
     with open(mnt + "/big.bin", "rb", buffering=0) as f:
         h = hashlib.sha256()
@@ -164,7 +164,7 @@ def test_a_mounted_verified_image_uses_the_process(built, mounts):  # noqa: F811
     # the damaged copy: EIO for the MiB that holds the flipped byte, the right bytes elsewhere
     mnt2 = mounts.mountpoint("mnt2")
     log = LogTail()
-    res = run_cli("--mode", "fuse", "-o", f"verity.roothash={root}", str(bad), mnt2)
+    res = run_cli("--mode", "fuse", "-o", f"verity.roothash={root},decoder=1", str(bad), mnt2)
     assert res.returncode == 0, res.stderr
     fd = os.open(mnt2 + "/big.bin", os.O_RDONLY)
     try:
