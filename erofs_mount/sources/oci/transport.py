@@ -1,4 +1,4 @@
-"""httpx plumbing of the registry client: TLS contexts, origins, and the ``httpx.Auth`` hook.
+"""The ``httpx.Auth`` hook of the registry client (TLS contexts and origins: ``sources/httpblob.py``).
 
 ``RegistryAuth`` is an ``httpx.Auth`` whose ``async_auth_flow`` (the shape of httpx ``_auth.py``
 ``DigestAuth``) sends the client's current Authorization and, on a 401, asks the client to answer
@@ -8,44 +8,15 @@ the registry's own origin, so nothing leaks to a redirect target we reuse.
 
 from __future__ import annotations
 
-import ssl
 from typing import TYPE_CHECKING
 
 import httpx
 
-from ...errors import UsageError
+from ..httpblob import origin
 from .auth import parse_www_authenticate, pick_challenge
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import RegistryClient
-
-
-def origin(url: httpx.URL) -> tuple:
-    return (url.scheme, url.host, url.port)
-
-
-def is_cert_error(exc: BaseException) -> bool:
-    """Is an ssl certificate verification failure anywhere in the exception chain?"""
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 16:
-        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-def make_ssl_context(*cafiles: str | None, what: str = "oci.cafile") -> ssl.SSLContext:
-    """System CAs (not certifi) plus oci.cafile (or a hosts.toml ``ca`` list: *what* says which)."""
-    ctx = ssl.create_default_context()
-    for cafile in cafiles:
-        if not cafile:
-            continue
-        try:
-            ctx.load_verify_locations(cafile=cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"{what}={cafile}: {exc}") from None
-    return ctx
 
 
 class RegistryAuth(httpx.Auth):
