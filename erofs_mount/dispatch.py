@@ -101,10 +101,19 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
                 return fan.mount(pinned, "layer", d, {**raw, "oci.blob": o.blob, "oci.platform": o.platform},
                                  flags=flags, data=data)
             return mount_image(source, mountpoint, oci_options(opts), mount_layer, _unmount, flags=flags)
+        if kind == "s3":
+            raw: dict[str, str | None] = {**opts.s3, **opts.verity, "oci.cache": opts.s3.get("s3.cache")}
+            if "limit" in opts.cache:
+                raw["cache_limit"] = opts.cache["limit"]
+            return fan.mount(source, kind, mountpoint, raw, flags=flags, data=data, foreground=foreground)
         return fan.mount(source, kind, mountpoint, raw_oci(opts), flags=flags, data=data, foreground=foreground)
     if mode == "fuse":
         if opts.nbd:
             raise UsageError(f"nbd.* options do not apply to FUSE mode ({', '.join('nbd.' + k for k in opts.nbd)})")
+        if kind == "s3":
+            from .backends.fuse import lifecycle as fuse
+
+            return fuse.mount_s3(source, mountpoint, fuse_options(opts, foreground), opts)
         if is_oci:
             from .backends.fuse import lifecycle as fuse
 
@@ -122,6 +131,10 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         raise UsageError("multi-device images are not supported in NBD mode yet (use --mode fuse)")
     from .backends.nbd import lifecycle as nbd
 
+    if kind == "s3":
+        from .opener import s3_options
+
+        return nbd.mount_s3(source, mountpoint, nbd_options(opts, foreground), s3_options(opts))
     if is_oci:
         from .opener import oci_options
 

@@ -26,6 +26,8 @@ from it, so ``except FileNotFoundError`` works as a caller expects.
         ├── NetworkError (EIO)              registry unreachable / retries exhausted
         ├── AuthError (EACCES)              credentials refused
         ├── RegistryError (EIO)             unexpected registry answer (manifest, media type)
+        ├── ObjectStoreError (EIO)          unexpected S3 answer
+        │   └── ObjectChangedError (EIO)    the pinned S3 object (ETag/version) was replaced
         └── IntegrityError (EIO)            bytes that do not match the dm-verity hash tree
 """
 
@@ -146,6 +148,15 @@ class AuthError(SourceError):
 
 
 class RegistryError(SourceError):
+    errno = _errno.EIO
+
+
+class ObjectStoreError(SourceError):
+    errno = _errno.EIO
+
+
+class ObjectChangedError(ObjectStoreError):
+    """The S3 object a mount pinned (its ETag, its version) is no longer what the store serves."""
     errno = _errno.EIO
 
 

@@ -20,13 +20,21 @@ def is_oci(opts: MountOptions) -> bool:
 
 
 def classify(source: str, opts: MountOptions) -> tuple[str, str]:
-    """(``"layer"`` | ``"image"`` | ``"local"``, why) for SOURCE on the command line.
+    """(``"layer"`` | ``"image"`` | ``"s3"`` | ``"local"``, why) for SOURCE on the command line.
 
+    ``s3://BUCKET/KEY``, or erofs-utils' ``BUCKET/KEY`` with an ``s3.*`` option, is an S3 object.
     ``oci.layer``/``oci.blob`` name one layer of a registry image.  Otherwise an existing local path
     wins; anything else that parses as an image reference is one (the whole image), with no
     ``oci.*`` option needed; the rest is a local path that the opener reports missing."""
     import os
 
+    from .sources.s3.options import is_s3_source
+
+    if is_s3_source(source) or opts.s3:
+        from .sources.s3.source import refuse_oci_options
+
+        refuse_oci_options(opts.oci)
+        return "s3", f"{source} is an S3 object"
     if opts.is_oci:
         return "layer", "oci.layer/oci.blob name a layer"
     if os.path.exists(source):
@@ -49,6 +57,16 @@ def raw_oci(opts: MountOptions) -> dict[str, str | None]:
         raw["cache_limit"] = opts.cache["limit"]
     raw.update(opts.verity)
     return raw
+
+
+def s3_options(opts: MountOptions):
+    """MountOptions (``s3.*``, ``verity.*``, ``cache_limit``) -> sources.s3.options.S3Options."""
+    from .sources.s3.options import S3Options
+
+    raw: dict[str, str | None] = {**opts.s3, **opts.verity}
+    if "limit" in opts.cache:
+        raw["cache_limit"] = opts.cache["limit"]
+    return S3Options.from_mount_options(raw)
 
 
 def oci_options(opts: MountOptions):
@@ -128,6 +146,17 @@ class SyncSource:
 def open_sync(source: str, opts: MountOptions) -> SyncSource:
     """The primary source named on the command line."""
     kind, _why = classify(source, opts)
+    if kind == "s3":
+        from .sources.s3.source import open_s3_source
+
+        options = s3_options(opts)
+        loop = TrioThread()
+        try:
+            src = loop.call(lambda: open_s3_source(source, options=options))
+        except BaseException:
+            loop.close()
+            raise
+        return SyncSource(src, loop)
     if kind != "local":
         from .sources.oci.blob import open_oci_source
 

@@ -36,6 +36,7 @@ NBD_WORDS = frozenset({"nbd.mode", "nbd.zero_copy"})  # values checked by the NB
 from .sources.oci.options import OPTION_NAMES as _OCI_NAMES  # noqa: E402 - pure module
 
 OCI_OPTIONS = frozenset(n for n in _OCI_NAMES if n.startswith("oci."))
+from .sources.s3.options import OPTION_NAMES as S3_OPTIONS  # noqa: E402 - pure module: s3.* (checked there)
 CACHE_VALUED = frozenset({"cache_limit", "cache_size"})
 VERITY_OPTIONS = frozenset({"verity", "verity.roothash", "verity.hashoffset"})  # verity/options.py checks them
 
@@ -51,6 +52,7 @@ class MountOptions:
     cache: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ()
     verity: dict[str, str] = field(default_factory=dict)  # option name (verity, verity.roothash, …) -> value
+    s3: dict[str, str] = field(default_factory=dict)      # s3.* options, full names; flags map to ""
 
     def verity_choice(self, *, what: str = "image"):
         """The trusted root hash for a local image (verity/options.py choose), or None."""
@@ -128,6 +130,7 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
     oci: dict[str, str] = {}
     cache: dict[str, str] = {}
     verity: dict[str, str] = {}
+    s3: dict[str, str] = {}
     devs = list(devices)
     for text in option_strings:
         for item in split_options(text):
@@ -163,6 +166,8 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
                 nbd[key.removeprefix("nbd.")] = value
             elif key in OCI_OPTIONS:
                 oci[key.removeprefix("oci.")] = value
+            elif key in S3_OPTIONS:
+                s3[key] = value
             elif key in VERITY_OPTIONS:
                 from .sources.oci.options import parse_fields
 
@@ -174,9 +179,15 @@ def parse_options(option_strings: list[str] | tuple[str, ...] = (), *, fstype: s
                 raise UsageError(f"unknown option '{item}'")
     if "layer" in oci and "blob" in oci:
         raise UsageError("oci.layer and oci.blob are mutually exclusive")
+    if s3:
+        from .sources.s3.options import S3Options
+
+        S3Options.from_mount_options({**s3, **verity})   # values checked now
+        if oci:
+            raise UsageError(f"oci.* and s3.* options cannot be mixed ({', '.join('oci.' + k for k in oci)})")
     if "layer" in oci:
         parse_uint("oci.layer", oci["layer"])
     if "blob" in oci and not oci["blob"].startswith("sha256:"):
         raise UsageError(f"oci.blob={oci['blob']}: expected sha256:<64 hex digits>")
     return MountOptions(mode=chosen, flags=tuple(flags), kernel=tuple(kernel), fuse=fuse, nbd=nbd, oci=oci,
-                        cache=cache, devices=tuple(devs), verity=verity)
+                        cache=cache, devices=tuple(devs), verity=verity, s3=s3)

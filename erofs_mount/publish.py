@@ -7,7 +7,8 @@ where their documents live and what else they hold).
     alive(pid, pid_start=None) -> bool      a live process (with ``pid_start``: that very process,
                                             not one that reused its pid)
     source_fields(source_text, source)      kind "oci" (ref as named, pinned_ref, platform, digest,
-                                            manifest_digest) or "local" (path)
+                                            manifest_digest), "s3" (ref, digest: the pinned ETag
+                                            and version) or "local" (path)
     source_stats(source, keys)              the source's integer counters; a display never raises
     Publisher(path, snapshot)               ``await run(interval)`` rewrites ``path`` with
                                             ``snapshot()`` (atomically, 0600) until cancelled; one
@@ -52,6 +53,10 @@ def alive(pid: Any, pid_start: int | None = None) -> bool:
 
 
 def source_fields(source_text: str, source: Any) -> dict:
+    if getattr(source, "etag", None) is not None:   # an S3 object, pinned
+        return {"kind": "s3", "ref": source_text, "pinned_ref": str(source.ref), "platform": None,
+                "digest": f"etag:{source.etag}" + (f",version:{source.version_id}" if source.version_id else ""),
+                "manifest_digest": None}
     if hasattr(source, "ref") and hasattr(source, "digest"):
         # ref as the user named it; pinned_ref: the manifest the daemon resolved it to (ref@sha256:...)
         return {"kind": "oci", "ref": source_text, "pinned_ref": str(source.ref),

@@ -99,6 +99,13 @@ class _Budget:
         self.scope.deadline = now + stall
 
 
+async def _read_error_body(resp: httpx.Response, limit: int = 64 << 10) -> None:
+    """Read an error answer's (small) body, so that ``check_blob`` can tell what it says."""
+    length = resp.headers.get("content-length", "")
+    if not length.isdigit() or int(length) <= limit:
+        await resp.aread()
+
+
 class HttpBlobClient:
     """One remote store of blobs, as seen by one source: an httpx client, a retry policy, counters."""
 
@@ -235,6 +242,7 @@ class HttpBlobClient:
                     if cached:  # e.g. an expired pre-signed URL: go back to the registry
                         self._blob_urls.pop(digest, None)
                         raise _Retry(f"redirect target answered HTTP {resp.status_code}", immediate=True)
+                    await _read_error_body(resp)
                     self.check_blob(resp, digest)
                     raise self.unexpected(resp, f"blob {digest}")
                 self.check_body(resp, digest)

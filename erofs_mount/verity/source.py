@@ -36,7 +36,9 @@ LEAF_WINDOW = 256  # level-0 hash blocks read at once (1 MiB of digests, 128 MiB
 LOAD_AHEAD = 64 << 20
 # what a wrapped source may tell about itself; never a path around the check (fileno, read_cached …)
 _FORWARDED = frozenset({"digest", "ref", "platform", "media_type", "layer_index", "manifest_digest",
-                        "credentials_origin", "options", "chunk_size", "path"})
+                        "credentials_origin", "options", "chunk_size", "path",
+                        "etag", "version_id", "location", "endpoint", "region", "path_style",   # an S3 object
+                        "static_credentials", "pinned_options"})
 
 
 class VeritySource:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 
 import pytest
 
 from erofs_mount.backends.nbd import recovery
 from erofs_mount.backends.nbd.recovery import (
+    S3ObjectRecord,
+    describe,
     LocalRecord,
     OciLayerRecord,
     OciNativeBlobRecord,
@@ -113,12 +116,36 @@ def test_malformed_records_are_refused(text):
     assert "record" in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["S3_OBJECT"])
-def test_known_but_unsupported_types(kind):
+def test_s3_object_record_as_erofs_utils_writes_it():
+    """mount/main.c erofsmount_write_recovery_s3: "S3_OBJECT %s %s %d %d %s %s\n" — urlstyle and
+    sig as enums, "(nil)" for no region, a trailing space for no credentials."""
+    rec = parse_record("S3_OBJECT my-bucket/dir/foo.erofs s3.amazonaws.com 1 0 (nil) \n")
+    assert rec == S3ObjectRecord("my-bucket/dir/foo.erofs", "s3.amazonaws.com", 1, 0, None)
+    assert format_record(rec) == "S3_OBJECT my-bucket/dir/foo.erofs s3.amazonaws.com 1 0 (nil) \n"
+    cred = base64.b64encode(b"AKIAX:se/cr+et").decode()
+    text = f"S3_OBJECT b/k http://127.0.0.1:9000 0 1 eu-west-1 {cred}\ns3.etag=abc\ns3.version_id=v1\n"
+    rec = parse_record(text)
+    assert (rec.endpoint, rec.url_style, rec.sig, rec.region) == ("http://127.0.0.1:9000", 0, 1, "eu-west-1")
+    assert (rec.access_key, rec.secret_key) == ("AKIAX", "se/cr+et")
+    assert dict(rec.options) == {"s3.etag": "abc", "s3.version_id": "v1"}
+    assert format_record(rec) == text
+    assert "se/cr+et" not in repr(rec) and "se/cr+et" not in describe(rec)
+    assert describe(rec) == "s3://b/k (ETag abc)"
+
+
+@pytest.mark.parametrize("text", [
+    "S3_OBJECT b/k endpoint 1 0\n",                       # no region
+    "S3_OBJECT bucketonly endpoint 1 0 (nil) \n",          # no key
+    "S3_OBJECT b/k endpoint 2 0 (nil) \n",                 # url style out of range
+    "S3_OBJECT b/k endpoint 1 4 (nil) \n",                 # sig is an enum, not the version
+    "S3_OBJECT b/k endpoint 1 0 (nil) !!notb64!!\n",
+    "S3_OBJECT b/k endpoint 1 0 (nil) dTpw extra\n",
+])
+def test_malformed_s3_records_are_refused(text):
     with pytest.raises(ErofsMountError) as info:
-        parse_record(f"{kind} a b c d\n")
-    assert info.value.errno == errno.EOPNOTSUPP
-    assert kind in str(info.value)
+        parse_record(text)
+    assert info.value.errno == errno.EINVAL
+    assert "record" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,15 @@ async def open_source(spec: dict):
         return src, _local_key(path)
     import dataclasses
 
+    if spec["kind"] == "s3":   # the sparse file is the object's cache entry, written by this daemon alone
+        from ...sources.s3.options import S3Options
+        from ...sources.s3.source import open_s3_source
+
+        options = S3Options.from_mount_options(spec["oci"])
+        options = dataclasses.replace(options, transfer=dataclasses.replace(options.transfer, cache=None))
+        src = await open_s3_source(spec["source"], options=options, check_magic=False)
+        return src, src.digest
+
     from ...sources.oci.blob import open_oci_source
     from ...sources.oci.manifest import select_layer
     from ...sources.oci.options import OciOptions
@@ -264,6 +273,9 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
     from ...sources.oci.options import OciOptions
 
     source, key = await open_source(spec)
+    if spec["kind"] == "s3":   # a reattach reopens exactly this object: its ETag, its version
+        pins = {"s3.etag": source.etag, **({"s3.version_id": source.version_id} if source.version_id else {})}
+        spec = {**spec, "oci": {**spec["oci"], **pins}}
     if spec["kind"] == "oci":   # a reattach reopens exactly this blob, whatever the tag says by then
         oci = {k: v for k, v in spec["oci"].items() if k != "oci.layer"}
         spec = {**spec, "source": str(source.ref),

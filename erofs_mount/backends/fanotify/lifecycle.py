@@ -41,7 +41,8 @@ def cache_root(oci: dict) -> str:
 
 def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *, flags: int = 0, data: str = "",
           foreground: bool = False) -> int:
-    """``kind``: "local" | "layer" (opener.classify); ``oci``: the raw ``oci.*`` options; ``flags``,
+    """``kind``: "local" | "layer" | "s3" (opener.classify); ``oci``: the raw ``oci.*`` options (an S3
+    object's ``s3.*``, its ``s3.cache`` as ``oci.cache``: the sparse file's root); ``flags``,
     ``data``: mount(2) flags and erofs options (nosuid, acl, …)."""
     if os.geteuid() != 0:
         raise ErofsMountError("fanotify mode needs root (fanotify permission events need CAP_SYS_ADMIN); "
@@ -58,7 +59,7 @@ def mount(source: str, kind: str, mountpoint: str, oci: dict[str, str | None], *
     there = record.read(mountpoint)
     if there is not None and record.mounted(mountpoint, there["data"]):
         raise ErofsMountError(f"{mountpoint}: a fanotify mount is there already", errno=_errno.EBUSY)
-    spec = {"kind": "local" if kind == "local" else "oci",
+    spec = {"kind": kind if kind in ("local", "s3") else "oci",
             "source": os.path.realpath(source) if kind == "local" else source,
             "oci": {**oci, "oci.cache": root}, "cache_root": root,   # a tar layer's index kept there too
             "mount_flags": flags, "mount_data": data}

@@ -33,7 +33,7 @@ from .accel.readahead import FETCHING, KERNEL_DEFAULT_KB, UNCACHED, blob_state, 
 from .config import PASSED_FLAGS, FuseOptions
 from .fusermount import fusermount_mount, fusermount_unmount, unmount
 from .mountinfo import find_mount
-from .openers import local_opener, oci_opener
+from .openers import local_opener, oci_opener, s3_opener
 from .publish import Publisher
 
 __all__ = ["FuseOptions", "PASSED_FLAGS", "mount", "mount_oci", "unmount"]
@@ -279,6 +279,25 @@ def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, fo
         opts = replace(opts, fsname=ref)
     devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
     return _run(ref, mountpoint, opts, oci_opener(ref, oci, devices), foreground or opts.foreground)
+
+
+def mount_s3(source: str, mountpoint: str, opts: FuseOptions, mount_options, *, foreground: bool = False) -> int:
+    """Mount an EROFS image kept as an S3 object (``s3://BUCKET/KEY``) with FUSE; the object is
+    pinned (ETag, version) in the daemon, after detaching."""
+    from ...opener import s3_options
+    from ...sources.s3.options import parse_location
+
+    try:
+        s3 = s3_options(mount_options)  # option errors here, before detaching
+        loc = parse_location(source)
+    except ErofsMountError as exc:
+        print(f"erofs-mount: {exc}", file=sys.stderr)
+        return 1
+    mountpoint = os.path.abspath(mountpoint)
+    if opts.fsname is None:
+        opts = replace(opts, fsname=str(loc))
+    devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
+    return _run(str(loc), mountpoint, opts, s3_opener(loc, s3, devices), foreground or opts.foreground)
 
 
 def _run(source: str, mountpoint: str, opts: FuseOptions, opener, foreground: bool) -> int:

@@ -94,6 +94,14 @@ def oci_opener(ref: str, oci_options, devices: tuple[str, ...]):
     return _async_opener(ref, open_oci, devices)
 
 
+def s3_opener(loc, s3_options, devices: tuple[str, ...]):
+    async def open_s3():
+        from ...sources.s3.source import open_s3_source
+
+        return await open_s3_source(loc, options=s3_options)
+    return _async_opener(str(loc), open_s3, devices)
+
+
 def _image_opener(ref: str, oci_options):
     """The whole image: every layer opened (bottom first) and, when there are several, merged."""
     async def open_layers():

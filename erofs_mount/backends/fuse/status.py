@@ -1,7 +1,7 @@
 """``erofs-mount status`` for FUSE mounts.
 
     status_entries() -> list[dict]   every FUSE mount erofs-mount serves (mount table + published documents):
-        mountpoint, kind ("oci"|"local"), source, ref, platform, digest (the layer blob served),
+        mountpoint, kind ("oci"|"s3"|"local"), source, ref, platform, digest (the layer blob served),
         pinned_ref / manifest_digest (OCI: what the ref resolved to), pid, alive, uid, published,
         and ``erofs_mount.status.summary`` (bytes_fetched, cache_hit_ratio, retries, ...)
     status(out=None) -> int          one line per mount (or "no FUSE mounts ..."); 0
@@ -90,7 +90,7 @@ def status_entries(mountinfo: str = "/proc/self/mountinfo") -> list[dict]:
         if doc is not None:
             e.update(kind=doc.get("kind", "local"), source=doc.get("source") or m.source, pid=doc.get("pid"),
                      alive=publish.daemon_alive(doc), uid=doc.get("uid", e["uid"]))
-            if e["kind"] == "oci":
+            if e["kind"] in ("oci", "s3"):
                 e.update(ref=doc.get("ref"), platform=doc.get("platform"), digest=doc.get("digest"),
                          pinned_ref=doc.get("pinned_ref"), manifest_digest=doc.get("manifest_digest"))
         e.update(summary(doc))
@@ -102,13 +102,15 @@ def status_line(e: dict) -> str:
     parts = [f"fuse {e['mountpoint']}"]
     if e["kind"] == "oci":
         parts += [f"ref={e['ref']}", f"platform={e['platform'] or '-'}", f"digest={e['digest'] or '-'}"]
+    elif e["kind"] == "s3":
+        parts += [f"source={e['ref']}", f"pinned={e['digest'] or '-'}"]
     else:
         parts.append(f"source={e['source']}")
     alive = {True: "alive", False: "dead", None: "unknown"}[e["alive"]]
     parts += [f"pid={e['pid'] or '-'}", f"daemon={alive}"]
     if e["published"]:
         parts.append(f"bytes_fetched={size_text(e['bytes_fetched'])}")
-        if e["kind"] == "oci":
+        if e["kind"] in ("oci", "s3"):
             parts += [f"cache_hit_ratio={ratio_text(e['cache_hit_ratio'])}", f"retries={e['retries']}"]
         parts.append(verity_text(e.get("verity")) + hosts_text(e.get("hosts")))
     return " ".join(parts)

@@ -31,7 +31,7 @@ from ...status import hosts_text, ratio_text, size_text
 from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions, nbd_options_from
-from .recovery import NBD_RUN_DIR, LocalRecord, record_path
+from .recovery import NBD_RUN_DIR, LocalRecord, S3ObjectRecord, record_path
 from .source import override_record
 
 IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
@@ -95,6 +95,25 @@ def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -
         from .worker import OciTarget, mount_main
 
         return trio.run(mount_main, OciTarget(ref, oci_options), mountpoint, opts, mode, ready)
+
+    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+
+
+def mount_s3(source: str, mountpoint: str, opts: NbdOptions | None, s3_options) -> int:
+    """Mount an S3 object (``s3_options``: sources.s3.options.S3Options); the record (erofs-utils'
+    S3_OBJECT) pins the ETag and version seen now."""
+    opts = opts or NbdOptions()
+    if not os.path.isdir(mountpoint):
+        raise NotFoundError(f"{mountpoint}: mount point is not a directory")
+    mode = choose_mode(opts)
+    mountpoint = os.path.realpath(mountpoint)
+
+    def worker(ready):
+        import trio
+
+        from .worker import S3Target, mount_main
+
+        return trio.run(mount_main, S3Target(source, s3_options), mountpoint, opts, mode, ready)
 
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
@@ -228,6 +247,11 @@ def status_entries() -> list[dict]:
         else:
             if isinstance(rec, LocalRecord):
                 e["source"] = rec.path
+            elif isinstance(rec, S3ObjectRecord):
+                o = dict(rec.options)
+                e.update(kind="s3", source=f"s3://{rec.source}", ref=f"s3://{rec.source}",
+                         digest=f"etag:{o['s3.etag']}" + (f",version:{o['s3.version_id']}" if o.get("s3.version_id") else "")
+                         if o.get("s3.etag") else None)
             else:
                 e.update(kind="oci", source=rec.ref, ref=rec.ref, platform=rec.platform,
                          digest=getattr(rec, "digest", None))
@@ -248,6 +272,8 @@ def status_line(e: dict) -> str:
     parts = [f"nbd{e['index']}", f"source={e['source']}"]
     if e["kind"] == "oci":
         parts += [f"platform={e['platform']}", f"digest={e['digest'] or '-'}"]
+    elif e["kind"] == "s3":
+        parts.append(f"pinned={e['digest'] or '-'}")
     else:
         parts.append("digest=-")
     parts += [f"pid={e['pid'] or '-'}", f"daemon={'alive' if e['alive'] else 'dead'}",

@@ -10,6 +10,7 @@ First line, as erofs-utils writes and reads it (``mount/main.c``:
     LOCAL <realpath>                               (the rest of the line is the path)
     OCI_LAYER <ref> <platform> <index> [b64(user:pass)]
     OCI_NATIVE_BLOB <ref> <platform> <sha256:64 hex> [b64(user:pass)]
+    S3_OBJECT <bucket/key> <endpoint> <urlstyle 0|1> <sig 0|1> <region|(nil)> [b64(access:secret)]
 
 Tokens after the type are separated by runs of spaces; erofs-utils writes a
 trailing space when there are no credentials.  erofs-utils reads only the first
@@ -17,7 +18,8 @@ line, so what it cannot express (for instance ``insecure=1`` for a plain-HTTP
 registry, which erofs-utils 1.9.3 loses) goes on following ``key=value`` lines,
 which we read back as ``options``.  ``TARINDEX_OCI_BLOB`` (a layer mounted with
 ``oci.tarindex=``/``oci.zinfo=``) is read and written in erofs-utils' six-field form, its paths
-becoming ``tarindex``/``zinfo`` options; ``S3_OBJECT`` records are refused with a clear message.
+becoming ``tarindex``/``zinfo`` options.  ``S3_OBJECT`` (an S3 object) is read and written in
+erofs-utils' form, with ``s3.etag=``/``s3.version_id=`` lines pinning the object.
 
 We write ``LOCAL`` and, for OCI, ``OCI_NATIVE_BLOB`` with the pinned digest so a
 reattach never serves another image after a tag moved (erofs-utils' OCI_LAYER
@@ -79,7 +81,23 @@ class OciNativeBlobRecord:
     options: tuple[tuple[str, str], ...] = ()
 
 
-Record = LocalRecord | OciLayerRecord | OciNativeBlobRecord
+@dataclass(frozen=True, slots=True)
+class S3ObjectRecord:
+    """erofs-utils' ``S3_OBJECT`` (mount/main.c ``erofsmount_write_recovery_s3``): the source as
+    ``BUCKET/KEY``, the endpoint, its enums ``url_style`` (0 path, 1 virtual host) and ``sig``
+    (0 SigV2, 1 SigV4), the region (``(nil)``: none) and, optionally, b64(access:secret).  Our option
+    lines pin the object: ``s3.etag=``, ``s3.version_id=`` (and the other ``s3.*`` options)."""
+    source: str
+    endpoint: str
+    url_style: int
+    sig: int
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    options: tuple[tuple[str, str], ...] = ()
+
+
+Record = LocalRecord | OciLayerRecord | OciNativeBlobRecord | S3ObjectRecord
 
 
 def describe(record: Record) -> str:
@@ -88,6 +106,9 @@ def describe(record: Record) -> str:
         return record.path
     if isinstance(record, OciLayerRecord):
         return f"{record.ref} ({record.platform}, layer {record.layer_index})"
+    if isinstance(record, S3ObjectRecord):
+        etag = dict(record.options).get("s3.etag")
+        return f"s3://{record.source}" + (f" (ETag {etag})" if etag else "")
     return f"{record.ref}@{record.digest} ({record.platform})"
 
 
@@ -144,6 +165,14 @@ def format_record(record: Record) -> str:
         elif cred is not None:
             parts.append(cred)
         first = kind + " " + " ".join(parts)
+    elif isinstance(record, S3ObjectRecord):
+        if record.url_style not in (0, 1) or record.sig not in (0, 1):
+            raise RecordError("recovery record: S3 url style and signature version are 0 or 1")
+        cred = (encode_credentials(record.access_key, record.secret_key)
+                if record.access_key or record.secret_key else "")
+        # erofs-utils writes "(nil)" for no region and a trailing space for no credentials
+        first = (f"S3_OBJECT {_check_token('S3 source', record.source)} {_check_token('S3 endpoint', record.endpoint)} "
+                 f"{record.url_style} {record.sig} {_check_token('S3 region', record.region or '(nil)')} {cred}")
     else:
         raise TypeError(f"not a recovery record: {record!r}")
     lines = [first]
@@ -208,8 +237,28 @@ def parse_record(text: str) -> Record:
     if kind == "TARINDEX_OCI_BLOB":
         return _parse_tarindex(rest, options)
     if kind == "S3_OBJECT":
-        raise RecordError(f"recovery record type {kind} is not supported by erofs-mount", errno=_errno.EOPNOTSUPP)
+        return _parse_s3(rest, options)
     raise RecordError(f"unknown recovery record type {kind!r}")
+
+
+def _parse_s3(rest: str, options: tuple[tuple[str, str], ...]) -> S3ObjectRecord:
+    """``S3_OBJECT <bucket/key> <endpoint> <urlstyle> <sig> <region|(nil)> [b64cred]``: tokens
+    separated by runs of spaces (erofs-utils mount/main.c ``erofsmount_reattach_s3``)."""
+    tokens = _split_tokens(rest)
+    if len(tokens) < 5:
+        raise RecordError("recovery record: S3_OBJECT needs <bucket/key> <endpoint> <urlstyle> <sig> <region>")
+    if len(tokens) > 6:
+        raise RecordError(f"recovery record: S3_OBJECT has {len(tokens) - 6} unexpected trailing token(s)")
+    source, endpoint, style, sig, region = tokens[:5]
+    if "/" not in source.strip("/"):
+        raise RecordError(f"recovery record: S3 source {source!r} is not BUCKET/KEY")
+    if style not in ("0", "1") or sig not in ("0", "1"):
+        raise RecordError(f"recovery record: S3 url style {style!r} / signature {sig!r} are not 0 or 1")
+    ak = sk = None
+    if len(tokens) == 6:
+        ak, sk = decode_credentials(tokens[5])
+    return S3ObjectRecord(source, endpoint, int(style), int(sig), None if region == "(nil)" else region,
+                          ak, sk, options)
 
 
 def _parse_tarindex(rest: str, options: tuple[tuple[str, str], ...]) -> OciNativeBlobRecord:

@@ -29,7 +29,7 @@ from typing import Any
 from dataclasses import replace
 
 from ...errors import ErofsMountError, UsageError
-from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record
+from .recovery import LocalRecord, OciLayerRecord, OciNativeBlobRecord, Record, S3ObjectRecord
 
 # OciOptions fields that a reattach needs again, as record option lines (the tuning ones only
 # when they differ from the default: e.g. oci.retries=20 must survive a reattach)
@@ -85,6 +85,36 @@ def record_for_oci(ref: str, platform: str, digest: str, options: Any) -> OciNat
     return OciNativeBlobRecord(name, platform, digest, options=tuple(extra) + pins)
 
 
+# -- S3 objects: erofs-utils' first line, our s3.* option lines (s3.etag, s3.version_id pin the object)
+def s3_options_from_record(record: S3ObjectRecord) -> tuple[Any, Any]:
+    """(S3Options, S3Location) that reopen what *record* names.  A record of erofs-utils (no
+    ``s3.etag`` line) opens whatever the object is now; the worker then pins it."""
+    from ...sources.s3.options import S3Options, parse_location
+
+    raw: dict[str, str | None] = {k: (v if v != "" else None) for k, v in record.options
+                                  if k.startswith("s3.") or k in ("cache_limit",)}
+    raw.update({"s3.endpoint": record.endpoint, "s3.urlstyle": "path" if record.url_style == 0 else "vhost",
+                "s3.sig": "4" if record.sig == 1 else "2"})
+    if record.region:
+        raw["s3.region"] = record.region
+    try:
+        return S3Options.from_mount_options(raw), parse_location(record.source)
+    except ErofsMountError as exc:
+        raise ErofsMountError(f"recovery record: {exc}", errno=_errno.EINVAL) from None
+
+
+def record_for_s3(src: Any) -> S3ObjectRecord:
+    """The record of an opened S3 object: erofs-utils' line (the resolved endpoint, url style,
+    signature and region; long-lived keys as erofs-utils keeps them) + the pins as option lines."""
+    opts = src.pinned_options()
+    lines = {k: v for k, v in opts.as_mount_options().items()
+             if k not in ("s3.endpoint", "s3.region", "s3.urlstyle", "s3.sig")}
+    pair = src.static_credentials
+    return S3ObjectRecord(src.location.source, src.endpoint, 0 if src.path_style else 1, 1 if opts.sig == 4 else 0,
+                          src.region, pair[0] if pair else None, pair[1] if pair else None,
+                          tuple(lines.items()))
+
+
 def _split_manifest(ref: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """``reg/repo:tag@sha256:…`` → (``reg/repo:tag``, (("manifest", "sha256:…"),))."""
     name, at, manifest = ref.partition("@")
@@ -113,6 +143,8 @@ def override_record(record: Record, raw: dict[str, str]) -> Record:
     given = ", ".join(names.values())
     if isinstance(record, LocalRecord):
         raise UsageError(f"{given}: the device serves the local file {record.path}, not a registry blob")
+    if isinstance(record, S3ObjectRecord):
+        raise UsageError(f"{given}: the device serves the S3 object s3://{record.source}, not a registry blob")
     if "layer" in raw or "blob" in raw:
         raise UsageError("oci.layer/oci.blob cannot be given to --reattach: the device keeps serving the blob "
                          "its record names")
@@ -158,6 +190,12 @@ async def open_source(record: Record) -> Any:
 
             return await open_local_layer(record.path, kind)
         return LocalSource.open(record.path)
+    if isinstance(record, S3ObjectRecord):
+        from ...sources.s3.source import open_s3_source
+
+        options, loc = s3_options_from_record(record)
+        pair = (record.access_key or "", record.secret_key or "") if record.access_key or record.secret_key else None
+        return await open_s3_source(loc, options=options, credentials=pair, verify=False)
     if isinstance(record, (OciLayerRecord, OciNativeBlobRecord)):
         from ...sources.oci.blob import open_oci_source
 

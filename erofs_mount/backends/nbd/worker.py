@@ -27,8 +27,8 @@ from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions
 from .publish import base_document, serve_published
-from .source import open_source, pinned_record, record_for_oci, verity_from_record, with_verity
-from .recovery import OciLayerRecord, Record, describe, record_path
+from .source import open_source, pinned_record, record_for_oci, record_for_s3, verity_from_record, with_verity
+from .recovery import OciLayerRecord, Record, S3ObjectRecord, describe, record_path
 
 log = logging.getLogger("erofs_mount.nbd")
 
@@ -171,7 +171,20 @@ class OciTarget:
     options: Any  # sources.oci.options.OciOptions
 
 
-async def _open_target(target: Record | OciTarget) -> tuple[Any, Record]:
+@dataclass(frozen=True)
+class S3Target:
+    """An S3 object to mount: pinned (ETag, version) inside the daemon."""
+
+    source: str
+    options: Any  # sources.s3.options.S3Options
+
+
+async def _open_target(target: Record | OciTarget | S3Target) -> tuple[Any, Record]:
+    if isinstance(target, S3Target):
+        from ...sources.s3.source import open_s3_source
+
+        src = await open_s3_source(target.source, options=target.options, verify=False)
+        return src, record_for_s3(src)
     if isinstance(target, OciTarget):
         from ...sources.oci.blob import open_oci_source
 
@@ -387,6 +400,15 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
         previous = state.read_json(state.stats_path(ident))  # what the dead daemon published
         if isinstance(record, OciLayerRecord):
             record = _pin_layer_record(index, ident, record, source, previous)
+        elif isinstance(record, S3ObjectRecord) and "s3.etag" not in dict(record.options):
+            # erofs-utils pins nothing: from now on the object as it is now (its ETag, its version)
+            pinned = record_for_s3(source)
+            record = S3ObjectRecord(record.source, record.endpoint, record.url_style, record.sig, record.region,
+                                    record.access_key, record.secret_key,
+                                    record.options + tuple(kv for kv in pinned.options
+                                                           if kv[0] in ("s3.etag", "s3.version_id")))
+            state.write_record(ident, record)
+            log.info("nbd%d: record %s pinned to ETag %s", index, ident, source.etag)
         elif rewrite:
             state.write_record(ident, record)
             log.info("nbd%d: record %s rewritten with the options given to --reattach", index, ident)

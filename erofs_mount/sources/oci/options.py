@@ -151,6 +151,13 @@ def parse_fields(opts: dict[str, str | None]) -> dict:
     return kw
 
 
+def parse_as(option: str, shown: str, value: str | None) -> tuple[str, object]:
+    """(OciOptions field, parsed value) of *option*'s value, a bad one named *shown* in the error
+    (S3 objects take the transfer options as ``s3.*``: sources/s3/options.py)."""
+    field_name, parse = _OPTION_TABLE[option]
+    return field_name, parse(shown, value)
+
+
 def _str(name: str, value: str | None) -> str:
     if value is None or value == "":
         raise UsageError(f"option {name} needs a value ({name}=…)")
