@@ -63,9 +63,9 @@ class S3Server:
     def env(self, **extra: str) -> dict:
         """An environment whose AWS variables name this server's key (and nothing else of AWS)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
-                   AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-                   AWS_EC2_METADATA_DISABLED="true", **extra)
+        env.update({"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                    "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                    "AWS_EC2_METADATA_DISABLED": "true", **extra})
         return env
 
     def requests_logged(self) -> list[str]:
