@@ -69,8 +69,12 @@ class S3Server:
         return env
 
     def requests_logged(self) -> list[str]:
+        """The GET/HEAD lines werkzeug logged (colour codes, which it puts around non-200 answers, removed)."""
+        import re
+
         with open(self.log_path, errors="replace") as f:
-            return [line for line in f if '"GET ' in line or '"HEAD ' in line]
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f]
+        return [line for line in lines if '"GET ' in line or '"HEAD ' in line]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -149,7 +149,10 @@ class S3Options:
             else:
                 kw[short] = _token(name, value)
         out = cls(**kw, transfer=OciOptions(**transfer))
-        out.transfer.validate()
+        try:
+            out.transfer.validate()
+        except UsageError as exc:   # its messages name the registry's option names
+            raise UsageError(str(exc).replace("oci.", "s3.")) from None
         if out.endpoint is not None:
             endpoint_parts(out.endpoint)   # checked now
         if out.anonymous and out.passwd_file:

@@ -107,6 +107,9 @@ def resolve(options: S3Options, loc: S3Location, pair: tuple[str, str] | None = 
         creds = session.get_credentials()
     except botocore.exceptions.BotoCoreError as exc:   # a broken profile, a failing credential_process
         raise AuthError(f"{loc}: AWS credentials: {exc}") from None
+    except OSError as exc:   # a credential_process that cannot be run at all
+        raise AuthError(f"{loc}: AWS credentials: {exc.filename or 'credential_process'}: "
+                        f"{exc.strerror or exc}") from None
     if creds is None:
         return None, region
     return S3Credentials(creds, getattr(creds, "method", None) or "AWS configuration"), region
