@@ -143,31 +143,30 @@ class SyncSource:
             self._loop.close()
 
 
+def _on_loop(open_source: Callable[[], Awaitable[Any]]) -> SyncSource:
+    """An async source opened on a trio thread of its own."""
+    loop = TrioThread()
+    try:
+        src = loop.call(open_source)
+    except BaseException:
+        loop.close()
+        raise
+    return SyncSource(src, loop)
+
+
 def open_sync(source: str, opts: MountOptions) -> SyncSource:
     """The primary source named on the command line."""
     kind, _why = classify(source, opts)
     if kind == "s3":
         from .sources.s3.source import open_s3_source
 
-        options = s3_options(opts)
-        loop = TrioThread()
-        try:
-            src = loop.call(lambda: open_s3_source(source, options=options))
-        except BaseException:
-            loop.close()
-            raise
-        return SyncSource(src, loop)
+        s3 = s3_options(opts)
+        return _on_loop(lambda: open_s3_source(source, options=s3))
     if kind != "local":
         from .sources.oci.blob import open_oci_source
 
         options = oci_options(opts)
-        loop = TrioThread()
-        try:
-            src = loop.call(lambda: open_oci_source(source, options=options))
-        except BaseException:
-            loop.close()
-            raise
-        return SyncSource(src, loop)
+        return _on_loop(lambda: open_oci_source(source, options=options))
     from .sources.local import LocalSource
     from .sources.tarlayer import local_kind
 
@@ -175,13 +174,7 @@ def open_sync(source: str, opts: MountOptions) -> SyncSource:
     if kind is not None:  # a tar layer file: served through its tar index (built once, cached)
         from .sources.tarlayer.openlayer import open_local_layer
 
-        loop = TrioThread()
-        try:
-            src = loop.call(lambda: open_local_layer(source, kind))
-        except BaseException:
-            loop.close()
-            raise
-        return SyncSource(src, loop)
+        return _on_loop(lambda: open_local_layer(source, kind))
     return SyncSource(LocalSource.open(source))
 
 

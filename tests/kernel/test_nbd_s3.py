@@ -14,22 +14,12 @@ from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import S3ObjectRecord, parse_record
 from erofs_mount.errors import ErofsMountError
 from tests import corpuslib
+from tests.s3.conftest import s3  # noqa: F401 - the fixture: a moto_server in the guest
 
 from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, wait_until
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from tests.s3._moto import start_s3
-
-    srv = start_s3(tmp_path_factory.mktemp("moto"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path, monkeypatch):
+def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path, monkeypatch):  # noqa: F811
     if not CHECK_TREE.exists():
         pytest.skip("the shared corpus is not here")
     from erofs_mount.sources.s3.options import S3Options

@@ -144,3 +144,41 @@ def test_fanotify_mount_fails_with_one_line_on_a_missing_object(s3, fan):  # noq
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such object" in lines[0], lines
+
+
+def test_an_object_replaced_under_a_fanotify_mount_is_eio_and_a_log_line(s3, fan, tmp_path):  # noqa: F811
+    """A big file stays remote after the mount (only metadata is made local): the object replaced,
+    its read is EIO (the sparse file keeps its hole), the daemon logs the change, and what was local
+    before still reads the same."""
+    import random
+    import subprocess
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = random.Random(7)
+    big = rng.randbytes(6 << 20)
+    (tree / "big.bin").write_bytes(big)
+    (tree / "small.txt").write_bytes(b"small\n" * 10)
+    img = tmp_path / "img.erofs"
+    subprocess.run(["mkfs.erofs", "-Enoinline_data", str(img), str(tree)], check=True, capture_output=True)
+    data = img.read_bytes()
+    s3.put("images", "fan/big.erofs", data)
+    fan.env.update({k: v for k, v in s3.env().items() if k.startswith("AWS_")})
+    log_path = "/var/log/erofs-mount/fanotify.log"
+    start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    res, mnt = fan.mount("s3://images/fan/big.erofs", f"s3.endpoint={s3.url}")
+    assert res.returncode == 0, res.stderr
+    assert open(os.path.join(mnt, "small.txt"), "rb").read() == b"small\n" * 10
+    s3.put("images", "fan/big.erofs", bytes(b ^ 0x5A for b in data))
+    assert corpuslib.read_errno(os.path.join(mnt, "big.bin")) == 5   # EIO
+    assert open(os.path.join(mnt, "small.txt"), "rb").read() == b"small\n" * 10
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+        if "changed since it was mounted" in text:
+            break
+        time.sleep(0.2)
+    assert "changed since it was mounted" in text, text[-2000:]

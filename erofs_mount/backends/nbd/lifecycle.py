@@ -83,25 +83,21 @@ def mount(source: str, mountpoint: str, opts: NbdOptions | None = None, verity=N
 def mount_oci(ref: str, mountpoint: str, opts: NbdOptions | None, oci_options) -> int:
     """Mount a registry layer (``oci_options``: sources.oci.options.OciOptions); the record
     pins the digest resolved now (OCI_NATIVE_BLOB)."""
-    opts = opts or NbdOptions()
-    if not os.path.isdir(mountpoint):
-        raise NotFoundError(f"{mountpoint}: mount point is not a directory")
-    mode = choose_mode(opts)
-    mountpoint = os.path.realpath(mountpoint)
+    from .worker import OciTarget
 
-    def worker(ready):
-        import trio
-
-        from .worker import OciTarget, mount_main
-
-        return trio.run(mount_main, OciTarget(ref, oci_options), mountpoint, opts, mode, ready)
-
-    return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
+    return _mount_remote(OciTarget(ref, oci_options), mountpoint, opts)
 
 
 def mount_s3(source: str, mountpoint: str, opts: NbdOptions | None, s3_options) -> int:
     """Mount an S3 object (``s3_options``: sources.s3.options.S3Options); the record (erofs-utils'
     S3_OBJECT) pins the ETag and version seen now."""
+    from .worker import S3Target
+
+    return _mount_remote(S3Target(source, s3_options), mountpoint, opts)
+
+
+def _mount_remote(target, mountpoint: str, opts: NbdOptions | None) -> int:
+    """A remote source (worker.OciTarget / S3Target): opened, and its record written, in the daemon."""
     opts = opts or NbdOptions()
     if not os.path.isdir(mountpoint):
         raise NotFoundError(f"{mountpoint}: mount point is not a directory")
@@ -111,9 +107,9 @@ def mount_s3(source: str, mountpoint: str, opts: NbdOptions | None, s3_options) 
     def worker(ready):
         import trio
 
-        from .worker import S3Target, mount_main
+        from .worker import mount_main
 
-        return trio.run(mount_main, S3Target(source, s3_options), mountpoint, opts, mode, ready)
+        return trio.run(mount_main, target, mountpoint, opts, mode, ready)
 
     return run_detached(worker, log_file=opts.log_file or log_path("nbd"), foreground=opts.foreground)
 
