@@ -7,7 +7,8 @@ daemon is SIGKILLed while the readers need the device, the OTHER tool reattaches
 finish with zero errors, the whole tree is compared with the kernel's manifest, and `erofs-mount
 -u` leaves no file in /run/erofsmount.
 
-Registries run in the guest on 127.0.0.1: TLS anonymous, TLS with Bearer tokens, plain HTTP.
+Registries run in the guest on 127.0.0.1: TLS anonymous, TLS with Bearer tokens, plain HTTP; and
+an S3 server (moto_server, SigV4 checked) for S3_OBJECT records, the keys in an s3.passwd_file.
 mount.erofs has no CA option (libcurl reads the system bundle), so the guest bind-mounts a bundle
 with the test CA over /etc/ssl/certs/ca-certificates.crt (the guest's own mount table: only inside
 UML).  erofs-mount is given `-o oci.cafile=` (and `-o oci.insecure` for HTTP) on --reattach, which
@@ -80,6 +81,9 @@ class Registries:
         self.issuer.stop()
 
 
+S3_BUCKET, S3_KEY = "interop", "images/app.erofs"
+
+
 @pytest.fixture(scope="module")
 def regs(tmp_path_factory):
     if REGISTRY_BIN is None:
@@ -90,9 +94,20 @@ def regs(tmp_path_factory):
         libc = ctypes.CDLL(None, use_errno=True)
         trusted = libc.mount(str(r.bundle).encode(), SYSTEM_BUNDLE.encode(), None, MS_BIND, None) == 0
     r.trusted = trusted
+    r.s3 = None
     try:
+        from tests.s3._moto import MOTO_BIN, start_s3
+
+        if MOTO_BIN is not None:
+            r.s3 = start_s3(tmp_path_factory.mktemp("moto"))
+            r.s3.put(S3_BUCKET, S3_KEY, r.image.path.read_bytes())
+            r.passwd = r.root / "s3.passwd"
+            r.passwd.write_text(f"{r.s3.access_key}:{r.s3.secret_key}\n")
+            r.passwd.chmod(0o600)
         yield r
     finally:
+        if r.s3 is not None:
+            r.s3.stop()
         if trusted:
             ctypes.CDLL(None, use_errno=True).umount2(SYSTEM_BUNDLE.encode(), MNT_DETACH)
         r.close()
@@ -132,6 +147,10 @@ def source_args(regs: Registries, kind: str, tool: str) -> tuple[list[str], str]
     """(-o options, SOURCE) to mount the image from ``kind`` with ``tool``."""
     if kind == "local":
         return [], str(regs.image.path)
+    if kind == "s3":   # mount.erofs' form; its defaults (SigV2, virtual host, no region) spelled out
+        opts = [f"s3.endpoint={regs.s3.url}", "s3.urlstyle=path", "s3.sig=4", "s3.region=us-east-1",
+                f"s3.passwd_file={regs.passwd}"]
+        return ["-o", ",".join(opts)], f"{S3_BUCKET}/{S3_KEY}"
     reg = regs.by_kind[kind]
     opts = ["oci.layer=0", "oci.platform=linux/amd64"]
     if kind == "http":
@@ -199,10 +218,12 @@ def unmount_clean(mnt: Path, index: int) -> None:
     assert run_dir_files() == [], run_dir_files()
 
 
-KINDS = ["local", "tls", "tls-bearer"]
+KINDS = ["local", "tls", "tls-bearer", "s3"]
 
 
 def _needs_trust(regs: Registries, kind: str) -> None:
+    if kind == "s3" and regs.s3 is None:
+        pytest.skip("moto_server is not installed")
     if kind.startswith("tls") and not regs.trusted:
         pytest.skip("mount.erofs trusts only the system CA bundle: the TLS cases run inside UML")
 
@@ -244,9 +265,11 @@ def test_mount_erofs_mounts_erofs_mount_reattaches(regs, kind, tmp_path):
     ident = sysfs.backend(index)
     assert ident and os.path.exists(ident), ident
     text = Path(ident).read_text()
-    assert text.split(" ")[0] == ("LOCAL" if kind == "local" else "OCI_LAYER"), text
+    assert text.split(" ")[0] == {"local": "LOCAL", "s3": "S3_OBJECT"}.get(kind, "OCI_LAYER"), text
     if kind == "tls-bearer":
         assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() in text
+    if kind == "s3":
+        assert base64.b64encode(f"{regs.s3.access_key}:{regs.s3.secret_key}".encode()).decode() in text
     assert sysfs.size_bytes(index) > 1 << 60            # EROFSMOUNT_NBD_DISK_SIZE, not the image's size
 
     def kill():

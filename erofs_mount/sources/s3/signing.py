@@ -103,13 +103,22 @@ def resolve(options: S3Options, loc: S3Location, pair: tuple[str, str] | None = 
     if options.passwd_file:
         ak, sk = read_passwd_file(options.passwd_file, loc.bucket)
         return S3Credentials(botocore.credentials.Credentials(ak, sk), "s3.passwd_file"), region
-    try:
-        creds = session.get_credentials()
-    except botocore.exceptions.BotoCoreError as exc:   # a broken profile, a failing credential_process
-        raise AuthError(f"{loc}: AWS credentials: {exc}") from None
-    except OSError as exc:   # a credential_process that cannot be run at all
-        raise AuthError(f"{loc}: AWS credentials: {exc.filename or 'credential_process'}: "
-                        f"{exc.strerror or exc}") from None
+    creds = None
+    # botocore's CredentialResolver.load_credentials, one provider at a time: an error names the provider
+    for provider in session.get_component("credential_provider").providers:
+        what = getattr(provider, "METHOD", type(provider).__name__)
+        try:
+            creds = provider.load()
+        except botocore.exceptions.BotoCoreError as exc:   # a broken profile, a failing credential_process
+            raise AuthError(f"{loc}: AWS credentials: {exc}") from None
+        except OSError as exc:   # a credential_process that cannot be run at all
+            raise AuthError(f"{loc}: AWS credentials: {what}: {exc.filename or 'credential_process'}: "
+                            f"{exc.strerror or exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:   # a metadata answer that holds no credentials
+            raise AuthError(f"{loc}: AWS credentials: {what}: the answer holds no credentials "
+                            f"({type(exc).__name__}: {exc})") from None
+        if creds is not None:
+            break
     if creds is None:
         return None, region
     return S3Credentials(creds, getattr(creds, "method", None) or "AWS configuration"), region
