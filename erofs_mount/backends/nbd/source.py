@@ -115,6 +115,13 @@ def record_for_s3(src: Any) -> S3ObjectRecord:
                           tuple(lines.items()))
 
 
+def pinned_s3_record(record: S3ObjectRecord, src: Any) -> S3ObjectRecord:
+    """An S3_OBJECT record of erofs-utils (no ETag) with the object it opened pinned: its ETag and
+    version lines added, the rest as it was."""
+    pins = tuple(kv for kv in record_for_s3(src).options if kv[0] in ("s3.etag", "s3.version_id"))
+    return replace(record, options=record.options + pins)
+
+
 def _split_manifest(ref: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """``reg/repo:tag@sha256:…`` → (``reg/repo:tag``, (("manifest", "sha256:…"),))."""
     name, at, manifest = ref.partition("@")

@@ -27,7 +27,8 @@ from .. import kmount
 from . import ioctl, netlink, state, sysfs
 from .config import NbdOptions
 from .publish import base_document, serve_published
-from .source import open_source, pinned_record, record_for_oci, record_for_s3, verity_from_record, with_verity
+from .source import (open_source, pinned_record, pinned_s3_record, record_for_oci, record_for_s3,
+                     verity_from_record, with_verity)
 from .recovery import OciLayerRecord, Record, S3ObjectRecord, describe, record_path
 
 log = logging.getLogger("erofs_mount.nbd")
@@ -401,12 +402,7 @@ async def reattach_main(index: int, ident: str, record: Record, opts: NbdOptions
         if isinstance(record, OciLayerRecord):
             record = _pin_layer_record(index, ident, record, source, previous)
         elif isinstance(record, S3ObjectRecord) and "s3.etag" not in dict(record.options):
-            # erofs-utils pins nothing: from now on the object as it is now (its ETag, its version)
-            pinned = record_for_s3(source)
-            record = S3ObjectRecord(record.source, record.endpoint, record.url_style, record.sig, record.region,
-                                    record.access_key, record.secret_key,
-                                    record.options + tuple(kv for kv in pinned.options
-                                                           if kv[0] in ("s3.etag", "s3.version_id")))
+            record = pinned_s3_record(record, source)   # erofs-utils pins nothing: the object as it is now
             state.write_record(ident, record)
             log.info("nbd%d: record %s pinned to ETag %s", index, ident, source.etag)
         elif rewrite:
