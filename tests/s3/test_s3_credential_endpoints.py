@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import json
-import os
 import threading
 import urllib.request
 
@@ -25,11 +24,10 @@ import trio
 
 from erofs_mount.errors import AuthError, ErofsMountError, SourceError
 from erofs_mount.sources.s3.options import S3Options
-from erofs_mount.sources.s3.signing import S3Signer
 from erofs_mount.sources.s3.source import open_s3_source
 
 from ._moto import REGION, S3Server, start_s3
-from .conftest import put_image
+from .conftest import clean_aws_env, put_image
 
 pytestmark = pytest.mark.trio
 KiB = 1 << 10
@@ -205,27 +203,8 @@ def imds_answer(mint, *, expires_in: float = 3600):
 def aws_env(tmp_path, monkeypatch):
     """No AWS variable of this machine, AWS config files of the test's own (none: no ~/.aws is
     read), the instance metadata service off (a test that wants it turns it on)."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    clean_aws_env(tmp_path, monkeypatch)
     return monkeypatch
-
-
-@pytest.fixture
-def signed(monkeypatch):
-    """The headers of every request the S3 client signed, as sent."""
-    seen: list[dict] = []
-    original = S3Signer.sign
-
-    async def sign(self, request):
-        await original(self, request)
-        seen.append({k.lower(): v for k, v in request.headers.items()})
-
-    monkeypatch.setattr(S3Signer, "sign", sign)
-    return seen
 
 
 def s3opts(srv, **extra: str | None) -> S3Options:

@@ -4,7 +4,6 @@ persistent cache, SigV2 and unsigned requests."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -19,11 +18,10 @@ from erofs_mount.errors import (
     UsageError,
 )
 from erofs_mount.sources.s3.options import S3Options
-from erofs_mount.sources.s3.signing import S3Signer
 from erofs_mount.sources.s3.source import S3ObjectSource, open_s3_source
 from tests import corpuslib
 
-from .conftest import BUCKET, put_image
+from .conftest import BUCKET, clean_aws_env, put_image
 
 pytestmark = pytest.mark.trio
 KiB, MiB = 1 << 10, 1 << 20
@@ -34,12 +32,7 @@ LIMIT = 20   # seconds: a bound on every test's waits (each takes well under it)
 def aws_env(tmp_path, monkeypatch):
     """An environment with no AWS variable of this machine and AWS config files of the test's own
     (none: no ~/.aws is read); ``aws_env(srv)`` puts *srv*'s valid key in AWS_ACCESS_KEY_ID/SECRET."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    clean_aws_env(tmp_path, monkeypatch)
 
     def with_keys(srv=None, access_key=None, secret_key=None):
         if srv is not None or access_key:
@@ -99,20 +92,6 @@ def make_public(srv, source: str) -> None:
 
 def image_bytes(name: str) -> bytes:
     return corpuslib.image(name).path.read_bytes()
-
-
-@pytest.fixture
-def signed(monkeypatch):
-    """The headers of every request the S3 client signed (or left unsigned), as sent."""
-    seen: list[dict] = []
-    original = S3Signer.sign
-
-    async def sign(self, request):
-        await original(self, request)
-        seen.append(dict(request.headers))
-
-    monkeypatch.setattr(S3Signer, "sign", sign)
-    return seen
 
 
 # -- reading --------------------------------------------------------------------------------------
