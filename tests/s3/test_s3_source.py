@@ -4,6 +4,7 @@ persistent cache, SigV2 and unsigned requests."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -372,6 +373,38 @@ async def test_versioned_bucket_pins_the_version(s3, aws_env):
         assert got == old and first.version_id == v1 and first.etag == src.etag
         got, _, first = await open_read(source, s3opts(s3, **{"s3.version_id": v1}))
         assert got == old and first.version_id == v1
+
+
+async def test_nbd_record_pins_version_and_etag_and_reopens_them(s3, aws_env):
+    """The recovery record (NBD mode) of a versioned object: erofs-utils' S3_OBJECT line, and
+    s3.etag/s3.version_id lines that reopen exactly that version after the key was overwritten
+    (the record reopened with the keys it kept: none of the environment's)."""
+    from erofs_mount.backends.nbd.recovery import format_record, parse_record
+    from erofs_mount.backends.nbd.source import open_source, record_for_s3
+
+    aws_env(s3)
+    bucket, key = "versioned-record", "img.erofs"
+    old, new = image_bytes("lz4"), image_bytes("zstd")
+    v1 = s3.put(bucket, key, old, versioned=True)["VersionId"]
+    with trio.fail_after(LIMIT):
+        src = await open_s3_source(f"s3://{bucket}/{key}", options=s3opts(s3))
+        try:
+            rec = record_for_s3(src)
+        finally:
+            await src.aclose()
+        text = format_record(rec)
+        assert text.startswith(f"S3_OBJECT {bucket}/{key} {s3.url} 0 1 us-east-1 "), text
+        lines = dict(parse_record(text).options)
+        assert lines["s3.version_id"] == v1 and lines["s3.etag"] == src.etag
+        s3.put(bucket, key, new, versioned=True)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.pop(name, None)
+        again = await open_source(parse_record(text))
+        try:
+            assert (again.version_id, again.etag) == (v1, src.etag)
+            assert await read_all(again) == old
+        finally:
+            await again.aclose()
 
 
 # -- the persistent cache ------------------------------------------------------------------------
