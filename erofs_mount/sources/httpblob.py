@@ -99,11 +99,18 @@ class _Budget:
         self.scope.deadline = now + stall
 
 
-async def _read_error_body(resp: httpx.Response, limit: int = 64 << 10) -> None:
-    """Read an error answer's (small) body, so that ``check_blob`` can tell what it says."""
-    length = resp.headers.get("content-length", "")
-    if not length.isdigit() or int(length) <= limit:
-        await resp.aread()
+async def read_error_body(resp: httpx.Response, limit: int = 64 << 10) -> bytes:
+    """An error answer's body, at most *limit* bytes (``check_blob`` reads what it says: S3's
+    error code); a longer one is cut there, the rest left unread."""
+    parts: list[bytes] = []
+    got = 0
+    async for data in resp.aiter_bytes():
+        parts.append(data)
+        got += len(data)
+        if got >= limit:
+            break
+    resp.error_body = b"".join(parts)[:limit]
+    return resp.error_body
 
 
 class HttpBlobClient:
@@ -242,7 +249,7 @@ class HttpBlobClient:
                     if cached:  # e.g. an expired pre-signed URL: go back to the registry
                         self._blob_urls.pop(digest, None)
                         raise _Retry(f"redirect target answered HTTP {resp.status_code}", immediate=True)
-                    await _read_error_body(resp)
+                    await read_error_body(resp)
                     self.check_blob(resp, digest)
                     raise self.unexpected(resp, f"blob {digest}")
                 self.check_body(resp, digest)

@@ -50,6 +50,9 @@ def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path,
     assert len(etag) == 32 and dict(rec.options)["s3.memory_limit"] == str(64 << 10)
     res = check_tree(img.manifest, mnt)
     assert res.returncode == 0, res.stdout[-3000:]
+    entry = next(e for e in lifecycle.status_entries() if e["index"] == index)
+    assert (entry["kind"], entry["source"], entry["digest"]) == ("s3", "s3://nbd/images/lz4.erofs", f"etag:{etag}")
+    assert f"pinned=etag:{etag}" in lifecycle.status_line(entry)
 
     # SIGKILL, reattach (with no AWS variables: the record's keys), the same bytes
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -19,11 +19,19 @@ from xml.etree import ElementTree
 import httpx
 
 from ...errors import AuthError, NotFoundError, ObjectChangedError, ObjectStoreError
-from ..httpblob import HttpBlobClient, _Budget, make_ssl_context
+from ..httpblob import HttpBlobClient, _Budget, read_error_body, make_ssl_context
 from .options import S3Location, S3Options, endpoint_parts, object_url, use_path_style
 from .signing import S3Auth, S3Credentials, S3Signer
 
 log = logging.getLogger("erofs_mount.sources.s3")
+
+
+def _body(resp: httpx.Response) -> bytes:
+    """What ``httpblob.read_error_body`` read of an error answer, or the body when it was read."""
+    body = getattr(resp, "error_body", None)
+    if body is None:
+        body = resp.content if hasattr(resp, "_content") else b""
+    return body
 
 
 def error_code(body: bytes) -> tuple[str, str]:
@@ -72,7 +80,7 @@ class S3Client(HttpBlobClient):
         return {"If-Match": f'"{self.etag}"'} if self.etag else {}
 
     def check_blob(self, resp: httpx.Response, key: str) -> None:
-        code, message = error_code(resp.content if resp.is_stream_consumed else b"")
+        code, message = error_code(_body(resp))
         status = resp.status_code
         said = f"HTTP {status}" + (f" {code}" if code else "")
         if status == 412:
@@ -103,7 +111,7 @@ class S3Client(HttpBlobClient):
             raise ObjectChangedError(f"{self.loc}: version {version} served, {self.version_id} pinned: not served")
 
     def unexpected(self, resp: httpx.Response, what: str) -> ObjectStoreError:
-        code, message = error_code(resp.content if resp.is_stream_consumed else b"")
+        code, message = error_code(_body(resp))
         return ObjectStoreError(f"{self.loc}: {what}: unexpected HTTP {resp.status_code}"
                                 + (f" {code}: {message}" if code else ""))
 
@@ -113,25 +121,29 @@ class S3Client(HttpBlobClient):
         url = self.blob_url("")
 
         async def attempt(_budget: _Budget) -> int:
-            resp = await self.http.get(url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity",
-                                                     **self.blob_headers("")}, auth=self.auth)
+            req = self.http.build_request("GET", url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity",
+                                                               **self.blob_headers("")})
+            resp = await self.http.send(req, auth=self.auth, stream=True)
             self.counters["requests"] += 1
-            if resp.status_code not in (200, 206):
-                self.check_blob(resp, "")
-                raise self.unexpected(resp, "first byte")
-            self.check_body(resp, "")
-            if resp.status_code == 206:
-                m = re.fullmatch(r"bytes 0-0/(\d+)", resp.headers.get("content-range", "").strip())
+            try:
+                if resp.status_code not in (200, 206):
+                    await read_error_body(resp)
+                    self.check_blob(resp, "")
+                    raise self.unexpected(resp, "first byte")
+                self.check_body(resp, "")
+                header = "content-range" if resp.status_code == 206 else "content-length"
+                pattern = r"bytes 0-0/(\d+)" if resp.status_code == 206 else r"(\d+)"   # a 200: the Range ignored
+                m = re.fullmatch(pattern, resp.headers.get(header, "").strip())
                 if not m:
-                    raise ObjectStoreError(f"{self.loc}: bad Content-Range {resp.headers.get('content-range')!r}")
-                size = int(m.group(1))
-            else:   # the Range ignored: the whole object came
-                size = len(resp.content)
-            etag = (resp.headers.get("etag") or "").strip().removeprefix("W/").strip('"')
-            if not etag:
-                raise ObjectStoreError(f"{self.loc}: the server sends no ETag: the object cannot be pinned")
+                    raise ObjectStoreError(f"{self.loc}: HTTP {resp.status_code} with a bad {header} "
+                                           f"{resp.headers.get(header)!r}: the object's size is unknown")
+                etag = (resp.headers.get("etag") or "").strip().removeprefix("W/").strip('"')
+                if not etag:
+                    raise ObjectStoreError(f"{self.loc}: the server sends no ETag: the object cannot be pinned")
+            finally:
+                await resp.aclose()   # a 200's body (the whole object) is not read
             self.etag = self.etag or etag
             self.version_id = self.version_id or resp.headers.get("x-amz-version-id") or None
-            return size
+            return int(m.group(1))
 
         return await self._with_retries("first byte", attempt)

@@ -169,7 +169,7 @@ class S3Auth(httpx.Auth):
         self.base_origin = origin(base_url)
 
     async def async_auth_flow(self, request: httpx.Request):
-        if origin(request.url) == self.base_origin or request.url.host.endswith("." + str(self.base_origin[1])):
+        if origin(request.url) == self.base_origin:
             await self.signer.sign(request)
         yield request
 
