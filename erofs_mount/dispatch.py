@@ -90,7 +90,7 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
         if opts.nbd or opts.fuse or opts.devices:
             raise UsageError("nbd.*, FUSE options and --device do not apply to fanotify mode")
         from .backends.fanotify import lifecycle as fan
-        from .opener import oci_options, raw_oci
+        from .opener import oci_options, raw_oci, raw_s3
 
         flags, data = _mount_flags(opts)
         if kind == "image":   # every layer its own fanotify mount, under the kernel's overlayfs
@@ -102,9 +102,7 @@ def _mount(source: str, mountpoint: str, foreground: bool, opts: MountOptions) -
                                  flags=flags, data=data)
             return mount_image(source, mountpoint, oci_options(opts), mount_layer, _unmount, flags=flags)
         if kind == "s3":
-            raw: dict[str, str | None] = {**opts.s3, **opts.verity, "oci.cache": opts.s3.get("s3.cache")}
-            if "limit" in opts.cache:
-                raw["cache_limit"] = opts.cache["limit"]
+            raw = {**raw_s3(opts), "oci.cache": opts.s3.get("s3.cache")}   # the sparse file's root
             return fan.mount(source, kind, mountpoint, raw, flags=flags, data=data, foreground=foreground)
         return fan.mount(source, kind, mountpoint, raw_oci(opts), flags=flags, data=data, foreground=foreground)
     if mode == "fuse":

@@ -31,7 +31,7 @@ def classify(source: str, opts: MountOptions) -> tuple[str, str]:
     from .sources.s3.options import is_s3_source
 
     if is_s3_source(source) or opts.s3:
-        from .sources.s3.source import refuse_oci_options
+        from .sources.s3.options import refuse_oci_options
 
         refuse_oci_options(opts.oci)
         return "s3", f"{source} is an S3 object"
@@ -59,14 +59,19 @@ def raw_oci(opts: MountOptions) -> dict[str, str | None]:
     return raw
 
 
-def s3_options(opts: MountOptions):
-    """MountOptions (``s3.*``, ``verity.*``, ``cache_limit``) -> sources.s3.options.S3Options."""
-    from .sources.s3.options import S3Options
-
+def raw_s3(opts: MountOptions) -> dict[str, str | None]:
+    """The ``s3.*`` options (and ``verity.*``, ``cache_limit``) as S3Options.from_mount_options takes them."""
     raw: dict[str, str | None] = {**opts.s3, **opts.verity}
     if "limit" in opts.cache:
         raw["cache_limit"] = opts.cache["limit"]
-    return S3Options.from_mount_options(raw)
+    return raw
+
+
+def s3_options(opts: MountOptions):
+    """MountOptions -> sources.s3.options.S3Options."""
+    from .sources.s3.options import S3Options
+
+    return S3Options.from_mount_options(raw_s3(opts))
 
 
 def oci_options(opts: MountOptions):

@@ -55,8 +55,7 @@ def alive(pid: Any, pid_start: int | None = None) -> bool:
 def source_fields(source_text: str, source: Any) -> dict:
     if getattr(source, "etag", None) is not None:   # an S3 object, pinned
         return {"kind": "s3", "ref": source_text, "pinned_ref": str(source.ref), "platform": None,
-                "digest": f"etag:{source.etag}" + (f",version:{source.version_id}" if source.version_id else ""),
-                "manifest_digest": None}
+                "digest": source.pinned, "manifest_digest": None}
     if hasattr(source, "ref") and hasattr(source, "digest"):
         # ref as the user named it; pinned_ref: the manifest the daemon resolved it to (ref@sha256:...)
         return {"kind": "oci", "ref": source_text, "pinned_ref": str(source.ref),

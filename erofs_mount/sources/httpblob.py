@@ -72,7 +72,7 @@ class _Retry(Exception):
         self.retry_after = 0.0 if immediate else retry_after
 
 
-class _Budget:
+class Budget:
     """Time bounds of one ``_with_retries`` call: ``scope`` bounds the current attempt and
     ``retry_time`` counts from ``start``."""
 
@@ -109,8 +109,7 @@ async def read_error_body(resp: httpx.Response, limit: int = 64 << 10) -> bytes:
         got += len(data)
         if got >= limit:
             break
-    resp.error_body = b"".join(parts)[:limit]
-    return resp.error_body
+    return b"".join(parts)[:limit]
 
 
 class HttpBlobClient:
@@ -145,14 +144,15 @@ class HttpBlobClient:
     def blob_headers(self, key: str) -> dict[str, str]:
         return {}
 
-    def check_blob(self, resp: httpx.Response, key: str) -> None:
-        """Raise what an error answer to a blob GET means (retry, auth, not found)."""
+    def check_blob(self, resp: httpx.Response, key: str, body: bytes = b"") -> None:
+        """Raise what an error answer to a blob GET means (retry, auth, not found); *body*: the
+        first bytes of the answer (``read_error_body``)."""
         self._raise_for_retry(resp)
 
     def check_body(self, resp: httpx.Response, key: str) -> None:
         """Raise when a 200/206 answer is not the blob asked for (before its body is read)."""
 
-    def unexpected(self, resp: httpx.Response, what: str) -> SourceError:
+    def unexpected(self, resp: httpx.Response, what: str, body: bytes = b"") -> SourceError:
         return SourceError(f"{self.label}: {what}: unexpected HTTP {resp.status_code}")
 
     # -- retries ------------------------------------------------------------------------
@@ -160,14 +160,14 @@ class HttpBlobClient:
         if resp.status_code in RETRY_STATUS:
             raise _Retry(f"HTTP {resp.status_code}", parse_retry_after(resp.headers.get("retry-after"), time.time()))
 
-    async def _with_retries(self, what: str, attempt: Callable[["_Budget"], Awaitable[T]], *,
+    async def _with_retries(self, what: str, attempt: Callable[["Budget"], Awaitable[T]], *,
                             size_hint: int = 0) -> T:
         """Run ``attempt(budget)`` until it returns, retrying per the policy.
 
         Each attempt is bounded by ``budget.scope`` (the stall timeout plus the time *size_hint*
         bytes take at ``_MIN_RATE``), all of them by ``retry_time`` from ``budget.start``, which
-        a paced stream moves on (``_Budget.consumer``)."""
-        budget = _Budget(trio.current_time(), self.policy.total)
+        a paced stream moves on (``Budget.consumer``)."""
+        budget = Budget(trio.current_time(), self.policy.total)
         n = 0
         while True:
             n += 1
@@ -227,7 +227,7 @@ class HttpBlobClient:
         pos = start  # the first byte not delivered yet
         progress_limit = self.options.timeout * 2 + piece / _MIN_RATE
 
-        async def attempt(budget: _Budget) -> None:
+        async def attempt(budget: Budget) -> None:
             nonlocal pos
             url = self._blob_urls.get(digest, registry_url)
             cached = url is not registry_url
@@ -249,9 +249,9 @@ class HttpBlobClient:
                     if cached:  # e.g. an expired pre-signed URL: go back to the registry
                         self._blob_urls.pop(digest, None)
                         raise _Retry(f"redirect target answered HTTP {resp.status_code}", immediate=True)
-                    await read_error_body(resp)
-                    self.check_blob(resp, digest)
-                    raise self.unexpected(resp, f"blob {digest}")
+                    body = await read_error_body(resp)
+                    self.check_blob(resp, digest, body)
+                    raise self.unexpected(resp, f"blob {digest}", body)
                 self.check_body(resp, digest)
                 skip = 0
                 if resp.status_code == 206:

@@ -38,7 +38,7 @@ LOAD_AHEAD = 64 << 20
 _FORWARDED = frozenset({"digest", "ref", "platform", "media_type", "layer_index", "manifest_digest",
                         "credentials_origin", "options", "chunk_size", "path",
                         "etag", "version_id", "location", "endpoint", "region", "path_style",   # an S3 object
-                        "static_credentials", "pinned_options"})
+                        "static_credentials", "pinned_options", "pinned", "pins"})
 
 
 class VeritySource:

@@ -274,8 +274,7 @@ async def mount_main(spec: dict, mountpoint: str, window: int, ready) -> int:
 
     source, key = await open_source(spec)
     if spec["kind"] == "s3":   # a reattach reopens exactly this object: its ETag, its version
-        pins = {"s3.etag": source.etag, **({"s3.version_id": source.version_id} if source.version_id else {})}
-        spec = {**spec, "oci": {**spec["oci"], **pins}}
+        spec = {**spec, "oci": {**spec["oci"], **source.pins()}}
     if spec["kind"] == "oci":   # a reattach reopens exactly this blob, whatever the tag says by then
         oci = {k: v for k, v in spec["oci"].items() if k != "oci.layer"}
         spec = {**spec, "source": str(source.ref),

@@ -269,16 +269,9 @@ def mount_oci(ref: str, mountpoint: str, opts: FuseOptions, mount_options, *, fo
     """
     from ...opener import oci_options
 
-    try:
-        oci = oci_options(mount_options)  # option errors here, before detaching
-    except ErofsMountError as exc:
-        print(f"erofs-mount: {exc}", file=sys.stderr)
-        return 1
-    mountpoint = os.path.abspath(mountpoint)
-    if opts.fsname is None:
-        opts = replace(opts, fsname=ref)
-    devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
-    return _run(ref, mountpoint, opts, oci_opener(ref, oci, devices), foreground or opts.foreground)
+    def prepare(devices):
+        return ref, oci_opener(ref, oci_options(mount_options), devices)
+    return _run_remote(prepare, mountpoint, opts, mount_options, foreground)
 
 
 def mount_s3(source: str, mountpoint: str, opts: FuseOptions, mount_options, *, foreground: bool = False) -> int:
@@ -287,17 +280,24 @@ def mount_s3(source: str, mountpoint: str, opts: FuseOptions, mount_options, *, 
     from ...opener import s3_options
     from ...sources.s3.options import parse_location
 
-    try:
-        s3 = s3_options(mount_options)  # option errors here, before detaching
+    def prepare(devices):
         loc = parse_location(source)
+        return str(loc), s3_opener(loc, s3_options(mount_options), devices)
+    return _run_remote(prepare, mountpoint, opts, mount_options, foreground)
+
+
+def _run_remote(prepare, mountpoint: str, opts: FuseOptions, mount_options, foreground: bool) -> int:
+    """``prepare(devices)`` -> (the source's name, its opener): option errors reported here, before
+    detaching; the source itself is opened in the daemon."""
+    devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
+    try:
+        name, opener = prepare(devices)
     except ErofsMountError as exc:
         print(f"erofs-mount: {exc}", file=sys.stderr)
         return 1
-    mountpoint = os.path.abspath(mountpoint)
     if opts.fsname is None:
-        opts = replace(opts, fsname=str(loc))
-    devices = tuple(os.path.abspath(d) for d in getattr(mount_options, "devices", ()))
-    return _run(str(loc), mountpoint, opts, s3_opener(loc, s3, devices), foreground or opts.foreground)
+        opts = replace(opts, fsname=name)
+    return _run(name, os.path.abspath(mountpoint), opts, opener, foreground or opts.foreground)
 
 
 def _run(source: str, mountpoint: str, opts: FuseOptions, opener, foreground: bool) -> int:

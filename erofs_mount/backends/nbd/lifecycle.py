@@ -244,10 +244,11 @@ def status_entries() -> list[dict]:
             if isinstance(rec, LocalRecord):
                 e["source"] = rec.path
             elif isinstance(rec, S3ObjectRecord):
+                from ...sources.s3.options import pinned_text
+
                 o = dict(rec.options)
                 e.update(kind="s3", source=f"s3://{rec.source}", ref=f"s3://{rec.source}",
-                         digest=f"etag:{o['s3.etag']}" + (f",version:{o['s3.version_id']}" if o.get("s3.version_id") else "")
-                         if o.get("s3.etag") else None)
+                         digest=pinned_text(o["s3.etag"], o.get("s3.version_id")) if o.get("s3.etag") else None)
             else:
                 e.update(kind="oci", source=rec.ref, ref=rec.ref, platform=rec.platform,
                          digest=getattr(rec, "digest", None))

@@ -42,8 +42,7 @@ def base_document(index: int, record: Record, source: Any, previous: dict | None
     if isinstance(record, LocalRecord):
         doc.update(kind="local", path=record.path)
     elif getattr(source, "etag", None) is not None:   # an S3 object
-        doc.update(kind="s3", ref=str(source.ref), platform=None, manifest_digest=None,
-                   digest=f"etag:{source.etag}" + (f",version:{source.version_id}" if source.version_id else ""))
+        doc.update(kind="s3", ref=str(source.ref), platform=None, manifest_digest=None, digest=source.pinned)
     else:
         doc.update(kind="oci", ref=str(source.ref), platform=source.platform, digest=source.digest,
                    manifest_digest=getattr(source, "manifest_digest", None))

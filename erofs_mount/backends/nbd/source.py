@@ -92,7 +92,7 @@ def s3_options_from_record(record: S3ObjectRecord) -> tuple[Any, Any]:
     from ...sources.s3.options import S3Options, parse_location
 
     raw: dict[str, str | None] = {k: (v if v != "" else None) for k, v in record.options
-                                  if k.startswith("s3.") or k in ("cache_limit",)}
+                                  if k.startswith("s3.") or k == "cache_limit"}
     raw.update({"s3.endpoint": record.endpoint, "s3.urlstyle": "path" if record.url_style == 0 else "vhost",
                 "s3.sig": "4" if record.sig == 1 else "2"})
     if record.region:
@@ -118,8 +118,7 @@ def record_for_s3(src: Any) -> S3ObjectRecord:
 def pinned_s3_record(record: S3ObjectRecord, src: Any) -> S3ObjectRecord:
     """An S3_OBJECT record of erofs-utils (no ETag) with the object it opened pinned: its ETag and
     version lines added, the rest as it was."""
-    pins = tuple(kv for kv in record_for_s3(src).options if kv[0] in ("s3.etag", "s3.version_id"))
-    return replace(record, options=record.options + pins)
+    return replace(record, options=record.options + tuple(src.pins().items()))
 
 
 def _split_manifest(ref: str) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from ...errors import AuthError, RegistryError, UsageError
-from ..httpblob import HttpBlobClient, _Budget
+from ..httpblob import HttpBlobClient, Budget
 from .auth import Challenge, Credentials, Token, TokenCache, parse_token_response, pull_scope
 from .credentials import find_credentials
 from .manifest import ACCEPT, verify_digest, sha256_digest
@@ -129,7 +129,7 @@ class RegistryClient(HttpBlobClient):
         if creds is not None and not creds.identity_token:
             headers["Authorization"] = creds.basic_header()
 
-        async def attempt(_budget: _Budget) -> Token:
+        async def attempt(_budget: Budget) -> Token:
             if creds is not None and creds.identity_token:  # OAuth2 refresh-token grant (token.md)
                 data = {"grant_type": "refresh_token", "refresh_token": creds.password, "service": service or "",
                         "scope": scope, "client_id": "erofs-mount"}
@@ -165,10 +165,10 @@ class RegistryClient(HttpBlobClient):
     def blob_url(self, key: str) -> httpx.URL:
         return self.api_url(f"blobs/{key}")
 
-    def check_blob(self, resp: httpx.Response, key: str) -> None:
+    def check_blob(self, resp: httpx.Response, key: str, body: bytes = b"") -> None:
         self._check(resp, f"blob {key}")
 
-    def unexpected(self, resp: httpx.Response, what: str) -> RegistryError:
+    def unexpected(self, resp: httpx.Response, what: str, body: bytes = b"") -> RegistryError:
         return RegistryError(f"registry {self.ref.registry}: {what}: unexpected HTTP {resp.status_code}")
 
     def _check(self, resp: httpx.Response, what: str) -> None:
@@ -185,7 +185,7 @@ class RegistryClient(HttpBlobClient):
         url = self.api_url(f"manifests/{reference}")
         what = f"manifest {self.ref.repository}:{reference}" if ":" not in reference else f"manifest {reference}"
 
-        async def attempt(_budget: _Budget) -> tuple[bytes, str, str]:
+        async def attempt(_budget: Budget) -> tuple[bytes, str, str]:
             resp = await self.http.get(url, headers={"Accept": ACCEPT}, auth=self.auth, follow_redirects=True)
             self.counters["requests"] += 1
             self._check(resp, what)

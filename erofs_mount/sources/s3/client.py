@@ -19,19 +19,16 @@ from xml.etree import ElementTree
 import httpx
 
 from ...errors import AuthError, NotFoundError, ObjectChangedError, ObjectStoreError
-from ..httpblob import HttpBlobClient, _Budget, read_error_body, make_ssl_context
+from ..httpblob import HttpBlobClient, Budget, read_error_body, make_ssl_context
 from .options import S3Location, S3Options, endpoint_parts, object_url, use_path_style
 from .signing import S3Auth, S3Credentials, S3Signer
 
 log = logging.getLogger("erofs_mount.sources.s3")
 
 
-def _body(resp: httpx.Response) -> bytes:
-    """What ``httpblob.read_error_body`` read of an error answer, or the body when it was read."""
-    body = getattr(resp, "error_body", None)
-    if body is None:
-        body = resp.content if hasattr(resp, "_content") else b""
-    return body
+def etag_of(resp: httpx.Response) -> str:
+    """The answer's ETag without quotes (and without a weak validator's ``W/``), or ""."""
+    return (resp.headers.get("etag") or "").strip().removeprefix("W/").strip('"')
 
 
 def error_code(body: bytes) -> tuple[str, str]:
@@ -68,26 +65,36 @@ class S3Client(HttpBlobClient):
         self.region = region
         self.etag: str | None = options.etag
         self.version_id: str | None = options.version_id or loc.version_id
-        signer = S3Signer(creds, region, options.sig, lambda url: f"/{loc.bucket}{url.raw_path.split(b'?')[0].decode()}"
-                          if not path_style else url.raw_path.split(b"?")[0].decode())
-        self.auth = S3Auth(signer, self.base_url)
+        self._url = self._object_url()
+        bucket_path = "" if path_style else f"/{loc.bucket}"   # SigV2 signs /BUCKET/KEY whatever the URL
+
+        def auth_path(url: httpx.URL) -> str:
+            return bucket_path + url.raw_path.split(b"?")[0].decode()
+
+        self.auth = S3Auth(S3Signer(creds, region, options.sig, auth_path), self.base_url)
+
+    def _object_url(self) -> httpx.URL:
+        return httpx.URL(object_url(self.endpoint, self.loc, path_style=self.path_style, version_id=self.version_id))
+
+    def _changed(self, detail: str) -> ObjectChangedError:
+        """The pinned object is gone: one log line, and the error (EIO) for the read."""
+        msg = f"{self.loc}: the object changed since it was mounted ({detail}): not served"
+        log.error("%s", msg)
+        return ObjectChangedError(msg)
 
     # -- HttpBlobClient hooks --------------------------------------------------------------
     def blob_url(self, key: str) -> httpx.URL:
-        return httpx.URL(object_url(self.endpoint, self.loc, path_style=self.path_style, version_id=self.version_id))
+        return self._url
 
     def blob_headers(self, key: str) -> dict[str, str]:
         return {"If-Match": f'"{self.etag}"'} if self.etag else {}
 
-    def check_blob(self, resp: httpx.Response, key: str) -> None:
-        code, message = error_code(_body(resp))
+    def check_blob(self, resp: httpx.Response, key: str, body: bytes = b"") -> None:
+        code, message = error_code(body)
         status = resp.status_code
         said = f"HTTP {status}" + (f" {code}" if code else "")
         if status == 412:
-            msg = (f"{self.loc}: the object changed since it was mounted (ETag \"{self.etag}\" pinned; "
-                   f"{said}): not served")
-            log.error("%s", msg)
-            raise ObjectChangedError(msg)
+            raise self._changed(f"ETag \"{self.etag}\" pinned; {said}")
         if status in (401, 403):
             if code in ("RequestTimeTooSkewed",):
                 raise ObjectStoreError(f"{self.loc}: {said}: this machine's clock is off ({message})")
@@ -101,35 +108,33 @@ class S3Client(HttpBlobClient):
             raise ObjectStoreError(f"{self.loc}: the object is empty ({said})")
 
     def check_body(self, resp: httpx.Response, key: str) -> None:
-        etag = (resp.headers.get("etag") or "").strip().removeprefix("W/").strip('"')
+        etag = etag_of(resp)
         if self.etag and etag and etag != self.etag:
-            msg = f"{self.loc}: the object changed since it was mounted (ETag \"{self.etag}\" pinned, \"{etag}\" served): not served"
-            log.error("%s", msg)
-            raise ObjectChangedError(msg)
+            raise self._changed(f"ETag \"{self.etag}\" pinned, \"{etag}\" served")
         version = resp.headers.get("x-amz-version-id")
         if self.version_id and version and version != self.version_id:
-            raise ObjectChangedError(f"{self.loc}: version {version} served, {self.version_id} pinned: not served")
+            raise self._changed(f"version {self.version_id} pinned, {version} served")
 
-    def unexpected(self, resp: httpx.Response, what: str) -> ObjectStoreError:
-        code, message = error_code(_body(resp))
+    def unexpected(self, resp: httpx.Response, what: str, body: bytes = b"") -> ObjectStoreError:
+        code, message = error_code(body)
         return ObjectStoreError(f"{self.loc}: {what}: unexpected HTTP {resp.status_code}"
                                 + (f" {code}: {message}" if code else ""))
 
     # -- pinning ---------------------------------------------------------------------------
     async def pin(self) -> int:
         """Ask for byte 0; pin ETag and version; return the object's size."""
-        url = self.blob_url("")
+        url = self._url
 
-        async def attempt(_budget: _Budget) -> int:
+        async def attempt(_budget: Budget) -> int:
             req = self.http.build_request("GET", url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity",
                                                                **self.blob_headers("")})
             resp = await self.http.send(req, auth=self.auth, stream=True)
             self.counters["requests"] += 1
             try:
                 if resp.status_code not in (200, 206):
-                    await read_error_body(resp)
-                    self.check_blob(resp, "")
-                    raise self.unexpected(resp, "first byte")
+                    body = await read_error_body(resp)
+                    self.check_blob(resp, "", body)
+                    raise self.unexpected(resp, "first byte", body)
                 self.check_body(resp, "")
                 header = "content-range" if resp.status_code == 206 else "content-length"
                 pattern = r"bytes 0-0/(\d+)" if resp.status_code == 206 else r"(\d+)"   # a 200: the Range ignored
@@ -137,13 +142,15 @@ class S3Client(HttpBlobClient):
                 if not m:
                     raise ObjectStoreError(f"{self.loc}: HTTP {resp.status_code} with a bad {header} "
                                            f"{resp.headers.get(header)!r}: the object's size is unknown")
-                etag = (resp.headers.get("etag") or "").strip().removeprefix("W/").strip('"')
+                etag = etag_of(resp)
                 if not etag:
                     raise ObjectStoreError(f"{self.loc}: the server sends no ETag: the object cannot be pinned")
             finally:
                 await resp.aclose()   # a 200's body (the whole object) is not read
             self.etag = self.etag or etag
-            self.version_id = self.version_id or resp.headers.get("x-amz-version-id") or None
+            if not self.version_id and resp.headers.get("x-amz-version-id"):   # from now on that version
+                self.version_id = resp.headers["x-amz-version-id"]
+                self._url = self._object_url()
             return int(m.group(1))
 
         return await self._with_retries("first byte", attempt)

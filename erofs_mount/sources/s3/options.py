@@ -227,6 +227,17 @@ def object_url(endpoint: str, loc: S3Location, *, path_style: bool | None, versi
     return url
 
 
+def pinned_text(etag: str, version_id: str | None) -> str:
+    """How status shows what a mount pinned: ``etag:E[,version:V]``."""
+    return f"etag:{etag}" + (f",version:{version_id}" if version_id else "")
+
+
+def refuse_oci_options(oci: dict) -> None:
+    if oci:
+        raise UsageError(f"oci.* options apply to registry images, not to S3 objects "
+                         f"({', '.join('oci.' + k for k in oci)}; the S3 ones are s3.*)")
+
+
 def cache_key(endpoint: str, loc: S3Location, etag: str, version_id: str | None) -> str:
     """The persistent cache entry of one object's pinned content (diskcache.py: ``s3obj:<hex>``,
     an entry whose name is no content hash: nothing to hash it against)."""

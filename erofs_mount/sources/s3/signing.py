@@ -132,6 +132,10 @@ class S3Signer:
         self.region = region
         self.sig = sig
         self._auth_path = auth_path   # url -> "/BUCKET/KEY" (SigV2's canonical resource)
+        from botocore.auth import HmacV1Auth, S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        self._aws_request, self._v4, self._v2 = AWSRequest, S3SigV4Auth, HmacV1Auth
 
     async def frozen(self):
         c = self.creds.creds
@@ -143,18 +147,15 @@ class S3Signer:
     async def sign(self, request: httpx.Request) -> None:
         if self.creds is None:
             return
-        from botocore.auth import HmacV1Auth, S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
-
         frozen = await self.frozen()
-        aws = AWSRequest(method=request.method, url=str(request.url),
+        aws = self._aws_request(method=request.method, url=str(request.url),
                          headers={k: v for k, v in request.headers.items()
                                   if k.lower() not in ("host", "connection", "user-agent")})
         if self.sig == 4:
-            S3SigV4Auth(frozen, "s3", self.region).add_auth(aws)
+            self._v4(frozen, "s3", self.region).add_auth(aws)
         else:
             aws.auth_path = self._auth_path(request.url)
-            HmacV1Auth(frozen).add_auth(aws)
+            self._v2(frozen).add_auth(aws)
         for name in _SIGNED:
             value = aws.headers.get(name)
             if value is not None:

@@ -15,12 +15,12 @@ import os
 
 import trio
 
-from ...errors import NotErofsError, UsageError
+from ...errors import NotErofsError
 from ..diskcache import default_root
 from ..oci.blob import OciBlobSource
 from ..oci.manifest import EROFS_SUPER_OFFSET, check_erofs_magic
 from .client import S3Client
-from .options import S3Location, S3Options, aws_endpoint, cache_key, parse_location
+from .options import S3Location, S3Options, aws_endpoint, cache_key, parse_location, pinned_text
 from .signing import resolve
 
 log = logging.getLogger("erofs_mount.sources.s3")
@@ -34,12 +34,23 @@ class S3ObjectSource(OciBlobSource):
         super().__init__(client, digest=cache_key(client.endpoint, client.loc, client.etag, client.version_id),
                          size=size, media_type=MEDIA_TYPE, ref=client.loc, platform="", layer_index=0,
                          manifest_digest="", options=client.s3.transfer)
-        self.location: S3Location = client.loc
-        self.etag: str = client.etag
-        self.version_id: str | None = client.version_id
-        self.endpoint = client.endpoint
-        self.region = client.region
-        self.path_style = client.path_style
+
+    # what the client pinned and resolved (fixed once it opened)
+    location = property(lambda self: self.client.loc)
+    etag = property(lambda self: self.client.etag)
+    version_id = property(lambda self: self.client.version_id)
+    endpoint = property(lambda self: self.client.endpoint)
+    region = property(lambda self: self.client.region)
+    path_style = property(lambda self: self.client.path_style)
+
+    @property
+    def pinned(self) -> str:
+        """``etag:E[,version:V]`` (status)."""
+        return pinned_text(self.etag, self.version_id)
+
+    def pins(self) -> dict[str, str]:
+        """The option lines that reopen exactly this object: ``s3.etag`` (and ``s3.version_id``)."""
+        return {"s3.etag": self.etag, **({"s3.version_id": self.version_id} if self.version_id else {})}
 
     @property
     def credentials_origin(self) -> str | None:
@@ -61,7 +72,7 @@ class S3ObjectSource(OciBlobSource):
 
     def stats(self) -> dict:
         st = super().stats()
-        st["digest"] = f"etag:{self.etag}" + (f",version:{self.version_id}" if self.version_id else "")
+        st["digest"] = self.pinned
         return st
 
     def __repr__(self) -> str:
@@ -121,8 +132,3 @@ async def _checked(src, what: str):
     check_erofs_magic(await src.read_at(0, EROFS_SUPER_OFFSET + 4), what)
     return src
 
-
-def refuse_oci_options(oci: dict) -> None:
-    if oci:
-        raise UsageError(f"oci.* options apply to registry images, not to S3 objects "
-                         f"({', '.join('oci.' + k for k in oci)}; the S3 ones are s3.*)")
