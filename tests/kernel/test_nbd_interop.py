@@ -101,9 +101,7 @@ def regs(tmp_path_factory):
         if MOTO_BIN is not None:
             r.s3 = start_s3(tmp_path_factory.mktemp("moto"))
             r.s3.put(S3_BUCKET, S3_KEY, r.image.path.read_bytes())
-            r.passwd = r.root / "s3.passwd"
-            r.passwd.write_text(f"{r.s3.access_key}:{r.s3.secret_key}\n")
-            r.passwd.chmod(0o600)
+            r.passwd = r.s3.passwd_file(r.root / "s3.passwd")
         yield r
     finally:
         if r.s3 is not None:

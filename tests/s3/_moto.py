@@ -68,6 +68,12 @@ class S3Server:
                     "AWS_EC2_METADATA_DISABLED": "true", **extra})
         return env
 
+    def passwd_file(self, path, text: str | None = None):
+        """An s3.passwd_file at *path* (0600): *text*, else erofs-utils' ``ACCESS:SECRET`` of this server's key."""
+        path.write_text(text if text is not None else f"{self.access_key}:{self.secret_key}\n")
+        path.chmod(0o600)
+        return path
+
     def requests_logged(self) -> list[str]:
         """The GET/HEAD lines werkzeug logged (colour codes, which it puts around non-200 answers, removed)."""
         import re

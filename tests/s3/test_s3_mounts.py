@@ -52,9 +52,7 @@ def test_fuse_mount_of_an_s3_object_passes_the_corpus_comparison(s3, mounts, nam
 def test_erofs_utils_source_form_and_passwd_file(s3, mounts, tmp_path):
     """``BUCKET/KEY`` with s3.* options (mount.erofs' form) and keys from s3.passwd_file."""
     source, _ = put_image(s3, "lz4", "utils/form.erofs")
-    pw = tmp_path / "passwd"
-    pw.write_text(f"{s3.access_key}:{s3.secret_key}\n")
-    pw.chmod(0o600)
+    pw = s3.passwd_file(tmp_path / "passwd")
     env = {k: v for k, v in s3.env().items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
     mnt = mounts.mountpoint()
     res = fuse_mount(s3, mnt, source.removeprefix("s3://"), env=env,

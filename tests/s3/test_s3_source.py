@@ -172,9 +172,8 @@ async def test_key_that_needs_encoding(s3, aws_env):
 async def test_credentials_from_passwd_file(s3, aws_env, tmp_path):
     aws_env()   # nothing in the environment
     source, data = put_image(s3, "lz4", "passwd/lz4.erofs")
-    pw = tmp_path / "passwd-s3fs"
-    pw.write_text(f"# s3fs style\nother:AKIAWRONG:wrong\n{BUCKET}:{s3.access_key}:{s3.secret_key}\n")
-    pw.chmod(0o600)
+    pw = s3.passwd_file(tmp_path / "passwd-s3fs",
+                        f"# s3fs style\nother:AKIAWRONG:wrong\n{BUCKET}:{s3.access_key}:{s3.secret_key}\n")
     with trio.fail_after(LIMIT):
         got, _, src = await open_read(source, s3opts(s3, **{"s3.passwd_file": str(pw)}))
     assert got == data
@@ -190,9 +189,7 @@ async def test_credentials_from_passwd_file(s3, aws_env, tmp_path):
 async def test_passwd_file_wins_over_environment(s3, aws_env, tmp_path):
     aws_env(access_key="AKIAENVWRONG", secret_key="wrong")
     source, data = put_image(s3, "lz4", "passwd/lz4.erofs")
-    pw = tmp_path / "passwd-s3fs"
-    pw.write_text(f"{s3.access_key}:{s3.secret_key}\n")
-    pw.chmod(0o600)
+    pw = s3.passwd_file(tmp_path / "passwd-s3fs")
     with trio.fail_after(LIMIT):
         got, _, _ = await open_read(source, s3opts(s3, **{"s3.passwd_file": str(pw)}))
     assert got == data
