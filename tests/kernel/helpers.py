@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,16 @@ def daemon_pid(index: int) -> int | None:
     ident = sysfs.backend(index) or record_path(index)
     path = state.pid_path(ident)
     return state.read_pid(path) if state.daemon_alive(path) else None
+
+
+def kill_daemon(index: int) -> None:
+    """SIGKILL the daemon serving nbd``index`` and wait until it is gone (reaped, its pid file free):
+    a reattach straight after os.kill can still see it alive and is refused, rightly."""
+    ident = sysfs.backend(index) or record_path(index)
+    pid = daemon_pid(index)
+    assert pid, f"no live daemon serves nbd{index}"
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

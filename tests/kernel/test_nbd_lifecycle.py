@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from .helpers import (
     Readers,
     daemon_pid,
     drop_caches,
+    kill_daemon,
     mount,
     nothing_left,
     options,
@@ -52,14 +52,6 @@ def regular_files(manifest: dict, min_size: int = 1, limit: int = 1000) -> list[
     files = [(p, e["sha256"]) for p, e in sorted(manifest["entries"].items())
              if e["type"] == "reg" and e["size"] >= min_size and "error" not in e]
     return files[:limit]
-
-
-def kill_daemon(index: int) -> None:
-    pid = daemon_pid(index)
-    assert pid, "no live daemon"
-    os.kill(pid, signal.SIGKILL)
-    ident = sysfs.backend(index)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
 
 
 def read_file(path) -> bytes:

@@ -4,8 +4,6 @@ guest (an origin and two mirrors, each with its access log); the kernel's erofs 
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 
@@ -13,7 +11,7 @@ from erofs_mount.backends.nbd import lifecycle, sysfs
 from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 
-from .helpers import daemon_pid, drop_caches, nothing_left, options, wait_until
+from .helpers import drop_caches, kill_daemon, nothing_left, options, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, blob_bytes, sha256, start_registry
@@ -71,7 +69,7 @@ def test_nbd_through_a_mirror_and_a_reattach_that_reads_the_configuration_again(
         assert corpuslib.compare_tree(tree, mnt) == []
         assert blob_bytes(origin, digest) == 0 and blob_bytes(a, digest) > 0
         # the daemon dies; the configuration now names mirror b, and mirror a is gone
-        os.kill(daemon_pid(index), signal.SIGKILL)
+        kill_daemon(index)
         _conf(conf, origin, b)
         a.stop()
         assert lifecycle.reattach(sysfs.device_path(index), opts) == 0

@@ -3,16 +3,14 @@ digest, so a reattach after the tag moved still serves the same image."""
 
 from __future__ import annotations
 
-import signal
-import os
 
 import pytest
 
-from erofs_mount.backends.nbd import lifecycle, state, sysfs
+from erofs_mount.backends.nbd import lifecycle, sysfs
 from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 
-from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, registry_fixture, wait_until
+from .helpers import CHECK_TREE, check_tree, drop_caches, kill_daemon, nothing_left, options, registry_fixture, wait_until
 
 from tests.oci._servers import sha256
 
@@ -49,8 +47,7 @@ def test_oci_layer_through_nbd_pinned_across_reattach(registry, tmp_path):
 
     # move the tag to another image, kill the daemon, reattach: still the pinned image
     pusher.image("nbd/app", "v1", [("application/vnd.erofs", other.path.read_bytes())])
-    os.kill(daemon_pid(index), signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+    kill_daemon(index)
     assert lifecycle.reattach(sysfs.device_path(index), opts) == 0
     drop_caches()
     res = check_tree(plain.manifest, mnt)

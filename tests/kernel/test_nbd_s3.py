@@ -5,18 +5,16 @@ mount: EIO and a log line, never the other object's bytes; a reattach to a repla
 from __future__ import annotations
 
 import errno
-import os
-import signal
 
 import pytest
 
-from erofs_mount.backends.nbd import lifecycle, state, sysfs
+from erofs_mount.backends.nbd import lifecycle, sysfs
 from erofs_mount.backends.nbd.recovery import S3ObjectRecord, parse_record
 from erofs_mount.errors import ErofsMountError
 from tests import corpuslib
 from tests.s3.conftest import s3  # noqa: F401 - the fixture: a moto_server in the guest
 
-from .helpers import CHECK_TREE, check_tree, daemon_pid, drop_caches, nothing_left, options, wait_until
+from .helpers import CHECK_TREE, check_tree, drop_caches, kill_daemon, nothing_left, options, wait_until
 
 
 def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path, monkeypatch):  # noqa: F811
@@ -57,8 +55,7 @@ def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path,
     # SIGKILL, reattach (with no AWS variables: the record's keys), the same bytes
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(k)
-    os.kill(daemon_pid(index), signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+    kill_daemon(index)
     assert lifecycle.reattach(sysfs.device_path(index), opts) == 0
     drop_caches()
     res = check_tree(img.manifest, mnt)
@@ -78,8 +75,7 @@ def test_s3_object_through_nbd_pinned_across_reattach_and_replaced(s3, tmp_path,
         assert "changed since it was mounted" in f.read()
 
     # a reattach to the replaced object is refused in one error (the record pins the old ETag)
-    os.kill(daemon_pid(index), signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+    kill_daemon(index)
     with pytest.raises(ErofsMountError) as info:
         lifecycle.reattach(sysfs.device_path(index), opts)
     assert "changed since it was mounted" in str(info.value)

@@ -6,7 +6,6 @@ new daemon taking the index from the cache."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from erofs_mount.backends.nbd.recovery import parse_record
 from tests import corpuslib
 from tests.tarlayer.conftest import Layers, oracle
 
-from .helpers import Readers, daemon_pid, drop_caches, mount, nothing_left, options, wait_for_blocked_reader, wait_until
+from .helpers import daemon_pid, drop_caches, kill_daemon, mount, nothing_left, options, Readers, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, sha256, start_registry
@@ -89,8 +88,7 @@ def test_registry_gzip_layer_kill_and_reattach(layers, tmp_path):
         readers = Readers(mnt, files, tmp_path, n=3, max_seconds=150)
         try:
             time.sleep(0.3)
-            os.kill(daemon_pid(index), signal.SIGKILL)
-            wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+            kill_daemon(index)
             drop_caches()
             wait_for_blocked_reader(readers)
             res = subprocess.run([sys.executable, "-m", "erofs_mount", "--reattach", f"/dev/nbd{index}"],

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import shutil
 
 import pytest
 
-from erofs_mount.backends.nbd import lifecycle, state, sysfs
+from erofs_mount.backends.nbd import lifecycle, sysfs
 from erofs_mount.backends.nbd.recovery import parse_record
 from erofs_mount.errors import ErofsMountError
 from erofs_mount.verity import dm
@@ -19,7 +18,7 @@ from erofs_mount.verity.format import ANNOTATION_ROOT, format_image
 from erofs_mount.verity.options import Choice
 from tests import corpuslib
 
-from .helpers import daemon_pid, drop_caches, nothing_left, options, registry_fixture, wait_until
+from .helpers import drop_caches, kill_daemon, nothing_left, options, registry_fixture, wait_until
 
 from tests.oci._servers import sha256
 
@@ -71,9 +70,7 @@ def test_local_image_on_a_dm_verity_device(tmp_path):
     assert corpuslib.compare_tree(manifest, mnt) == []
     assert dm.status(dm.name_for(index)) == "V"
     # the daemon dies; a reattach serves the same device; the dm device stayed
-    ident = sysfs.backend(index)
-    os.kill(daemon_pid(index), signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+    kill_daemon(index)
     assert lifecycle.reattach(sysfs.device_path(index), opts) == 0
     drop_caches()
     assert corpuslib.compare_tree(manifest, mnt) == []

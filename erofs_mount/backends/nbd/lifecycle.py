@@ -35,6 +35,7 @@ from .recovery import NBD_RUN_DIR, LocalRecord, S3ObjectRecord, record_path
 from .source import override_record
 
 IOCTL_ENV = "EROFS_MOUNT_NBD_IOCTL"  # =1 forces the ioctl fallback (tests)
+EXIT_GRACE = 2.0  # seconds a reattach waits for a dying daemon to release its pid file
 
 
 def choose_mode(opts: NbdOptions) -> str:
@@ -137,8 +138,11 @@ def reattach(device: str, opts: NbdOptions | None = None, oci: dict[str, str] | 
                               errno=_errno.EOPNOTSUPP)
     if isinstance(record, LocalRecord) and not os.path.exists(record.path):
         raise NotFoundError(f"{device}: the source {record.path} named by {ident} is gone")
-    if state.daemon_alive(state.pid_path(ident)):
-        pid = state.read_pid(state.pid_path(ident))
+    pidfile = state.pid_path(ident)
+    # a daemon killed a moment ago holds its pid file's lock until the kernel has torn it down
+    # (`kill -9 PID; erofs-mount --reattach DEV`): give it that moment before refusing
+    if state.daemon_alive(pidfile) and not _wait(lambda: not state.daemon_alive(pidfile), EXIT_GRACE):
+        pid = state.read_pid(pidfile)
         raise ErofsMountError(f"{device} is still served by a live erofs-mount daemon (pid {pid})",
                               errno=_errno.EBUSY)
     if not netlink.family_available():
