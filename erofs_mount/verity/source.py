@@ -207,11 +207,15 @@ class VeritySource:
         if len(data) != end - start:
             raise ShortReadError(f"{self.name}: short read at {start}")
         bad = st.check(first, data)
-        for b in bad:  # a local file: one more read (a flaky disk), then EIO
-            self.counts["verity_refetches"] += 1
-            if st.check(b, self._raw(b * self.dbs, self.dbs)):
-                raise self._fail(b)
-            data = self._raw(start, end - start)
+        if bad:     # a local file: each bad block read once more (a flaky disk), then EIO
+            data = bytearray(data)
+            for b in bad:
+                self.counts["verity_refetches"] += 1
+                again = self._raw(b * self.dbs, self.dbs)
+                if len(again) != self.dbs or st.check(b, again):
+                    raise self._fail(b)
+                at = (b - first) * self.dbs
+                data[at:at + self.dbs] = again  # only the block that was just checked
         return _cut(data, offset - start, length)
 
     def _pread_cached(self, offset: int, length: int, *, nowait: bool = False) -> bytes | None:

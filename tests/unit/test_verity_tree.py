@@ -299,3 +299,34 @@ def test_check_finds_exactly_the_damaged_blocks_across_hash_blocks(hash_type, fi
     for k in (0, count // 2, count - 1):
         damaged[k * 4096 + 7] ^= 1
     assert st.check(first, bytes(damaged)) == sorted({first, first + count // 2, first + count - 1})
+
+
+class _Shifting(_Mem):
+    """A local file that changes between reads: each multi-block read of the data area comes back
+    with the next listed block damaged; a read of one block is clean."""
+
+    def __init__(self, data: bytes, data_size: int, damage: list[int]) -> None:
+        super().__init__(data)
+        self.data_size, self.damage = data_size, list(damage)
+
+    def pread(self, offset, length):
+        out = bytearray(self.data[offset:offset + length])
+        if length > 4096 and offset + length <= self.data_size and self.damage:
+            out[self.damage.pop(0) * 4096 - offset] ^= 0xFF
+        return bytes(out)
+
+
+def test_the_sync_path_returns_only_blocks_it_checked(tmp_path):
+    """A block that fails and reads fine once more is patched in alone: the range is not read again
+    unchecked (a file changing under the mount must not slip bytes past the tree)."""
+    raw, root, offset = _formatted(tmp_path)
+
+    async def main():
+        mem = _Shifting(raw, offset, [])
+        src = await open_verified(mem, root, name="t")
+        mem.damage = [3, 5]     # the first read: block 3 damaged; any later range read: block 5
+        assert src.pread(2 * 4096, 6 * 4096) == raw[2 * 4096:8 * 4096]
+        assert mem.damage == [5]    # no second read of the range
+        st = src.stats()
+        assert st["verity_refetches"] == 1 and st["verity_blocks_failed"] == 0
+    trio.run(main)
