@@ -46,20 +46,23 @@ def mount(image, mnt: Path, opts: NbdOptions) -> int:
     return sysfs.index_of(m.source)
 
 
+def _pid_file(index: int) -> str:
+    return state.pid_path(sysfs.backend(index) or record_path(index))
+
+
 def daemon_pid(index: int) -> int | None:
-    ident = sysfs.backend(index) or record_path(index)
-    path = state.pid_path(ident)
+    path = _pid_file(index)
     return state.read_pid(path) if state.daemon_alive(path) else None
 
 
 def kill_daemon(index: int) -> None:
     """SIGKILL the daemon serving nbd``index`` and wait until it is gone (reaped, its pid file free):
     a reattach straight after os.kill can still see it alive and is refused, rightly."""
-    ident = sysfs.backend(index) or record_path(index)
+    path = _pid_file(index)
     pid = daemon_pid(index)
     assert pid, f"no live daemon serves nbd{index}"
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+    wait_until(lambda: not state.daemon_alive(path), 10, "the daemon to die")
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from erofs_mount.backends.fuse.mountinfo import find_mount
-from erofs_mount.backends.nbd import state, sysfs
+from erofs_mount.backends.nbd import sysfs
 from erofs_mount.backends.image import LAYERS_DIR, image_doc_path, lower_dirs
 from tests.merge.layers import MKFS, D, F, make_tar, materialize, unpack, walk_tree
 
-from .helpers import Readers, daemon_pid, drop_caches, wait_for_blocked_reader, wait_until
+from .helpers import Readers, drop_caches, kill_daemon, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
@@ -150,12 +149,10 @@ def test_whole_image_over_nbd_and_overlayfs(image, tmp_path):
                     files.append((rel, hashlib.sha256(open(p, "rb").read()).hexdigest()))
         assert files
         victim = indexes[0]                    # the bottom layer: most of the tree comes from it
-        ident = sysfs.backend(victim)
         readers = Readers(mnt, files, tmp_path, n=2, max_seconds=120)
         try:
             time.sleep(0.3)
-            os.kill(daemon_pid(victim), signal.SIGKILL)
-            wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
+            kill_daemon(victim)
             drop_caches()
             wait_for_blocked_reader(readers)
             res = cli("--reattach", f"/dev/nbd{victim}", timeout=120)

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from erofs_mount.backends.nbd import lifecycle, state, sysfs
 from erofs_mount.backends.nbd.recovery import NBD_RUN_DIR, parse_record
 from tests import corpuslib
 
-from .helpers import Readers, daemon_pid, drop_caches, nothing_left, wait_for_blocked_reader, wait_until
+from .helpers import Readers, daemon_pid, drop_caches, kill_daemon, nothing_left, wait_for_blocked_reader, wait_until
 
 try:
     from tests.oci._servers import (REGISTRY_BIN, USERS, Pusher, Registry, TokenIssuer, docker_auth, env_with,
@@ -156,13 +155,6 @@ def compare(env: Env, name: str, mnt: Path) -> None:
     assert bad == [], bad[:20]
 
 
-def kill(index: int, ident: str) -> None:
-    pid = daemon_pid(index)
-    assert pid, "no live daemon"
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not state.daemon_alive(state.pid_path(ident)), 10, "the daemon to die")
-
-
 def published(ident: str, newer_than: float = 0.0, timeout: float = 15) -> dict:
     """The daemon's statistics document, once it was written after ``newer_than`` (epoch)."""
     doc: dict | None = None
@@ -220,7 +212,7 @@ def kill_retag_reattach_under_load(env: Env, mnt: Path, index: int, ident: str, 
     try:
         time.sleep(0.3)
         dead_pid = daemon_pid(index)
-        kill(index, ident)
+        kill_daemon(index)
         drop_caches()  # the readers now need the device, whose daemon is dead: they block
         wait_for_blocked_reader(readers)
         e = next(e for e in lifecycle.status_entries() if e["index"] == index)
@@ -393,7 +385,7 @@ def test_hand_written_erofs_utils_oci_layer_record(env, tmp_path):
     cred = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     with open(ident, "w") as f:  # erofs-utils 1.9.3 mount/main.c: "OCI_LAYER %s %s %d %s\n"
         f.write(f"OCI_LAYER {ref} linux/amd64 0 {cred}\n")
-    kill(index, ident)
+    kill_daemon(index)
     env.tag("v1", padded, env.blobs[MOVED_TO])  # the tag moved (to a same-size blob)
     log = _daemon_log()
     start = log.stat().st_size if log.exists() else 0
