@@ -114,6 +114,11 @@ class VeritySource:
         self.state.counts["blocks_failed"] += 1
         return IntegrityError(msg)
 
+    def _good_again(self, block: int, again) -> bool:
+        """Whether data block *block*, read once more after it failed, verifies now."""
+        self.counts["verity_refetches"] += 1
+        return len(again) == self.dbs and not self.state.check(block, again)
+
     def _forget(self, offset: int, length: int) -> None:
         forget = getattr(self.inner, "forget", None)
         if forget is not None:
@@ -174,11 +179,10 @@ class VeritySource:
         if bad:
             data = bytearray(data)
             for b in bad:
-                self.counts["verity_refetches"] += 1
                 self._forget(b * self.dbs, self.dbs)
                 again = await self.inner.read_at(b * self.dbs, self.dbs)
                 at = (b - first) * self.dbs
-                if len(again) != self.dbs or self.state.check(b, again):
+                if not self._good_again(b, again):
                     self._fail(b)
                     failed.append(b)
                     data[at:at + self.dbs] = bytes(self.dbs)
@@ -210,9 +214,8 @@ class VeritySource:
         if bad:     # a local file: each bad block read once more (a flaky disk), then EIO
             data = bytearray(data)
             for b in bad:
-                self.counts["verity_refetches"] += 1
                 again = self._raw(b * self.dbs, self.dbs)
-                if len(again) != self.dbs or st.check(b, again):
+                if not self._good_again(b, again):
                     raise self._fail(b)
                 at = (b - first) * self.dbs
                 data[at:at + self.dbs] = again  # only the block that was just checked
