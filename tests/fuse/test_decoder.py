@@ -181,21 +181,24 @@ def test_no_process_when_fork_fails(built, monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------------- through a mount
-def _sha(path: str) -> str:
+def _sha(path: str, bufsize: int = MiB) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(MiB):
+        while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
 
 
-def test_a_mounted_big_file_reads_right_with_the_process(built, fuse):
+@pytest.mark.parametrize("bufsize", [MiB, 128 * 1024], ids=["1M-reads", "cat-reads"])
+def test_a_mounted_big_file_reads_right_with_the_process(built, fuse, bufsize):
+    """cat's 128 KiB reads make the kernel send READs off the 1 MiB grid (256K, 512K, then 1 MiB at
+    768K + k MiB on 6.18): the process must serve those too (it served none before)."""
     img, data = built
     mnt = fuse.mountpoint()
     assert fuse.mount(img, mnt, opts=["decoder=1"]).returncode == 0
     (dec,) = decoder_pids(mnt)
     (daemon,) = find_pids(mnt)
-    assert _sha(mnt + "/big.txt") == hashlib.sha256(data).hexdigest()
+    assert _sha(mnt + "/big.txt", bufsize) == hashlib.sha256(data).hexdigest()
     assert fuse.unmount(mnt).returncode == 0
     assert wait_for(lambda: not os.path.exists(f"/proc/{dec}") and not os.path.exists(f"/proc/{daemon}"))
     with open(fuse.log_file) as f:

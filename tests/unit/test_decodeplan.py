@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from erofs_mount.backends.fuse.accel.decodeplan import MAX_STREAMS, DecodePlan
+from erofs_mount.backends.fuse.accel.decodeplan import MAX_STREAMS, PAGE, DecodePlan
 
 MiB = 1 << 20
 
@@ -20,6 +20,25 @@ def test_a_sequential_stream_leaves_every_third_read_to_the_daemon():
     assert offs(p.plan(7, 2 * MiB, MiB, 100 * MiB)) == [5]
     assert offs(p.plan(7, 3 * MiB, MiB, 100 * MiB)) == []    # 4, 5 asked for; 6 is the daemon's
     assert p.submitted == 4
+
+
+def test_a_stream_of_reads_off_the_size_grid_is_planned_on_its_own_grid():
+    """cat reads 128 KiB at a time: the kernel's read-ahead sends 256 KiB, 512 KiB, then 1 MiB READs
+    at 768 KiB + k MiB (measured on 6.18); the last READ ends at EOF rounded up to a page."""
+    K = 1024
+    size = 5 * MiB + 1000
+    p = DecodePlan(8)
+    p.plan(7, 0, 256 * K, size)
+    p.plan(7, 256 * K, 512 * K, size)
+    jobs = p.plan(7, 768 * K, MiB, size)
+    assert [(j.off, j.size) for j in jobs] == [(768 * K + MiB, MiB), (768 * K + 2 * MiB, MiB)]
+    for j in jobs:
+        p.finished(j.rid, MiB)
+    assert p.take(7, 768 * K + MiB, MiB) is not None       # the READ the kernel sends next
+    jobs = p.plan(7, 768 * K + MiB, MiB, size)
+    last = 768 * K + 4 * MiB
+    assert [(j.off, j.size) for j in jobs] == [(last, -(-(size - last) // PAGE) * PAGE)]
+    assert jobs[0].size < MiB
 
 
 def test_random_reads_get_nothing_and_the_file_end_bounds_the_plan():

@@ -16,12 +16,14 @@ first those behind their stream's position, then the oldest.  ``slots`` bounds t
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass
 
 EVERY = 3           # the daemon decodes 1 READ in EVERY of a sequential stream itself
 AHEAD = 1           # rounds of EVERY READs submitted in front of the reader
 MAX_STREAMS = 64    # sequential streams remembered (inodes read in big READs)
+PAGE = mmap.PAGESIZE    # the kernel's last READ of a file ends at EOF rounded up to a page
 
 
 @dataclass
@@ -105,20 +107,24 @@ class DecodePlan:
             return []
         self._drop_behind(nid, off)
         jobs = []
+        # READs of a stream need not start at multiples of their size: the kernel's read-ahead
+        # window grows (128 KiB reads by cat: 256 KiB, 512 KiB, then 1 MiB READs at 768 KiB + k MiB)
+        phase = off % size
         c = off // size
         for cc in range(c + 1, c + 1 + self.every * self.ahead):
-            at = cc * size
+            at = cc * size + phase
             if at >= file_size:
                 break
             if cc % self.every == 0:
                 continue
-            key = (nid, at, size)
+            want = min(size, -(-(file_size - at) // PAGE) * PAGE)   # the last READ: whole pages to EOF
+            key = (nid, at, want)
             if key in self._wanted or key in self._done:
                 continue
             if not self._free and not self._drop_oldest():
                 break
             self._rid += 1
-            job = Job(self._rid, nid, at, size, self._free.pop())
+            job = Job(self._rid, nid, at, want, self._free.pop())
             self._inflight[job.rid] = job
             self._wanted[key] = job.rid
             jobs.append(job)
