@@ -132,6 +132,26 @@ def test_deflate_strict_and_partial():
         D.decompress(D.Z_EROFS_COMPRESSION_DEFLATE, src, len(TEXT) + 1, strict=False)
 
 
+@pytest.mark.parametrize("lib", ["libdeflate", "zlib"])
+def test_deflate_both_decoders_agree(lib, monkeypatch):
+    """libdeflate takes whole streams, zlib the rest; without the package zlib does all of it:
+    the same bytes and the same refusals either way."""
+    if lib == "zlib":
+        monkeypatch.setattr(D, "_libdeflate", None)
+    else:
+        assert D._libdeflate is not None, "the deflate package is a dependency"
+    full = pad(raw_deflate(TEXT), 8192)
+    out = D.decompress(D.Z_EROFS_COMPRESSION_DEFLATE, full, len(TEXT), strict=True)
+    assert bytes(out) == TEXT
+    assert bytes(D.decompress(D.Z_EROFS_COMPRESSION_DEFLATE, full, 77, strict=False)) == TEXT[:77]
+    for src, n, strict in ((full, 77, True),                    # more in the pcluster than the extent
+                           (full[:len(full) // 3], len(TEXT), False),   # cut short
+                           (bytes(reversed(full)), len(TEXT), True),     # garbage
+                           (full, len(TEXT) + 4096, False)):            # the extent wants more
+        with pytest.raises(CorruptedError):
+            D.decompress(D.Z_EROFS_COMPRESSION_DEFLATE, src, n, strict=strict)
+
+
 def test_zstd_strict_and_partial():
     src = pad(zstandard.ZstdCompressor(level=9).compress(TEXT), 8192)
     assert D.decompress(D.Z_EROFS_COMPRESSION_ZSTD, src, len(TEXT), strict=True) == TEXT
