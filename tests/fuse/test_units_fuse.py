@@ -69,7 +69,7 @@ def test_inode_numbers_round_trip_and_never_hit_the_root(name):
             src.close()
 
 
-def test_local_reader_nowait_and_read_around(tmp_path):
+def test_local_reader_nowait_and_read_around(tmp_path, monkeypatch):
     path = tmp_path / "blob"
     data = os.urandom(1 << 20)
     path.write_bytes(data)
@@ -94,7 +94,13 @@ def test_local_reader_nowait_and_read_around(tmp_path):
         assert src.calls == [(0, inline.READ_AROUND)]          # the aligned chunk around a small read
         assert r.read_at(len(data) - 10, 100) == data[-10:]     # short only at the end
         assert r.read_at(len(data), 10) == b""
-        assert r.read_at(0, 300_000) == data[:300_000]          # big reads go straight through
+        advice = []
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advice.append((off, n, how)))
+        assert r.read_at(0, 300_000) == data[:300_000]          # big reads go straight through,
+        assert advice == [(300_000, min(inline.BIG_AHEAD, len(data) - 300_000), os.POSIX_FADV_WILLNEED)]
+        assert r.read_at(len(data) - 300_000, 300_000) == data[-300_000:]   # and ask for what follows
+        assert len(advice) == 1                                 # (nothing after the end)
+        monkeypatch.undo()
         with inline.nowait():
             assert inline.nowait_active()
             try:

@@ -15,7 +15,11 @@ directory block is in the page cache for the next inline attempt.  When such mis
 close together (a tree walk reading inodes and directories spread over the image), the
 ``PREFETCH`` bytes after the chunk are also asked for in the background
 (``POSIX_FADV_WILLNEED``): a cold ``lstat`` of every path of a 60,000-file image takes ~15%
-less time; isolated misses (random reads) prefetch nothing.
+less time; isolated misses (random reads) prefetch nothing.  A blocking big read (a READ of a
+file's data) asks for the ``BIG_AHEAD`` bytes after it the same way: with the decoder process
+taking two READs in three of a stream, the daemon's own reads are every third MiB, which the
+kernel's read-ahead does not take for a sequential reader (verified 121 MiB file, cold, 7 runs:
+0.204 -> 0.169 s in 1 MiB reads, 0.221 -> 0.165 s with cat).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ....sources.local import NOWAIT_UNSUPPORTED, pread_nowait
 
 READ_AROUND = 128 * 1024
 PREFETCH = 1024 * 1024
+BIG_AHEAD = 4 * 1024 * 1024
 NEAR = 8 * 1024 * 1024      # a miss this close to the previous one counts as a walk
 
 
@@ -58,7 +63,14 @@ class LocalReader:
                 except OSError:  # pragma: no cover - advice only
                     pass
             return chunk[offset - start:offset - start + length]
-        return self.source.pread(offset, length)
+        data = self.source.pread(offset, length)
+        end = offset + length
+        if end < self.size:
+            try:
+                os.posix_fadvise(self._fd, end, min(BIG_AHEAD, self.size - end), os.POSIX_FADV_WILLNEED)
+            except OSError:  # pragma: no cover - advice only
+                pass
+        return data
 
     def prefetch_after_miss(self, start: int, end: int) -> tuple[int, int] | None:
         """(offset, length) to prefetch after a blocking read of [start, end), if misses cluster."""
