@@ -96,7 +96,8 @@ def test_the_process_answers_two_reads_in_three_byte_for_byte(opened):
     assert got == data
     assert answered == 4        # chunks 1, 2, 4, 5 of 0..6; the daemon reads 0, 3 and 6 itself
     got, answered = _read_all(image, nid, dec, len(data), chunk=256 * 1024)   # a 128 KiB read-ahead
-    assert got == data and answered == 16     # 25 chunks: 0, 3, ... 24 are the daemon's
+    # 25 chunks: 0 (not the full size: the window may still grow), 1, 3, 6, ... 24 are the daemon's
+    assert got == data and answered == 15
     assert dec.waits >= 1 and dec.late == 0
 
 

@@ -24,21 +24,24 @@ def test_a_sequential_stream_leaves_every_third_read_to_the_daemon():
 
 def test_a_stream_of_reads_off_the_size_grid_is_planned_on_its_own_grid():
     """cat reads 128 KiB at a time: the kernel's read-ahead sends 256 KiB, 512 KiB, then 1 MiB READs
-    at 768 KiB + k MiB (measured on 6.18); the last READ ends at EOF rounded up to a page."""
+    at 768 KiB + k MiB (measured on 6.18).  Nothing is planned while the window grows; then the
+    stream's own grid is used, and the last READ ends at EOF rounded up to a page."""
     K = 1024
-    size = 5 * MiB + 1000
+    size = 6 * MiB + 1000
     p = DecodePlan(8)
-    p.plan(7, 0, 256 * K, size)
-    p.plan(7, 256 * K, 512 * K, size)
-    jobs = p.plan(7, 768 * K, MiB, size)
-    assert [(j.off, j.size) for j in jobs] == [(768 * K + MiB, MiB), (768 * K + 2 * MiB, MiB)]
+    assert p.plan(7, 0, 256 * K, size) == []
+    assert p.plan(7, 256 * K, 512 * K, size) == []          # the window still grows
+    assert p.plan(7, 768 * K, MiB, size) == []              # the first READ of this size
+    jobs = p.plan(7, 768 * K + MiB, MiB, size)              # steady
+    assert [(j.off, j.size) for j in jobs] == [(768 * K + 2 * MiB, MiB), (768 * K + 4 * MiB, MiB)]
     for j in jobs:
         p.finished(j.rid, MiB)
-    assert p.take(7, 768 * K + MiB, MiB) is not None       # the READ the kernel sends next
-    jobs = p.plan(7, 768 * K + MiB, MiB, size)
-    last = 768 * K + 4 * MiB
+    assert p.take(7, 768 * K + 2 * MiB, MiB) is not None   # the READ the kernel sends next
+    jobs = p.plan(7, 768 * K + 2 * MiB, MiB, size)
+    last = 768 * K + 5 * MiB
     assert [(j.off, j.size) for j in jobs] == [(last, -(-(size - last) // PAGE) * PAGE)]
     assert jobs[0].size < MiB
+    assert p.submitted == 3
 
 
 def test_random_reads_get_nothing_and_the_file_end_bounds_the_plan():

@@ -1,10 +1,13 @@
 """Which READs of a sequential stream the decoder process takes: the bookkeeping, pure (no I/O).
 
-The kernel reads a big file in READs of the read-ahead window's size, one after the other.  The
-decoder process (decoder.py) decodes some of them before they are asked for, in parallel with the
-daemon, which decodes the others itself as before: of every ``every`` READs of a stream the daemon
-keeps one (the first, chunk index ``off // size`` divisible by ``every``), the process gets the
-rest, up to ``ahead`` such rounds in front of the reader.  A daemon that answers a READ also
+The kernel reads a big file in READs of the read-ahead window's size, one after the other, once
+the window has grown: a reader of 1 MiB at a time gets 1 MiB READs at multiples of 1 MiB, cat (128
+KiB at a time) gets 256 KiB at 0, 512 KiB at 256 KiB, then 1 MiB READs at 768 KiB + k MiB.  Once
+a stream is steady (a READ of the size of the one before, or a first READ of the full size), the
+decoder process (decoder.py) decodes some of the next READs before they are asked for, in parallel
+with the daemon, which decodes the others itself as before: of every ``every`` READs on the
+stream's own grid (``off % size`` fixed) the daemon keeps one, the process gets the rest, up to
+``ahead`` such rounds in front of the reader.  A daemon that answers a READ also
 writes the reply (the kernel copies it into the page cache in the daemon's ``writev``), so it
 keeps the smaller share; on the 2-CPU VM of bench_fuse.py the best split was 1 in 3.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 EVERY = 3           # the daemon decodes 1 READ in EVERY of a sequential stream itself
 AHEAD = 1           # rounds of EVERY READs submitted in front of the reader
 MAX_STREAMS = 64    # sequential streams remembered (inodes read in big READs)
+FULL = 1 << 20      # the largest READ (FUSE max_pages 256): a stream starting with one is steady at once
 PAGE = mmap.PAGESIZE    # the kernel's last READ of a file ends at EOF rounded up to a page
 
 
@@ -37,16 +41,16 @@ class Job:
 
 
 class DecodePlan:
-    def __init__(self, slots: int, *, every: int = EVERY, ahead: int = AHEAD) -> None:
+    def __init__(self, slots: int, *, every: int = EVERY, ahead: int = AHEAD, full: int = FULL) -> None:
         if slots < 1 or every < 2 or ahead < 1:
             raise ValueError("DecodePlan needs slots >= 1, every >= 2, ahead >= 1")
-        self.every, self.ahead = every, ahead
+        self.every, self.ahead, self.full = every, ahead, full
         self._free = list(range(slots - 1, -1, -1))
         self._lent: list[int] = []
         self._inflight: dict[int, Job] = {}                      # rid -> job
         self._wanted: dict[tuple[int, int, int], int] = {}      # (nid, off, size) -> rid, in flight
         self._done: OrderedDict[tuple[int, int, int], tuple[int, int]] = OrderedDict()  # -> (slot, n)
-        self._next: OrderedDict[int, int] = OrderedDict()      # nid -> where its stream goes on
+        self._next: OrderedDict[int, tuple[int, int]] = OrderedDict()  # nid -> (where it goes on, last size)
         self._rid = 0
         self.submitted = self.answered = self.dropped = 0
 
@@ -98,12 +102,15 @@ class DecodePlan:
     # ---------------------------------------------------------------- planning
     def plan(self, nid: int, off: int, size: int, file_size: int) -> list[Job]:
         """The requests to send now, after a READ of ``[off, off + size)`` of inode ``nid``."""
-        seq = off == 0 or self._next.get(nid) == off
-        self._next[nid] = off + size
+        at_, last = self._next.get(nid, (None, 0))
+        self._next[nid] = (off + size, size)
         self._next.move_to_end(nid)
         while len(self._next) > MAX_STREAMS:
             self._next.popitem(last=False)
-        if not seq or size <= 0:
+        # a stream in its steady state: READs of the size of the one before (the kernel's read-ahead
+        # window grows first: 256 KiB, 512 KiB, 1 MiB for cat), or a first READ of the full size
+        steady = (off == at_ and size == last) or (off == 0 and size >= self.full)
+        if not steady or size <= 0:
             return []
         self._drop_behind(nid, off)
         jobs = []
