@@ -25,11 +25,7 @@ import lzma
 import zlib
 
 import lz4.block
-
-try:    # libdeflate: 2.2-2.7x zlib's speed on EROFS pclusters (4-64 KiB, measured); optional
-    from deflate import DeflateError as _LibdeflateError, deflate_decompress as _libdeflate
-except ImportError:  # pragma: no cover - the package is a dependency; zlib does it all without it
-    _libdeflate = None
+from deflate import DeflateError, deflate_decompress    # libdeflate: 2.2-2.7x zlib on 4-64 KiB pclusters
 
 from ..errors import CorruptedError, UnsupportedError
 from ..zstdframe import decode_exact
@@ -192,17 +188,19 @@ def _lzma(src: bytes, out_len: int, strict: bool, dict_size: int) -> bytes:
 
 def _deflate(src: bytes, out_len: int, strict: bool) -> bytes:
     src = strip_zero_padding(src)
-    if _libdeflate is not None:
-        # libdeflate decodes whole streams only: one that ends at exactly out_len bytes is what zlib
-        # gives too (strict or not).  A longer one (partial decoding), a shorter or a broken one
-        # fails here, and zlib decodes it or names the problem as before.
-        try:
-            out = _libdeflate(src, out_len)
-        except (_LibdeflateError, ValueError, MemoryError):
-            pass
-        else:
-            if len(out) == out_len:
-                return bytes(out)   # a bytearray; callers may keep and hash what they get
+    # libdeflate decodes whole streams only: one that ends at exactly out_len bytes is what zlib
+    # gives too (strict or not).  A longer one (partial decoding), a shorter or a broken one fails
+    # there, and zlib decodes it or names the problem.
+    try:
+        out = deflate_decompress(src, out_len)
+    except DeflateError:
+        return _deflate_zlib(src, out_len, strict)
+    if len(out) != out_len:
+        return _deflate_zlib(src, out_len, strict)
+    return bytes(out)   # a bytearray; callers may keep and hash what they get
+
+
+def _deflate_zlib(src: bytes, out_len: int, strict: bool) -> bytes:
     try:
         dec = zlib.decompressobj(-15)
         out = dec.decompress(src, out_len)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 EVERY = 3           # the daemon decodes 1 READ in EVERY of a sequential stream itself
 AHEAD = 1           # rounds of EVERY READs submitted in front of the reader
 MAX_STREAMS = 64    # sequential streams remembered (inodes read in big READs)
-FULL = 1 << 20      # the largest READ (FUSE max_pages 256): a stream starting with one is steady at once
+FULL_READ = 1 << 20     # the largest READ the kernel sends (FUSE_MAX_MAX_PAGES 256 x 4 KiB)
 PAGE = mmap.PAGESIZE    # the kernel's last READ of a file ends at EOF rounded up to a page
 
 
@@ -41,7 +41,7 @@ class Job:
 
 
 class DecodePlan:
-    def __init__(self, slots: int, *, every: int = EVERY, ahead: int = AHEAD, full: int = FULL) -> None:
+    def __init__(self, slots: int, *, every: int = EVERY, ahead: int = AHEAD, full: int = FULL_READ) -> None:
         if slots < 1 or every < 2 or ahead < 1:
             raise ValueError("DecodePlan needs slots >= 1, every >= 2, ahead >= 1")
         self.every, self.ahead, self.full = every, ahead, full
@@ -107,16 +107,13 @@ class DecodePlan:
         self._next.move_to_end(nid)
         while len(self._next) > MAX_STREAMS:
             self._next.popitem(last=False)
-        # a stream in its steady state: READs of the size of the one before (the kernel's read-ahead
-        # window grows first: 256 KiB, 512 KiB, 1 MiB for cat), or a first READ of the full size
+        # steady (module doc): the size of the READ before, or a first READ of the full size
         steady = (off == at_ and size == last) or (off == 0 and size >= self.full)
         if not steady or size <= 0:
             return []
         self._drop_behind(nid, off)
         jobs = []
-        # READs of a stream need not start at multiples of their size: the kernel's read-ahead
-        # window grows (128 KiB reads by cat: 256 KiB, 512 KiB, then 1 MiB READs at 768 KiB + k MiB)
-        phase = off % size
+        phase = off % size      # the stream's own grid
         c = off // size
         for cc in range(c + 1, c + 1 + self.every * self.ahead):
             at = cc * size + phase

@@ -30,12 +30,12 @@ import signal
 import socket
 import time
 
-from .decodeplan import DecodePlan
+from .decodeplan import FULL_READ, DecodePlan
 from .decodeproc import ANSWER, READY, REQUEST, serve
 
 log = logging.getLogger(__name__)
 
-SLOT_SIZE = 1 << 20     # the largest READ the kernel sends (FUSE_MAX_MAX_PAGES 256 x 4 KiB)
+SLOT_SIZE = FULL_READ    # a slot holds the largest READ
 SLOTS = 8
 MIN_READ = 256 * 1024   # smaller READs are cheaper to decode than to hand over
 WAIT = 0.05             # seconds a READ waits for its result before the daemon decodes it itself
@@ -47,7 +47,7 @@ class Decoder:
 
     def __init__(self, image, keep_fds, *, slots: int = SLOTS, slot_size: int = SLOT_SIZE, **plan) -> None:
         self.slot_size = slot_size
-        self.plan = DecodePlan(slots, **plan)
+        self.plan = DecodePlan(slots, full=slot_size, **plan)
         self._mem = mmap.mmap(-1, slots * slot_size)    # MAP_SHARED | MAP_ANONYMOUS: shared with the child
         self._view = memoryview(self._mem)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

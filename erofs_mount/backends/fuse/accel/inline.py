@@ -58,19 +58,20 @@ class LocalReader:
             chunk = self.source.pread(start, end - start)
             ahead = self.prefetch_after_miss(start, end)
             if ahead:
-                try:
-                    os.posix_fadvise(self._fd, ahead[0], ahead[1], os.POSIX_FADV_WILLNEED)
-                except OSError:  # pragma: no cover - advice only
-                    pass
+                self._advise(*ahead)
             return chunk[offset - start:offset - start + length]
         data = self.source.pread(offset, length)
         end = offset + length
         if end < self.size:
-            try:
-                os.posix_fadvise(self._fd, end, min(BIG_AHEAD, self.size - end), os.POSIX_FADV_WILLNEED)
-            except OSError:  # pragma: no cover - advice only
-                pass
+            self._advise(end, min(BIG_AHEAD, self.size - end))
         return data
+
+    def _advise(self, offset: int, length: int) -> None:
+        """Ask the kernel to read ``[offset, offset + length)`` of the image in the background."""
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:  # pragma: no cover - advice only
+            pass
 
     def prefetch_after_miss(self, start: int, end: int) -> tuple[int, int] | None:
         """(offset, length) to prefetch after a blocking read of [start, end), if misses cluster."""
