@@ -22,6 +22,7 @@ which ranges must be read before a data block can be checked.  No I/O here: the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import uuid as _uuid
@@ -61,8 +62,8 @@ class Params:
         if self.data_blocks < 1:
             raise IntegrityError("dm-verity data block count is 0")
 
-    @property
-    def digest_size(self) -> int:
+    @functools.cached_property
+    def digest_size(self) -> int:  # asked for on every check: computed once
         return hashlib.new(self.algorithm).digest_size
 
 
@@ -221,6 +222,11 @@ class TreeState:
         None when all are loaded.  Level-0 reads are widened to *widen* aligned blocks."""
         g = self.geo
         blocks = self.blocks
+        if g.levels:    # asked for on every read: level 0 loaded means every level above it is (add())
+            start, bits = g.level_start[0], g.bits
+            a, b = first >> bits, last >> bits
+            if start + a in blocks and (a == b or all(start + i in blocks for i in range(a + 1, b + 1))):
+                return None
         for level in range(g.levels - 1, -1, -1):
             shift = g.bits * (level + 1)
             a, b = first >> shift, last >> shift
@@ -275,10 +281,20 @@ class TreeState:
         blocks that do not match.  *count*: add the good ones to ``blocks_verified`` (blocks a reader
         gets; a cache gate's check is not counted: its chunk is counted when read)."""
         dbs = self.p.data_block_size
+        g = self.geo
+        if len(data) == dbs and g.levels:  # one block (a metadata block, a small pcluster): the short way
+            parent = self.blocks.get(g.level_start[0] + (first_block >> g.bits))
+            if parent is None:
+                raise AssertionError(f"hash block of data block {first_block} not loaded")
+            off = (first_block & ((1 << g.bits) - 1)) * g.slot
+            if self.hash(data) == parent[off:off + self.p.digest_size]:
+                if count:
+                    self.counts["blocks_verified"] += 1
+                return []
+            return [first_block]
         mv = memoryview(data)
         n = len(mv) // dbs
         bad: list[int] = []
-        g = self.geo
         if not g.levels:    # one data block: its digest is the root hash
             if n and self.hash(mv[:dbs]) != self.root:
                 bad.append(first_block)

@@ -280,10 +280,11 @@ def test_disk_cache_replace_writes_over_an_unverified_copy(tmp_path):
 
 
 @pytest.mark.parametrize("hash_type", [0, 1])
-@pytest.mark.parametrize("first, count", [(0, 300), (127, 3), (250, 50)])
+@pytest.mark.parametrize("first, count", [(0, 300), (127, 3), (250, 50), (5, 1), (128, 1)])
 def test_check_finds_exactly_the_damaged_blocks_across_hash_blocks(hash_type, first, count):
-    """TreeState.check's loop (one parent per 128 blocks, the salted hash inlined for type 1) against
-    the plain definition, for runs that start and end inside hash blocks."""
+    """TreeState.check's loop (one parent per 128 blocks, the salted hash inlined for type 1) and its
+    short way for one block, against the plain definition, for runs that start and end inside hash
+    blocks."""
     n = 300
     data = bytearray(random.Random(hash_type).randbytes(n * 4096))
     p = tree.Params(data_blocks=n, salt=b"salt!", hash_type=hash_type)
