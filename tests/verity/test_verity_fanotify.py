@@ -5,11 +5,15 @@ is written and served)."""
 from __future__ import annotations
 
 import errno
+import os
 import re
+import signal
 
+from erofs_mount.backends.fanotify import record
 from erofs_mount.sources.diskcache import DiskCache
 from tests import corpuslib
 from tests.fanotify.conftest import cli, fan  # noqa: F401 - the fixture
+from tests.kernel.helpers import wait_until
 from tests.verity.conftest import file_offset, format_copy
 from tests.verity.test_verity_fuse import manifest, only_damaged, read_errno
 
@@ -32,6 +36,29 @@ def test_local_image_verified_into_the_sparse_file(tmp_path, fan):  # noqa: F811
     time.sleep(1.5)  # the record's figures are rewritten every second
     verified, failed = _status_verity(mnt, fan.env)
     assert verified > 0 and failed == 0
+    assert fan.unmount(mnt).returncode == 0
+
+
+def test_status_counts_verified_blocks_since_the_mount_across_a_reattach(tmp_path, fan):  # noqa: F811
+    """A daemon SIGKILLed and replaced by --reattach: status still counts the blocks its predecessor
+    verified (the record carries them), not only the new daemon's."""
+    f = format_copy("lz4", tmp_path)
+    res, mnt = fan.mount(str(f.path), f"verity.roothash={f.root}")
+    assert res.returncode == 0, res.stderr
+    assert corpuslib.compare_tree(manifest("lz4"), mnt) == []
+    wait_until(lambda: _status_verity(mnt, fan.env)[0] > 0, 15, "the daemon to publish its counts")
+    before = _status_verity(mnt, fan.env)
+    daemon = fan.doc(mnt)["pids"]["daemon"]
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not record.alive(daemon), 15, "the daemon to die")
+    r = cli("--reattach", mnt, env=fan.env)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: fan.doc(mnt).get("daemons") == 2, 15, "the new daemon to publish")
+    verified, failed = _status_verity(mnt, fan.env)
+    assert failed == before[1] == 0
+    # every byte was local: the new daemon checked little (the superblock's block at open)
+    assert before[0] <= verified <= before[0] + 64, (before, verified)
+    assert corpuslib.compare_tree(manifest("lz4"), mnt) == []
     assert fan.unmount(mnt).returncode == 0
 
 

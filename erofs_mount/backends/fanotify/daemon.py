@@ -344,6 +344,10 @@ async def reattach_main(doc: dict, ready) -> int:
         last, carried = doc.get("stats") or {}, doc.get("carried") or {}
         doc["carried"] = {k: int(carried.get(k, 0)) + int(last.get(k, 0))     # totals since the mount
                           for k in ("fetches", "bytes_fetched", "requests", "denied")}
+        last_source = last.get("source") or {}
+        for k in record.CARRIED_SOURCE_KEYS:    # a verified source's block counts too
+            if k in last_source or k in carried:
+                doc["carried"][k] = int(carried.get(k, 0)) + int(last_source.get(k, 0))
         await _run(doc, source, store, sock, ready, mount=False)
     finally:
         with trio.CancelScope(shield=True):

@@ -135,16 +135,18 @@ def status_entries() -> list[dict]:
     for doc in record.every():
         pids = doc.get("pids") or {}
         st = dict(doc.get("stats") or {})
+        source = dict(st.get("source") or {})
         for k, v in (doc.get("carried") or {}).items():     # what earlier daemons of the mount did
-            st[k] = int(st.get(k, 0)) + int(v)
+            into = source if k in record.CARRIED_SOURCE_KEYS else st
+            into[k] = int(into.get(k, 0)) + int(v)
         out.append({"mountpoint": doc["mountpoint"], "source": doc["source"], "kind": doc["kind"],
                     "mounted": record.mounted(doc["mountpoint"], doc["data"]),
                     "pids": pids, "alive": {k: record.alive(v) for k, v in pids.items()},
                     "size": doc.get("size", 0), "bytes_local": st.get("bytes_local", 0),
                     "fetches": st.get("fetches", 0), "bytes_fetched": st.get("bytes_fetched", 0),
                     "events": st.get("requests", 0), "denied": st.get("denied", 0),
-                    "daemons": doc.get("daemons", 1), "verity": verity_counts(st.get("source") or {}),
-                    "hosts": (st.get("source") or {}).get("hosts")})
+                    "daemons": doc.get("daemons", 1), "verity": verity_counts(source),
+                    "hosts": source.get("hosts")})
     return out
 
 
