@@ -35,6 +35,23 @@ from .local import pread_nowait
 
 log = logging.getLogger("erofs_mount.sources.cache")
 
+
+def all_set(bitmap, first: int, stop: int) -> bool:
+    """Whether bits first..stop-1 of *bitmap* (least significant bit first) are all set: whole bytes
+    compared at once (a 1 MiB read asks for 256 blocks, twice per read of a verified blob's cache;
+    bit by bit that took a quarter of a warm read's time)."""
+    if first >= stop:
+        return True
+    lo, hi = first >> 3, (stop - 1) >> 3
+    if lo == hi:
+        mask = ((1 << (stop - first)) - 1) << (first & 7)
+        return bitmap[lo] & mask == mask
+    head = (0xFF << (first & 7)) & 0xFF
+    tail = (1 << (((stop - 1) & 7) + 1)) - 1
+    if bitmap[lo] & head != head or bitmap[hi] & tail != tail:
+        return False
+    return bitmap[lo + 1:hi].count(0xFF) == hi - lo - 1
+
 BLOCK = 4096
 _HEADER = struct.Struct("<16sQII32x")  # magic, blob size, block size, flags
 _MAGIC = b"erofs-mount-bc\x00\x01"
@@ -125,14 +142,14 @@ class DiskCache:
 
     def has(self, start: int, end: int) -> bool:
         blocks = self._blocks(start, end)
-        if all(self._bit(i) for i in blocks):
+        if all_set(self._bits, blocks.start, blocks.stop):
             return True
         # another mount may have filled them: refresh the bytes concerned
         lo, hi = blocks.start >> 3, ((blocks.stop - 1) >> 3) + 1
         fresh = os.pread(self._map, hi - lo, _HEADER.size + lo)
         with self._lock:
             self._merge(lo, fresh)
-        return all(self._bit(i) for i in blocks)
+        return all_set(self._bits, blocks.start, blocks.stop)
 
     def _merge(self, lo: int, fresh: bytes) -> None:
         """OR *fresh* bitmap bytes into ours at byte *lo*, keeping the present count (lock held)."""
@@ -227,7 +244,8 @@ class DiskCache:
         marks = self._marks
         if marks is None:
             return False
-        return all(marks[i >> 3] & (1 << (i & 7)) and self._bit(i) for i in self._blocks(start, end))
+        blocks = self._blocks(start, end)
+        return all_set(marks, blocks.start, blocks.stop) and all_set(self._bits, blocks.start, blocks.stop)
 
     def mark(self, start: int, end: int) -> None:
         """Mark the whole blocks of [start, end) verified (they must be present)."""

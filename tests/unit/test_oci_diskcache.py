@@ -105,3 +105,22 @@ def test_default_root(monkeypatch, tmp_path):
     else:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         assert dc.default_root() == str(tmp_path / "erofs-mount" / "blobs")
+
+
+def test_all_set_agrees_with_the_bits_one_by_one():
+    """``all_set`` (whole bytes at once) against the plain definition, for bitmaps with one bit
+    clear anywhere and ranges starting and ending at every bit position of a byte."""
+    import random
+
+    rng = random.Random(5)
+    full = bytearray(b"\xff" * 12)
+    cases = [full] + [bytearray(full) for _ in range(30)]
+    for bm in cases[1:]:
+        i = rng.randrange(96)
+        bm[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+    cases.append(bytearray(rng.randbytes(12)))
+    for bm in cases:
+        for first in range(0, 40):
+            for stop in range(first, 96, 3):
+                want = all(bm[i >> 3] & (1 << (i & 7)) for i in range(first, stop))
+                assert dc.all_set(bm, first, stop) == want, (bytes(bm).hex(), first, stop)
