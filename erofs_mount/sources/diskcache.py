@@ -89,7 +89,7 @@ class DiskCache:
         self._map = map_fd
         self._bits = bitmap
         self._nblocks = (size + BLOCK - 1) // BLOCK
-        self._present = sum(bin(b).count("1") for b in bitmap)
+        self._present = int.from_bytes(bitmap, "little").bit_count()
         self.verified = verified
         self._lock = threading.Lock()
         self.written = 0
@@ -236,9 +236,11 @@ class DiskCache:
             if self._marks_fd >= 0:
                 os.close(self._marks_fd)
             self._marks_fd, self._marks = fd, bits
-        for i in range(self._nblocks):  # a mark without the block itself means nothing
-            if self._marks[i >> 3] & (1 << (i & 7)) and not self._bit(i):
-                self._marks[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+        # a mark without the block itself means nothing: the marks ANDed with the present bits, as
+        # integers (bit by bit this took ~0.5 s at mount for a 4 GB blob)
+        with self._lock:
+            both = int.from_bytes(self._marks, "little") & int.from_bytes(self._bits[:nbytes], "little")
+            self._marks[:] = both.to_bytes(nbytes, "little")
 
     def marked(self, start: int, end: int) -> bool:
         marks = self._marks

@@ -260,6 +260,30 @@ def test_disk_cache_marks_are_per_root_hash_and_follow_the_blocks(tmp_path):
     again.close()
 
 
+def test_disk_cache_drops_marks_of_blocks_that_are_gone(tmp_path):
+    """A mark on disk whose block was forgotten by a mount that kept no marks: use_marks drops it,
+    and the block written again later is not trusted by that old mark."""
+    from erofs_mount.sources.diskcache import DiskCache
+
+    data = os.urandom(20 * 4096)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    dc = DiskCache.open(str(tmp_path), digest, len(data))
+    dc.write(0, data[:16 * 4096])
+    dc.use_marks("aa" * 32)
+    dc.mark(0, 16 * 4096)
+    dc.close()
+    plain = DiskCache.open(str(tmp_path), digest, len(data))    # an unverified mount: no marks in use
+    plain.forget(9 * 4096, 10 * 4096)
+    plain.close()
+    again = DiskCache.open(str(tmp_path), digest, len(data))
+    again.use_marks("aa" * 32)
+    assert again.marked(0, 9 * 4096) and again.marked(10 * 4096, 16 * 4096)
+    assert not again.marked(9 * 4096, 10 * 4096)
+    again.write(9 * 4096, data[9 * 4096:10 * 4096])
+    assert again.has(0, 16 * 4096) and not again.marked(0, 16 * 4096)
+    again.close()
+
+
 def test_disk_cache_replace_writes_over_an_unverified_copy(tmp_path):
     """A checked chunk fetched again from the registry replaces what an unverified mount left in the
     entry before it is marked (a plain write skips present blocks: the old bytes would be marked)."""
