@@ -283,10 +283,7 @@ class TreeState:
         dbs = self.p.data_block_size
         g = self.geo
         if len(data) == dbs and g.levels:  # one block (a metadata block, a small pcluster): the short way
-            parent = self.blocks.get(g.level_start[0] + (first_block >> g.bits))
-            if parent is None:
-                raise AssertionError(f"hash block of data block {first_block} not loaded")
-            off = (first_block & ((1 << g.bits) - 1)) * g.slot
+            parent, off = self._leaf(first_block)
             if self.hash(data) == parent[off:off + self.p.digest_size]:
                 if count:
                     self.counts["blocks_verified"] += 1
@@ -301,16 +298,13 @@ class TreeState:
         else:
             # the hot loop (every block a reader gets): one parent look-up per hash block's worth of
             # data blocks
-            bits, slot, dsz, start0 = g.bits, g.slot, self.p.digest_size, g.level_start[0]
+            bits, slot, dsz = g.bits, g.slot, self.p.digest_size
             h = self.hash
             k = 0
             while k < n:
                 b = first_block + k
-                parent = self.blocks.get(start0 + (b >> bits))
-                if parent is None:
-                    raise AssertionError(f"hash block of data block {b} not loaded")
+                parent, off = self._leaf(b)
                 stop = min(n, (((b >> bits) + 1) << bits) - first_block)
-                off = (b & ((1 << bits) - 1)) * slot
                 for j in range(k, stop):
                     if h(mv[j * dbs:(j + 1) * dbs]) != parent[off:off + dsz]:
                         bad.append(first_block + j)
@@ -319,6 +313,14 @@ class TreeState:
         if count:
             self.counts["blocks_verified"] += n - len(bad)
         return bad
+
+    def _leaf(self, block: int) -> tuple[bytes, int]:
+        """The loaded level-0 hash block that holds data block *block*'s digest, and where in it."""
+        g = self.geo
+        parent = self.blocks.get(g.level_start[0] + (block >> g.bits))
+        if parent is None:
+            raise AssertionError(f"hash block of data block {block} not loaded")
+        return parent, (block & ((1 << g.bits) - 1)) * g.slot
 
     def ready(self, first: int, last: int) -> bool:
         """Whether data blocks first..last can be checked now (no read needed)."""
