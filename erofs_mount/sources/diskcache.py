@@ -35,6 +35,13 @@ from .local import pread_nowait
 
 log = logging.getLogger("erofs_mount.sources.cache")
 
+BLOCK = 4096
+_HEADER = struct.Struct("<16sQII32x")  # magic, blob size, block size, flags
+_MAGIC = b"erofs-mount-bc\x00\x01"
+_VERIFIED = 1
+_MARKS = struct.Struct("<16s64s")  # the ``verified`` file: magic, the root hash the marks are for
+_MARKS_MAGIC = b"erofs-mount-vm\x00\x01"
+
 
 def all_set(bitmap, first: int, stop: int) -> bool:
     """Whether bits first..stop-1 of *bitmap* (least significant bit first) are all set: whole bytes
@@ -51,13 +58,6 @@ def all_set(bitmap, first: int, stop: int) -> bool:
     if bitmap[lo] & head != head or bitmap[hi] & tail != tail:
         return False
     return bitmap[lo + 1:hi].count(0xFF) == hi - lo - 1
-
-BLOCK = 4096
-_HEADER = struct.Struct("<16sQII32x")  # magic, blob size, block size, flags
-_MAGIC = b"erofs-mount-bc\x00\x01"
-_VERIFIED = 1
-_MARKS = struct.Struct("<16s64s")  # the ``verified`` file: magic, the root hash the marks are for
-_MARKS_MAGIC = b"erofs-mount-vm\x00\x01"
 
 
 def default_root() -> str:
@@ -239,7 +239,7 @@ class DiskCache:
         # a mark without the block itself means nothing: the marks ANDed with the present bits, as
         # integers (bit by bit this took ~0.5 s at mount for a 4 GB blob)
         with self._lock:
-            both = int.from_bytes(self._marks, "little") & int.from_bytes(self._bits[:nbytes], "little")
+            both = int.from_bytes(self._marks, "little") & int.from_bytes(self._bits, "little")
             self._marks[:] = both.to_bytes(nbytes, "little")
 
     def marked(self, start: int, end: int) -> bool:
