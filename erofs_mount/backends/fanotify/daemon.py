@@ -342,12 +342,11 @@ async def reattach_main(doc: dict, ready) -> int:
         os.close(wfd)
         doc["daemons"] = doc.get("daemons", 1) + 1
         last, carried = doc.get("stats") or {}, doc.get("carried") or {}
-        doc["carried"] = {k: int(carried.get(k, 0)) + int(last.get(k, 0))     # totals since the mount
-                          for k in ("fetches", "bytes_fetched", "requests", "denied")}
         last_source = last.get("source") or {}
-        for k in record.CARRIED_SOURCE_KEYS:    # a verified source's block counts too
-            if k in last_source or k in carried:
-                doc["carried"][k] = int(carried.get(k, 0)) + int(last_source.get(k, 0))
+        # totals since the mount; a source's keys only for a verified one (status shows verity=off else)
+        doc["carried"] = {**{k: int(carried.get(k, 0)) + int(last.get(k, 0)) for k in record.CARRIED_KEYS},
+                          **{k: int(carried.get(k, 0)) + int(last_source.get(k, 0))
+                             for k in record.CARRIED_SOURCE_KEYS if k in last_source or k in carried}}
         await _run(doc, source, store, sock, ready, mount=False)
     finally:
         with trio.CancelScope(shield=True):

@@ -19,8 +19,9 @@ from ...statefile import read_json, write_json
 from ..fuse.mountinfo import find_mount
 
 STATE_DIR = "/run/erofs-mount/fanotify"
-# the source's figures a reattached daemon carries over from the one it replaces (``carried``), so
-# that status counts since the mount: a verified source's blocks (verity/source.py)
+# the figures a reattached daemon carries over from the one it replaces (``carried``), so that status
+# counts since the mount: the daemon's own, and a verified source's blocks (verity/source.py)
+CARRIED_KEYS = ("fetches", "bytes_fetched", "requests", "denied")
 CARRIED_SOURCE_KEYS = ("verity_blocks_verified", "verity_blocks_failed")
 
 
