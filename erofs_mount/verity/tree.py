@@ -153,31 +153,40 @@ class Hasher:
 def build(p: Params, blocks) -> tuple[bytes, list[bytes]]:
     """(root hash, the hash blocks of each level from 0 up) for the data *blocks* (an iterable of
     ``data_block_size``-byte blocks, ``p.data_blocks`` of them)."""
-    g = Geometry(p, 0)
     h = Hasher(p)
-    per, hbs, slot, dsz = 1 << g.bits, p.hash_block_size, g.slot, p.digest_size
-    pad = b"\0" * (slot - dsz)
-    digests = []
+    digests = bytearray()
     n = 0
     for b in blocks:
         if len(b) != p.data_block_size:
             raise ValueError(f"data block {n} has {len(b)} bytes")
-        digests.append(h(b))
+        digests += h(b)
         n += 1
     if n != p.data_blocks:
         raise ValueError(f"{n} data blocks, the parameters say {p.data_blocks}")
+    return build_from_digests(p, bytes(digests))
+
+
+def build_from_digests(p: Params, digests: bytes) -> tuple[bytes, list[bytes]]:
+    """The same from the data blocks' digests, one after the other (``p.digest_size`` bytes each)."""
+    g = Geometry(p, 0)
+    h = Hasher(p)
+    hbs, slot, dsz = p.hash_block_size, g.slot, p.digest_size
+    if len(digests) != p.data_blocks * dsz:
+        raise ValueError(f"{len(digests) // dsz} digests, the parameters say {p.data_blocks} data blocks")
     if g.levels == 0:
-        return digests[0], []
+        return digests, []
+    pad = b"\0" * (slot - dsz)
     levels: list[bytes] = []
     for _level in range(g.levels):
-        out = bytearray()
-        for i in range(0, len(digests), per):
-            blk = b"".join(d + pad for d in digests[i:i + per])
-            out += blk.ljust(hbs, b"\0")
+        # the digests of one level in slots; a hash block holds exactly 1 << bits slots, so only the
+        # last one is short (zero-filled)
+        out = bytearray(digests) if not pad else bytearray(b"".join(
+            digests[i:i + dsz] + pad for i in range(0, len(digests), dsz)))
+        out += bytes(-len(out) % hbs)
         levels.append(bytes(out))
-        digests = [h(out[i:i + hbs]) for i in range(0, len(out), hbs)]
-    assert len(digests) == 1
-    return digests[0], levels
+        digests = b"".join(h(out[i:i + hbs]) for i in range(0, len(out), hbs))
+    assert len(digests) == dsz
+    return digests, levels
 
 
 def hash_area(p: Params, levels: list[bytes]) -> bytes:
