@@ -14,6 +14,9 @@ manifest that was resolved by digest (``REF@sha256:…``: the manifest's bytes a
 digest, so the annotation is as trustworthy as the digest the user typed).  An annotation reached
 through a tag is not (the registry chose the manifest): ``auto`` ignores it with a warning,
 ``require`` fails.
+
+A tar layer has no tree of its own: the pass that indexes it makes one of the blob, checked against
+the layer's digest (``tar_choice``; ``verity/blobtree.py``).
 """
 
 from __future__ import annotations
@@ -90,3 +93,17 @@ def choose(mode: str, roothash: str | None, hash_offset: int | None, *, annotati
         raise UsageError(f"{what}: verity=require but no trusted root hash (give verity.roothash=, or pin by "
                          f"digest an image whose layer carries {ANNOTATION_ROOT})")
     return None, None
+
+
+def tar_choice(mode: str, roothash: str | None, hash_offset: int | None, *, pinned: bool, what: str,
+               media_type: str) -> bool:
+    """Whether a tar layer's reads are checked against the tree its indexing pass makes of the blob
+    (``verity/anchored.py``): a tree anchored in the layer's digest, as trusted as the manifest that
+    named it; ``require`` wants that manifest pinned by digest (*pinned*: or the blob named by it)."""
+    if roothash or hash_offset is not None:
+        raise UsageError(f"{what} is a {media_type} layer: verity.roothash= and verity.hashoffset= are for "
+                         f"EROFS layers (a tar layer is checked block by block against its digest)")
+    if mode == "require" and not pinned:
+        raise UsageError(f"{what}: verity=require: a tar layer is checked against its digest, which a manifest "
+                         f"resolved by tag does not pin (pin the reference by digest, REF@sha256:…)")
+    return mode != "off"

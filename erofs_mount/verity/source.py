@@ -319,8 +319,10 @@ async def _guess_offset(inner, name: str) -> int:
 
 
 async def open_verified(inner, root: bytes, *, hash_offset: int | None = None, name: str = "image",
-                        pread=None) -> VeritySource:
-    """Check the superblock, the upper levels against *root* and data block 0; then a VeritySource."""
+                        pread=None, probe: bool = True) -> VeritySource:
+    """Check the superblock, the upper levels against *root* and (*probe*) data block 0; then a
+    VeritySource.  ``probe=False``: a tree made here (``anchored.py``), whose root hash cannot be
+    wrong: no data byte is read before the first reader's."""
     if hash_offset is None:
         hash_offset = await _guess_offset(inner, name)
     if hash_offset + SB_SIZE > inner.size:
@@ -348,6 +350,8 @@ async def open_verified(inner, root: bytes, *, hash_offset: int | None = None, n
             bad = state.add(level, 0, upper[at:at + g.level_blocks[level] * hbs])
             if bad:
                 raise src._hash_fail(level, bad[0])
+    if not probe:
+        return src
     try:
         await src.read_at(0, p.data_block_size)
     except IntegrityError:

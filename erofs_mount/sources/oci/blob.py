@@ -36,6 +36,7 @@ from .resolve import Resolution, options_with, resolve
 from .stream import STOPPED, Fetch, Streams
 from .zstdsource import ZstdSeekableSource, is_zstd_layer, open_zstd_layer
 from ..tarlayer.kinds import layer_kind
+from ...verity.options import tar_choice
 
 log = logging.getLogger("erofs_mount.sources.oci")
 PROMOTE_GAP = 4 << 20  # a chunk further than this ahead of its stream is fetched by its reader at once
@@ -377,16 +378,26 @@ async def open_oci_source(
         if options.cache is not None:
             await src.attach_disk_cache(options.cache or default_root(), options.cache_limit)
         what = f"{ref} layer {index} ({desc.digest})"
-        choice, warning = options.verity_choice(annotations=desc.annotations, pinned=pinned, what=what)
-        if warning:
-            log.warning("%s", warning)
-        if choice is not None and (tar_kind is not None or is_zstd_layer(desc.media_type)):
-            raise UsageError(f"{what}: dm-verity trees are appended to EROFS layers; this one is {desc.media_type}")
+        if tar_kind is not None:
+            check_tar = tar_choice(options.verity, options.verity_root, options.verity_offset,
+                                   pinned=pinned or options.blob is not None, what=what, media_type=desc.media_type)
+            choice = None
+        else:
+            choice, warning = options.verity_choice(annotations=desc.annotations, pinned=pinned, what=what)
+            if warning:
+                log.warning("%s", warning)
+            if choice is not None and is_zstd_layer(desc.media_type):
+                raise UsageError(f"{what}: dm-verity trees are appended to EROFS layers; this one is {desc.media_type}")
         if options.tarindex is not None:  # erofs-utils' oci.tarindex=/oci.zinfo=: an index made elsewhere
             from ..tarlayer.openlayer import open_prebuilt
 
             if tar_kind is None:
                 raise UsageError(f"{what}: oci.tarindex is for tar layers, not {desc.media_type}")
+            if check_tar and options.verity == "require":
+                raise UsageError(f"{what}: verity=require: with oci.tarindex the layer is not indexed here, so "
+                                 f"there is no tree of its blob to check reads against")
+            if check_tar:
+                log.info("%s: reads of the blob are not verified (oci.tarindex: no indexing pass here)", what)
             return await open_prebuilt(src, tar_kind, what=what, index_path=options.tarindex,
                                        zinfo_path=options.zinfo, memory_limit=options.memory_limit)
         if tar_kind is not None:  # served through an EROFS tar index, made once and cached
@@ -395,7 +406,7 @@ async def open_oci_source(
 
             entry = digest_dir(options.cache or default_root(), desc.digest) if options.cache is not None else None
             return await open_tar_layer(src, tar_kind, what=what, digest=desc.digest, entry=entry,
-                                        memory_limit=options.memory_limit)
+                                        memory_limit=options.memory_limit, verify=check_tar)
         if is_zstd_layer(desc.media_type):  # random access through its seek table, or refused
             src = await open_zstd_layer(src, what)
         if choice is not None and not verify:

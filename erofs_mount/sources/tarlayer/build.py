@@ -7,6 +7,8 @@ output is spilled to disk), and the uncompressed bytes go through the sans-I/O t
 members build the tree.  The tree then becomes the EROFS tar index.  Memory: one chunk in flight
 and its decompressed output (yielded in pieces, so a gzip bomb never materialises), the tree
 (``tarindex.tree``: bounded per entry), the checkpoints' windows (32 KiB per ``span``).
+With ``tree=True`` every 4 KiB block of the blob as stored is hashed too (``verity/blobtree.py``):
+the dm-verity tree that checks the later lazy reads of the blob (32 bytes per block).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ...gzindex.zstd import ZstdStreamIndexer
 from ...tarindex.tarparse import TarParser
 from ...tarindex.tree import Tree
 from ...tarindex.writer import build_index
+from ...verity.blobtree import BlobTree
 
 log = logging.getLogger("erofs_mount.sources.tarlayer")
 
@@ -40,6 +43,7 @@ class Built:
     members: int
     warnings: list[str]
     seconds: float
+    tree: tuple[bytes, bytes] | None = None   # (root hash, hash area) of the blob as stored
 
 
 class Progress:
@@ -71,8 +75,9 @@ class Progress:
 class _Pass:
     """The sync part, run chunk by chunk in a worker thread."""
 
-    def __init__(self, kind: str, what: str, spill, digest: str | None) -> None:
+    def __init__(self, kind: str, what: str, spill, digest: str | None, blob_tree: BlobTree | None = None) -> None:
         self.kind, self.what, self.spill = kind, what, spill
+        self.blob_tree = blob_tree
         self.parser = TarParser()
         self.tree = Tree()
         self.members = 0
@@ -105,6 +110,8 @@ class _Pass:
     def _feed(self, chunk: bytes) -> None:
         if self.sha is not None:
             self.sha.update(chunk)
+        if self.blob_tree is not None:
+            self.blob_tree.feed(chunk)
         if self.gz is not None:
             for out in self.gz.feed(chunk):
                 self._tar(out)
@@ -114,13 +121,13 @@ class _Pass:
         else:
             self._tar(chunk)
 
-    def finish(self) -> tuple[GzIndex | None, bytes]:
+    def finish(self) -> tuple[GzIndex | None, bytes, tuple[bytes, bytes] | None]:
         try:
             return self._finish()
         except ErofsMountError as exc:
             raise self._named(exc) from None
 
-    def _finish(self) -> tuple[GzIndex | None, bytes]:
+    def _finish(self) -> tuple[GzIndex | None, bytes, tuple[bytes, bytes] | None]:
         gz = self.gz.finish() if self.gz is not None else None
         if self.zs is not None:
             self.zs.finish()                    # a stream that ends inside a frame is refused
@@ -132,13 +139,16 @@ class _Pass:
             got = "sha256:" + self.sha.hexdigest()
             if got != self.digest:
                 raise CorruptedError(f"{self.what}: the blob's content has digest {got}, not {self.digest}")
-        return gz, build_index(self.tree, self.tar_size)
+        tree = self.blob_tree.finish() if self.blob_tree is not None else None   # after the digest matched
+        return gz, build_index(self.tree, self.tar_size), tree
 
 
-async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, spill=None) -> Built:
-    """Read ``blob`` once (``read_at`` in order) and make the index of the tar it holds."""
+async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, spill=None,
+                      tree: bool = False) -> Built:
+    """Read ``blob`` once (``read_at`` in order) and make the index of the tar it holds (*tree*:
+    and the dm-verity tree of the blob itself)."""
     start = time.monotonic()
-    work = _Pass(kind, what, spill, digest)
+    work = _Pass(kind, what, spill, digest, BlobTree(blob.size) if tree else None)
     progress = Progress(what, blob.size)
     size = blob.size
     send, recv = trio.open_memory_channel(1)      # one chunk read ahead of the work
@@ -164,12 +174,12 @@ async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, 
                     progress.update(done)
     except BaseExceptionGroup as group:
         raise leaf_error(group) from None
-    gz, index = await trio.to_thread.run_sync(work.finish)
+    gz, index, blob_tree = await trio.to_thread.run_sync(work.finish)
     progress.update(size, final=True)
     for w in work.tree.warnings:
         log.warning("%s: %s", what, w)
     secs = time.monotonic() - start
     log.info("%s: indexed %d members, %d bytes of tar, index %d bytes, in %.1f s", what, work.members,
              work.tar_size, len(index), secs)
-    return Built(index, work.tar_size, gz, work.members, list(work.tree.warnings), secs)
+    return Built(index, work.tar_size, gz, work.members, list(work.tree.warnings), secs, blob_tree)
 

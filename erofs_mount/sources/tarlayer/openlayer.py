@@ -2,7 +2,10 @@
 
 ``open_tar_layer(blob, kind, what=…, digest=…, entry=…)``: ``blob`` is the layer as stored (a
 registry blob or a local file), ``kind`` ``"tar"``/``"gzip"``/``"zstd"``, ``entry`` the cache
-directory for its index files (``store.py``; None: keep nothing, index at every open).
+directory for its index files (``store.py``; None: keep nothing, index at every open).  A tar or
+tar+gzip blob named by its ``digest`` (a registry's) gets a dm-verity tree made by the indexing
+pass; ``verify``: every later read of the blob is checked against it (``verity/anchored.py``: the
+digest covers the whole blob, not a ranged read of it).
 ``open_local_layer(path, kind)``: the same for a local file, cached under the default cache root.
 """
 
@@ -26,13 +29,17 @@ log = logging.getLogger("erofs_mount.sources.tarlayer")
 
 
 async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = None, entry: str | None = None,
-                         memory_limit: int = 256 << 20) -> TarLayerSource:
+                         memory_limit: int = 256 << 20, verify: bool = False) -> TarLayerSource:
+    # a blob named by its digest (a registry's) keeps its tree, used or not (verity=off) by each mount;
+    # a zstd layer's tar is read from disk after the pass, a local file is trusted as it is
+    want_tree = digest is not None and kind in ("tar", "gzip")
     stored = None
     if entry is not None:
-        stored = await trio.to_thread.run_sync(lambda: store.load(entry, kind=kind, source_size=blob.size))
+        stored = await trio.to_thread.run_sync(lambda: store.load(entry, kind=kind, source_size=blob.size,
+                                                                  tree=want_tree))
     if stored is not None:
         log.info("%s: tar index from the cache (%s, %d bytes)", what, entry, len(stored.index))
-        index, tar_size, tar_path = stored.index, stored.tar_size, stored.tar_path
+        index, tar_size, tar_path, tree = stored.index, stored.tar_size, stored.tar_path, stored.tree
         gz = from_zinfo(stored.zinfo, compressed_size=blob.size, uncompressed_size=tar_size) if kind == "gzip" else None
         tmpdir = None
     else:
@@ -48,7 +55,7 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
         for attempt in (1, 2):
             spill = store.TarSpill(entry or tmpdir) if kind == "zstd" else None
             try:
-                built = await index_layer(blob, kind, what=what, digest=digest, spill=spill)
+                built = await index_layer(blob, kind, what=what, digest=digest, spill=spill, tree=want_tree)
                 tar_path = spill.commit() if spill is not None else None
                 break
             except (CorruptedError, ImageError) as exc:   # what the bytes say (UnsupportedError included)
@@ -65,15 +72,23 @@ async def open_tar_layer(blob, kind: str, *, what: str, digest: str | None = Non
                     spill.discard()
                 _cleanup(tmpdir, entry)
                 raise
-        index, tar_size, gz = built.index, built.tar_size, built.gz
+        index, tar_size, gz, tree = built.index, built.tar_size, built.gz, built.tree
         if entry is not None:
             zinfo = to_zinfo(gz) if gz is not None else None
             try:
                 await trio.to_thread.run_sync(lambda: store.save(entry, kind=kind, source_size=blob.size, index=index,
-                                                                 tar_size=tar_size, zinfo=zinfo))
+                                                                 tar_size=tar_size, zinfo=zinfo, tree=tree))
             except OSError as exc:
                 log.warning("%s: cannot keep the tar index in %s: %s", what, entry, exc.strerror)
-    return _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit)
+    reads = blob
+    if tree is not None and verify:
+        from ...verity.anchored import open_anchored
+
+        root, area = tree
+        reads = await open_anchored(blob, root, area, name=what)
+        log.info("%s: every read of the blob checked against the dm-verity tree its indexing made (root %s)",
+                 what, root.hex())
+    return _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit, reads=reads)
 
 
 def _cleanup(tmpdir: str | None, entry: str | None) -> None:
@@ -91,14 +106,16 @@ def _remove_if_empty(entry: str) -> None:
         pass
 
 
-def _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit) -> TarLayerSource:
+def _assemble(blob, kind, what, index, tar_size, gz, tar_path, tmpdir, memory_limit, *, reads=None) -> TarLayerSource:
+    """*reads*: what the tar's bytes are read through (the blob, or the blob checked by its tree)."""
     closers: tuple = ()
+    reads = blob if reads is None else reads
     if kind == "tar":
         if blob.size < tar_size:
             raise ErofsMountError(f"{what}: the tar is {tar_size} bytes but the blob only {blob.size}")
-        tar = _Prefix(blob, tar_size)
+        tar = _Prefix(reads, tar_size)
     elif kind == "gzip":
-        tar = GzTarReader(blob, gz, what=what, cache_bytes=memory_limit // 4)
+        tar = GzTarReader(reads, gz, what=what, cache_bytes=memory_limit // 4)
     else:
         from ..local import LocalSource
 

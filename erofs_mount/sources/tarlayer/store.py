@@ -7,6 +7,9 @@ cache's bound and eviction cover them::
     <root>/sha256/<hex>/tarindex.zinfo   tar+gzip: the gzip checkpoints (SOCI zinfo v2)
     <root>/sha256/<hex>/tarindex.tar     tar+zstd: the decompressed tar (one zstd frame has no
                                          random access: the stream itself is kept)
+    <root>/sha256/<hex>/tarindex.verity  a registry layer (tar, tar+gzip): the dm-verity tree of the
+                                         blob as stored, made by the indexing pass (its root hash
+                                         is in the .json): checks every later ranged read of the blob
     <root>/sha256/<hex>/tarindex.json    written last: kind, sizes and the sha256 of each small file
 
 A local layer file uses ``<root>/local/<key>/`` with the same names, ``key`` = sha256 of its path,
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 log = logging.getLogger("erofs_mount.sources.tarlayer")
 
 FORMAT = 2      # 2: OCI whiteouts written as overlayfs ones
-NAMES = ("tarindex.erofs", "tarindex.zinfo", "tarindex.tar", "tarindex.json")
+NAMES = ("tarindex.erofs", "tarindex.zinfo", "tarindex.tar", "tarindex.verity", "tarindex.json")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Stored:
     tar_size: int           # bytes of the uncompressed tar stream
     zinfo: bytes | None     # gzip checkpoints
     tar_path: str | None    # zstd: the decompressed tar
+    tree: tuple[bytes, bytes] | None = None   # (root hash, hash area) of the blob (verity/blobtree.py)
 
 
 def digest_dir(root: str, digest: str) -> str:
@@ -58,8 +62,9 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(entry: str, *, kind: str, source_size: int) -> Stored | None:
-    """The entry's index if complete and intact, else None (a damaged one is removed)."""
+def load(entry: str, *, kind: str, source_size: int, tree: bool = False) -> Stored | None:
+    """The entry's index if complete and intact, else None (a damaged one is removed).  *tree*:
+    the blob's dm-verity tree is needed too (an entry made without one is indexed again)."""
     meta_path = os.path.join(entry, "tarindex.json")
     try:
         with open(meta_path, "rb") as f:
@@ -86,7 +91,16 @@ def load(entry: str, *, kind: str, source_size: int) -> Stored | None:
             tar_path = os.path.join(entry, "tarindex.tar")
             if os.stat(tar_path).st_size != meta["tar_size"]:
                 return _discard(entry, "the decompressed tar has the wrong size")
-        return Stored(kind, index, int(meta["tar_size"]), zinfo, tar_path)
+        blob_tree = None
+        if tree:
+            if "tree_root" not in meta:
+                return _discard(entry, "no dm-verity tree of the blob (made by an older version)")
+            with open(os.path.join(entry, "tarindex.verity"), "rb") as f:
+                area = f.read()
+            if len(area) != meta["tree_size"] or _sha(area) != meta["tree_sha256"]:
+                return _discard(entry, "the blob's dm-verity tree does not match its checksum")
+            blob_tree = (bytes.fromhex(meta["tree_root"]), area)
+        return Stored(kind, index, int(meta["tar_size"]), zinfo, tar_path, blob_tree)
     except (OSError, KeyError, TypeError, ValueError) as exc:
         return _discard(entry, f"incomplete entry: {exc}")
 
@@ -124,15 +138,20 @@ def write_file(entry: str, name: str, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def save(entry: str, *, kind: str, source_size: int, index: bytes, tar_size: int, zinfo: bytes | None) -> None:
-    """Write the index (and zinfo) then the ``.json`` that makes the entry complete.  The zstd
-    decompressed tar must already be at ``tarindex.tar`` (written through ``TarSpill``)."""
+def save(entry: str, *, kind: str, source_size: int, index: bytes, tar_size: int, zinfo: bytes | None,
+         tree: tuple[bytes, bytes] | None = None) -> None:
+    """Write the index (zinfo, the blob's tree) then the ``.json`` that makes the entry complete.
+    The zstd decompressed tar must already be at ``tarindex.tar`` (written through ``TarSpill``)."""
     write_file(entry, "tarindex.erofs", index)
     meta = {"format": FORMAT, "kind": kind, "source_size": source_size, "tar_size": tar_size,
             "index_size": len(index), "index_sha256": _sha(index)}
     if zinfo is not None:
         write_file(entry, "tarindex.zinfo", zinfo)
         meta.update(zinfo_size=len(zinfo), zinfo_sha256=_sha(zinfo))
+    if tree is not None:
+        root, area = tree
+        write_file(entry, "tarindex.verity", area)
+        meta.update(tree_root=root.hex(), tree_size=len(area), tree_sha256=_sha(area))
     write_file(entry, "tarindex.json", json.dumps(meta, sort_keys=True).encode())
 
 
