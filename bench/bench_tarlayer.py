@@ -255,13 +255,12 @@ def _proxy_child(upstream_port: int, delay: float, log: str) -> None:
         pass
 
 
-def _push(base: str, layer: Path, digest: str) -> str:
+def _push(base: str, layer: Path, digest: str, *, media_type: str = LAYER_MT, repo: str = "bench/tarlayer") -> str:
     import httpx
 
     from tests.oci._servers import Pusher
 
     p = Pusher(base)
-    repo = "bench/tarlayer"
     try:
         size = layer.stat().st_size
         if p.http.head(f"{base}/v2/{repo}/blobs/{digest}").status_code != 200:
@@ -275,7 +274,7 @@ def _push(base: str, layer: Path, digest: str) -> str:
         doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": p.blob(repo, cfg),
                           "size": len(cfg)},
-               "layers": [{"mediaType": LAYER_MT, "digest": digest, "size": size}]}
+               "layers": [{"mediaType": media_type, "digest": digest, "size": size}]}
         p.manifest(repo, "v1", doc)
         return repo
     finally:
