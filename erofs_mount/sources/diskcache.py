@@ -13,7 +13,8 @@ otherwise), shared by every mount of that digest::
 Ordering: block data is written and ``fdatasync``ed before its bits are set, so
 a crash can lose cached blocks but never mark missing ones present.  When
 every bit is set the data is hashed once against the digest; a mismatch throws
-the cache entry away (the registry does not verify content for us either).
+the cache entry away (the registry does not verify content for us either), except
+the blocks marked verified by the dm-verity tree in use.
 Concurrency: every open entry holds a shared ``flock`` on its map (eviction
 only removes entries it can lock exclusively); bitmap updates re-read and OR
 the affected bytes under a POSIX record lock, so concurrent mounts never
@@ -315,17 +316,19 @@ class DiskCache:
                 os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, _VERIFIED), 0)
                 self.verified = True
             return True
-        log.error("cache entry %s does not match its digest: discarded", self.path)
         with self._lock:
+            # the blocks marked verified (each checked against the dm-verity tree in use before it was
+            # written) stay; the rest of the entry goes: the block that differs is among them
             nbytes = len(self._bits)
-            self._bits[:] = bytes(nbytes)
-            self._present = 0
-            os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0) + bytes(nbytes), 0)
-            if self._marks is not None:
-                self._marks[:] = bytes(len(self._marks))
-                os.pwrite(self._marks_fd, bytes(self._marks), _MARKS.size)
-            os.ftruncate(self._data, 0)
-            os.ftruncate(self._data, self.size)
+            keep = bytes(self._marks) if self._marks is not None else bytes(nbytes)
+            self._bits[:] = keep
+            self._present = int.from_bytes(keep, "little").bit_count()
+            os.pwrite(self._map, _HEADER.pack(_MAGIC, self.size, BLOCK, 0) + keep, 0)
+            if not self._present:
+                os.ftruncate(self._data, 0)
+                os.ftruncate(self._data, self.size)
+        kept = f" ({self._present} blocks verified by dm-verity kept)" if self._present else ""
+        log.error("cache entry %s does not match its digest: discarded%s", self.path, kept)
         return False
 
     def close(self) -> None:

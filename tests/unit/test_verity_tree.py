@@ -355,3 +355,32 @@ def test_the_sync_path_returns_only_blocks_it_checked(tmp_path):
         st = src.stats()
         assert st["verity_refetches"] == 1 and st["verity_blocks_failed"] == 0
     trio.run(main)
+
+
+def test_a_digest_mismatch_keeps_the_blocks_marked_verified(tmp_path):
+    """An entry completed by an unverified mount (one block differs) and a verified one: the digest
+    fails, the marked blocks stay, the others go (the bad one among them)."""
+    from erofs_mount.sources.diskcache import DiskCache
+
+    data = os.urandom(6 * 4096 + 100)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    bad = bytearray(data)
+    bad[3 * 4096 + 7] ^= 1
+    dc = DiskCache.open(str(tmp_path), digest, len(data))
+    dc.use_marks("aa" * 32)
+    dc.write(0, data[:3 * 4096])
+    dc.mark(0, 3 * 4096)                       # checked against the tree before they were written
+    dc.write(3 * 4096, bytes(bad[3 * 4096:]))  # written by a mount that did not verify
+    assert dc.complete and not dc.verify()
+    assert dc.has(0, 3 * 4096) and dc.marked(0, 3 * 4096) and dc.read(0, 3 * 4096) == data[:3 * 4096]
+    assert not dc.has(3 * 4096, 3 * 4096 + 1) and not dc.has(len(data) - 1, len(data)) and not dc.complete
+    dc.write(3 * 4096, data[3 * 4096:])        # fetched again: now the whole entry matches
+    assert dc.complete and dc.verify()
+    dc.close()
+    again = DiskCache.open(str(tmp_path), digest, len(data))
+    assert again.complete and again.verified
+    again.close()
+    nomarks = DiskCache.open(str(tmp_path / "b"), digest, len(data))   # no marks in use: all goes
+    nomarks.write(0, bytes(bad))
+    assert not nomarks.verify() and not nomarks.has(0, 1)
+    nomarks.close()
