@@ -16,6 +16,8 @@ the blob's size rounded up to 4 KiB.
 
 from __future__ import annotations
 
+import hashlib
+
 from .tree import SB_SIZE, Hasher, Params, build_from_digests, hash_area
 
 BLOCK = 4096
@@ -35,12 +37,16 @@ class BlobTree:
         self.p = params_for(size)
         self.hash_offset = self.p.data_blocks * BLOCK
         self._hash = Hasher(self.p)
+        # sha256 with an empty salt (version 1: salt first) is sha256 of the block itself: called
+        # directly on the hot path (~16 % less than the general Hasher's copy of a salted base)
+        assert self.p.algorithm == "sha256" and not self.p.salt and self.p.hash_type == 1
         self._digests = bytearray()
         self._rest = b""     # the start of a block the last piece did not finish
         self._fed = 0
 
     def feed(self, data) -> None:
         h, digests = self._hash, self._digests
+        sha256 = hashlib.sha256
         mv = memoryview(data)
         self._fed += len(mv)
         if self._rest:
@@ -53,7 +59,7 @@ class BlobTree:
             self._rest = b""
         whole = len(mv) - len(mv) % BLOCK
         for i in range(0, whole, BLOCK):
-            digests += h(mv[i:i + BLOCK])
+            digests += sha256(mv[i:i + BLOCK]).digest()
         if whole < len(mv):
             self._rest = bytes(mv[whole:])
 

@@ -110,8 +110,6 @@ class _Pass:
     def _feed(self, chunk: bytes) -> None:
         if self.sha is not None:
             self.sha.update(chunk)
-        if self.blob_tree is not None:
-            self.blob_tree.feed(chunk)
         if self.gz is not None:
             for out in self.gz.feed(chunk):
                 self._tar(out)
@@ -169,7 +167,12 @@ async def index_layer(blob, kind: str, *, what: str, digest: str | None = None, 
             nursery.start_soon(reader)
             async with recv:
                 async for chunk in recv:      # an error here ends the nursery, and so the reader
-                    await trio.to_thread.run_sync(work.feed, chunk)
+                    if work.blob_tree is None:
+                        await trio.to_thread.run_sync(work.feed, chunk)
+                    else:   # the blob's tree hashed in a second thread (hashlib lets go of the GIL)
+                        async with trio.open_nursery() as both:
+                            both.start_soon(trio.to_thread.run_sync, work.blob_tree.feed, chunk)
+                            await trio.to_thread.run_sync(work.feed, chunk)
                     done += len(chunk)
                     progress.update(done)
     except BaseExceptionGroup as group:
