@@ -68,6 +68,23 @@ class WithTree:
             parts.append(self.area[pos - self.hash_offset:end - self.hash_offset])
         return b"".join(parts), trusted
 
+    @property
+    def accept(self):
+        """The blob's cache gate (``padded_gate`` of the VeritySource over this), or None."""
+        return getattr(self.blob, "accept", None)
+
+    def read_memory(self, offset: int, length: int) -> bytes | None:
+        """The blob's ``read_memory`` (its memory cache, sync), the zero padding after it added;
+        None when the blob has none or lacks a chunk."""
+        read = getattr(self.blob, "read_memory", None)
+        if read is None or offset + length > self.hash_offset:
+            return None
+        size = self.blob.size
+        if offset + length <= size:
+            return read(offset, length)
+        data = read(offset, size - offset) if offset < size else b""
+        return None if data is None else data + bytes(offset + length - max(offset, size))
+
     def forget(self, offset: int, length: int) -> None:
         """A block that did not verify: the blob's caches drop it (and a mirror that served it is
         not asked for this blob again)."""

@@ -56,6 +56,9 @@ class VeritySource:
             self.pread = self._pread
         if hasattr(inner, "pread_cached"):
             self.pread_cached = self._pread_cached
+        self._memory = getattr(inner, "read_memory", None)  # a registry blob's memory cache (gated: checked)
+        if self._memory is not None or hasattr(inner, "pread_cached"):
+            self.read_cached = self._read_cached
         self.counts = {"verity_refetches": 0, "verity_failures": 0, "verity_uncached_chunks": 0,
                        "verity_gated_reads": 0}
         # a source with a cache gate (sources/oci/blob.py) says which bytes passed it: not hashed twice
@@ -240,6 +243,25 @@ class VeritySource:
         elif st.check(first, data):
             return None  # the async path reads (and refetches) it
         return _cut(data, offset - start, length)
+
+    def _read_cached(self, offset: int, length: int) -> bytes | None:
+        """Sync, on the trio thread, no I/O wait (the FUSE daemon's inline path): the bytes when they
+        are at hand and checked: whole in the memory cache of a blob whose cache gate is this
+        source's check (every chunk there passed it), else ``pread_cached(nowait=True)``, else None."""
+        if self._memory is not None and getattr(self.inner, "accept", None) is not None:
+            offset, length, first, last = self._span(offset, length)
+            if length == 0:
+                return b""
+            if self.state.ready(first, last):
+                start, end = first * self.dbs, (last + 1) * self.dbs
+                data = self._memory(start, end - start)
+                if data is not None and len(data) == end - start:
+                    self.state.counts["blocks_verified"] += last - first + 1
+                    self.counts["verity_gated_reads"] += 1
+                    return _cut(data, offset - start, length)
+        if hasattr(self.inner, "pread_cached"):
+            return self._pread_cached(offset, length, nowait=True)
+        return None
 
     # -- the cache gate of a registry blob ----------------------------------------------------
     def accept(self, offset: int, data) -> bool:

@@ -293,3 +293,24 @@ async def test_many_readers_tiny_cache(world):
     finally:
         await src.aclose()
 
+
+
+async def test_read_memory_answers_only_what_the_memory_cache_holds(world):
+    """The FUSE daemon's inline path (read_cached): bytes only when every chunk is in memory, nothing
+    recorded otherwise; a hit is a read like read_at (counted, seen by the read-ahead)."""
+    src = await open_oci_source(world.ref("team/app:v1"), options=INSECURE, layer=0)
+    try:
+        blob, cs = world.blobs["A"], src.chunk_size
+        at = src.size // 2 // cs * cs + 5       # far from what the open read (the superblock)
+        assert src.read_memory(at, 100) is None and src.read_cached(at, 100) is None
+        st = src.stats()
+        assert await src.read_at(at, 100) == blob[at:at + 100]
+        after = src.stats()
+        assert after["reads"] == st["reads"] + 1 and after["cache_misses"] == st["cache_misses"] + 1
+        assert src.read_memory(at, 100) == blob[at:at + 100] and src.read_cached(at - 5, cs) == blob[at - 5:at - 5 + cs]
+        assert src.stats()["reads"] == after["reads"] + 2 and src.stats()["cache_misses"] == after["cache_misses"]
+        assert src.read_memory(at - 10, 20) in (None, blob[at - 10:at + 10])   # the chunk before: maybe not there
+        assert src.read_memory(src.size + 10, 5) == b""
+    finally:
+        await src.aclose()
+    assert src.read_memory(at, 100) is None                # closed

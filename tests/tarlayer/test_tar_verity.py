@@ -197,6 +197,10 @@ def _open(ref: str, cache) -> tuple[dict, bytes]:
         src = await open_oci_source(ref, options=OciOptions(insecure=True, layer=0, cache=str(cache)))
         try:
             data = await src.read_at(src.index_size, 1 << 20)    # tar bytes: through the blob
+            if src.kind == "tar":   # now in the blob's memory cache: answered at once (FUSE's inline path), checked
+                gated = src.stats()["verity_gated_reads"]
+                assert src.read_cached(src.index_size + 4096, 65536) == data[4096:4096 + 65536]
+                assert src.stats()["verity_gated_reads"] == gated + 1
             return dict(src.stats()), data
         finally:
             await src.aclose()

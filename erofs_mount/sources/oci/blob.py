@@ -103,6 +103,35 @@ class OciBlobSource(DiskCacheMixin):
             have.update(await self._get([i for i in idx if i not in have], streamed, trusted))
         return assemble(have, offset, length, cs), trusted[0] and self.accept is not None
 
+    def read_memory(self, offset: int, length: int) -> bytes | None:
+        """Sync, on the trio thread, no I/O: the bytes when the memory cache holds every chunk of
+        the range, else None (nothing recorded: ``read_at`` does it).  A hit is a read as
+        ``read_at`` makes it (counted, seen by the read-ahead, which may start or move a stream):
+        the FUSE daemon answers it inline instead of a worker thread's round trip through the loop
+        (~30k such reads of a cold walk took ~9 s).  With a cache gate every chunk here passed it."""
+        if self._closed:
+            return None
+        offset, length = clamp(offset, length, self.size)
+        if length == 0:
+            return b""
+        cs = self.chunk_size
+        idx = chunk_range(offset, length, cs)
+        cache = self.cache
+        if not all(i in cache for i in idx):
+            return None
+        have = {i: cache.get(i) for i in idx}
+        self._n["reads"] += 1
+        window = self.readahead.observe(offset, length)
+        if window:
+            self._streams.follow(idx, window)
+        return assemble(have, offset, length, cs)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """What the FUSE daemon may answer inline: the memory cache's chunks, else the persistent
+        cache's blocks the page cache holds (``pread_cached(nowait=True)``), else None."""
+        data = self.read_memory(offset, length)
+        return data if data is not None else self.pread_cached(offset, length, nowait=True)
+
     def set_gate(self, accept) -> None:
         """Install the cache gate; what the memory cache took before it (the opening reads) goes."""
         self.accept = accept

@@ -136,6 +136,15 @@ class _Prefix:
         length = max(0, min(length, self.size - offset))
         return await self._inner.read_at(offset, length) if length else b""
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The source's own ``read_cached`` (bytes at hand, sync: a registry blob's memory cache),
+        else None."""
+        cached = getattr(self._inner, "read_cached", None)
+        if cached is None:
+            return None
+        length = max(0, min(length, self.size - offset))
+        return cached(offset, length) if length else b""
+
     def stats(self) -> dict:
         return dict(self._inner.stats()) if hasattr(self._inner, "stats") else {}
 
