@@ -272,6 +272,16 @@ class ProxyThread:
         self._thread.join(10)
 
 
+def proxy_thread(upstream_port: int):
+    """A fault-free proxy in its own thread in front of *upstream_port*, stopped at the end: ``yield
+    from`` it in a fixture (tests that run the CLI in another process set its faults)."""
+    pt = ProxyThread(upstream_port, 0.0)
+    try:
+        yield pt.proxy
+    finally:
+        pt.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m tests.oci._faultproxy UPSTREAM_PORT [DELAY]``: a fault-free proxy with added latency in its
     own process (benchmarks: the proxy must not share the measured client's CPU); prints its port."""

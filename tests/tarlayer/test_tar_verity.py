@@ -21,7 +21,7 @@ from tests import corpuslib
 from tests.conftest import run_cli
 from tests.fanotify.conftest import fan  # noqa: F401 (fixture)
 from tests.fuse.conftest import cli_mounts
-from tests.oci._faultproxy import Fault, ProxyThread
+from tests.oci._faultproxy import Fault, proxy_thread
 from tests.oci._servers import REGISTRY_BIN, Pusher, start_registry
 
 from .conftest import oracle
@@ -63,11 +63,7 @@ def tworld(tmp_path_factory, layers):
 
 @pytest.fixture
 def proxy(tworld):
-    pt = ProxyThread(tworld.registry.port, 0.0)
-    try:
-        yield pt.proxy
-    finally:
-        pt.stop()
+    yield from proxy_thread(tworld.registry.port)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from erofs_mount.verity.format import ANNOTATION_ROOT, format_image
 from tests import corpuslib
-from tests.oci._faultproxy import ProxyThread
+from tests.oci._faultproxy import proxy_thread
 from tests.oci._servers import REGISTRY_BIN, Pusher, Registry, sha256, start_registry
 
 MT = "application/vnd.erofs"
@@ -89,8 +89,4 @@ def vworld(tmp_path_factory) -> VerityWorld:
 
 @pytest.fixture
 def proxy(vworld):
-    pt = ProxyThread(vworld.registry.port, 0.0)
-    try:
-        yield pt.proxy
-    finally:
-        pt.stop()
+    yield from proxy_thread(vworld.registry.port)
