@@ -17,7 +17,7 @@ import logging
 import trio
 
 from ..sources.cache import clamp
-from .blobtree import BLOCK
+from .blobtree import BLOCK, hash_offset_for
 from .source import _FORWARDED, VeritySource, open_verified
 
 log = logging.getLogger("erofs_mount.verity")
@@ -53,20 +53,18 @@ class WithTree:
         end = offset + length
         if end <= blob.size:    # every read but the blob's last block, and the tree's
             return await _trusted(blob, offset, length)
-        parts, trusted = [], True
+        data, trusted = b"", True
         if offset < blob.size:
             data, trusted = await _trusted(blob, offset, blob.size - offset)
             if len(data) != blob.size - offset:
                 return data, False   # short: the caller says so
-            parts.append(data)
-        pos = max(offset, blob.size)
-        if pos < self.hash_offset:
-            upto = min(end, self.hash_offset)
-            parts.append(bytes(upto - pos))
-            pos = upto
-        if pos < end:
-            parts.append(self.area[pos - self.hash_offset:end - self.hash_offset])
-        return b"".join(parts), trusted
+        return data + self._past_blob(offset, end), trusted
+
+    def _past_blob(self, offset: int, end: int) -> bytes:
+        """The bytes of [offset, end) at or after the blob's end: zeros up to the tree, the tree."""
+        pos = max(offset, self.blob.size)
+        zeros = bytes(max(0, min(end, self.hash_offset) - pos))
+        return zeros + self.area[max(0, pos - self.hash_offset):max(0, end - self.hash_offset)]
 
     @property
     def accept(self):
@@ -79,11 +77,11 @@ class WithTree:
         read = getattr(self.blob, "read_memory", None)
         if read is None or offset + length > self.hash_offset:
             return None
-        size = self.blob.size
-        if offset + length <= size:
+        size, end = self.blob.size, offset + length
+        if end <= size:
             return read(offset, length)
         data = read(offset, size - offset) if offset < size else b""
-        return None if data is None else data + bytes(offset + length - max(offset, size))
+        return None if data is None else data + self._past_blob(offset, end)
 
     def forget(self, offset: int, length: int) -> None:
         """A block that did not verify: the blob's caches drop it (and a mirror that served it is
@@ -123,7 +121,7 @@ def padded_gate(accept, size: int):
 async def open_anchored(blob, root: bytes, area: bytes, *, name: str) -> VeritySource:
     """A VeritySource over *blob* with the tree made by its indexing pass; the blob's cache gate
     installed (only verified chunks are cached) and its persistent cache's verified marks in use."""
-    hash_offset = (blob.size + BLOCK - 1) // BLOCK * BLOCK or BLOCK
+    hash_offset = hash_offset_for(blob.size)
     src = await open_verified(WithTree(blob, area, hash_offset), root, hash_offset=hash_offset, name=name,
                               probe=False)
     if hasattr(blob, "set_gate"):

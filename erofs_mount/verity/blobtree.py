@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .tree import SB_SIZE, Hasher, Params, build_from_digests, hash_area
+from .tree import SB_SIZE, Params, build_from_digests, hash_area
 
 BLOCK = 4096
 
@@ -28,6 +28,11 @@ def params_for(size: int) -> Params:
     return Params(data_blocks=max(1, (size + BLOCK - 1) // BLOCK))
 
 
+def hash_offset_for(size: int) -> int:
+    """Where the tree's superblock goes: right after the data area (the blob padded to 4 KiB)."""
+    return params_for(size).data_blocks * BLOCK
+
+
 class BlobTree:
     """``feed()`` the blob's bytes in order, any piece sizes; ``finish()`` gives the root hash and
     the hash area (superblock, padding, levels top first) to put at ``hash_offset``."""
@@ -35,18 +40,16 @@ class BlobTree:
     def __init__(self, size: int) -> None:
         self.size = size
         self.p = params_for(size)
-        self.hash_offset = self.p.data_blocks * BLOCK
-        self._hash = Hasher(self.p)
+        self.hash_offset = hash_offset_for(size)
         # sha256 with an empty salt (version 1: salt first) is sha256 of the block itself: called
-        # directly on the hot path (~16 % less than the general Hasher's copy of a salted base)
+        # directly (~16 % less than tree.Hasher's copy of a salted base per block)
         assert self.p.algorithm == "sha256" and not self.p.salt and self.p.hash_type == 1
         self._digests = bytearray()
         self._rest = b""     # the start of a block the last piece did not finish
         self._fed = 0
 
     def feed(self, data) -> None:
-        h, digests = self._hash, self._digests
-        sha256 = hashlib.sha256
+        digests, sha256 = self._digests, hashlib.sha256
         mv = memoryview(data)
         self._fed += len(mv)
         if self._rest:
@@ -54,7 +57,7 @@ class BlobTree:
             if len(mv) < need:
                 self._rest += bytes(mv)
                 return
-            digests += h(self._rest + bytes(mv[:need]))
+            digests += sha256(self._rest + bytes(mv[:need])).digest()
             mv = mv[need:]
             self._rest = b""
         whole = len(mv) - len(mv) % BLOCK
@@ -68,7 +71,7 @@ class BlobTree:
         if self._fed != self.size:
             raise ValueError(f"{self._fed} bytes hashed, the blob has {self.size}")
         if self._rest or not self._digests:
-            self._digests += self._hash(self._rest.ljust(BLOCK, b"\0"))
+            self._digests += hashlib.sha256(self._rest.ljust(BLOCK, b"\0")).digest()
             self._rest = b""
         root, levels = build_from_digests(self.p, bytes(self._digests))
         area = hash_area(self.p, levels)

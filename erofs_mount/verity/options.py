@@ -95,15 +95,19 @@ def choose(mode: str, roothash: str | None, hash_offset: int | None, *, annotati
     return None, None
 
 
-def tar_choice(mode: str, roothash: str | None, hash_offset: int | None, *, pinned: bool, what: str,
-               media_type: str) -> bool:
+def tar_choice(mode: str, roothash: str | None, hash_offset: int | None, *, pinned: bool, indexed: bool,
+               what: str, media_type: str) -> bool:
     """Whether a tar layer's reads are checked against the tree its indexing pass makes of the blob
     (``verity/anchored.py``): a tree anchored in the layer's digest, as trusted as the manifest that
-    named it; ``require`` wants that manifest pinned by digest (*pinned*: or the blob named by it)."""
+    named it; ``require`` wants that manifest pinned by digest (*pinned*: or the blob named by it)
+    and the pass made here (*indexed*: not ``oci.tarindex=``, an index made elsewhere)."""
     if roothash or hash_offset is not None:
         raise UsageError(f"{what} is a {media_type} layer: verity.roothash= and verity.hashoffset= are for "
                          f"EROFS layers (a tar layer is checked block by block against its digest)")
     if mode == "require" and not pinned:
         raise UsageError(f"{what}: verity=require: a tar layer is checked against its digest, which a manifest "
                          f"resolved by tag does not pin (pin the reference by digest, REF@sha256:…)")
-    return mode != "off"
+    if mode == "require" and not indexed:
+        raise UsageError(f"{what}: verity=require: with oci.tarindex the layer is not indexed here, so "
+                         f"there is no tree of its blob to check reads against")
+    return mode != "off" and indexed

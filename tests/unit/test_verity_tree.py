@@ -384,3 +384,19 @@ def test_a_digest_mismatch_keeps_the_blocks_marked_verified(tmp_path):
     nomarks.write(0, bytes(bad))
     assert not nomarks.verify() and not nomarks.has(0, 1)
     nomarks.close()
+
+
+def test_tar_choice_is_the_digest_s_trust():
+    from erofs_mount.verity.options import tar_choice
+
+    kw = {"what": "L", "media_type": "tar"}
+    assert tar_choice("auto", None, None, pinned=False, indexed=True, **kw) is True
+    assert tar_choice("off", None, None, pinned=True, indexed=True, **kw) is False
+    assert tar_choice("auto", None, None, pinned=True, indexed=False, **kw) is False   # oci.tarindex
+    assert tar_choice("require", None, None, pinned=True, indexed=True, **kw) is True
+    with pytest.raises(UsageError, match="pin the reference by digest"):
+        tar_choice("require", None, None, pinned=False, indexed=True, **kw)
+    with pytest.raises(UsageError, match="oci.tarindex"):
+        tar_choice("require", None, None, pinned=True, indexed=False, **kw)
+    with pytest.raises(UsageError, match="are for EROFS layers"):
+        tar_choice("auto", "ab" * 32, None, pinned=True, indexed=True, **kw)

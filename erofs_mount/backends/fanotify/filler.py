@@ -61,6 +61,7 @@ class Filler:
         self.stats = {"fills": 0, "fetches": 0, "bytes_fetched": 0, "bytes_written": 0, "fetch_errors": 0,
                       "readahead_windows": 0, "unverified_blocks": 0}
         self._partial = getattr(source, "read_partial", None)  # a verified source: keep a window's good blocks
+        self._piece = getattr(source, "dbs", PIECE)    # the unit bad blocks are counted in
         self._holes = False     # a window was written without its bad blocks
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -97,8 +98,7 @@ class Filler:
 
     def _write_around(self, start: int, data: bytes, bad: list[int]) -> int:
         """Write the runs of *data* between its bad blocks (the source's data blocks)."""
-        n, pos, end = 0, start, start + len(data)
-        bs = getattr(self.source, "dbs", PIECE)
+        n, pos, end, bs = 0, start, start + len(data), self._piece
         for b in sorted(bad) + [None]:
             stop = end if b is None else max(start, min(end, b * bs))
             if stop > pos:
@@ -112,7 +112,7 @@ class Filler:
         the first that fails to the last (two binary searches, ~16 reads for a 1 MiB window): (the
         bytes, zeros in the hole; the hole's block numbers).  The pieces before and after the hole
         are read whole and kept; a piece that fails makes every read that covers it fail."""
-        bs = getattr(self.source, "dbs", PIECE)    # the unit _write_around counts bad blocks in
+        bs = self._piece
         n = (end - start + bs - 1) // bs
         out = bytearray(end - start)
 
